@@ -1,0 +1,169 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vqtok import VQVAE
+from vqtok.config import ModelConfig
+from vqtok.errors import ConfigError, ModelFormatError
+from vqtok.model import CONFIG_NAME, WEIGHTS_NAME
+
+SMALL = dict(hidden_channels=16, res_channels=8, codebook_size=32, code_dim=8)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return VQVAE(ModelConfig(**SMALL)).eval()
+
+
+def test_shapes_and_ranges(model):
+    images = torch.rand(2, 3, 32, 32)
+    codes = model.encode(images)
+    assert codes.shape == (2, 8, 8) and codes.dtype == torch.int64
+    assert 0 <= codes.min() and codes.max() < model.codebook_size
+    decoded = model.decode(codes)
+    assert decoded.shape == (2, 3, 32, 32) and decoded.dtype == torch.float32
+    assert 0 <= decoded.min() and decoded.max() <= 1
+    assert model.grid_size(128) == (32, 32)
+    assert model.grid_size((64, 32)) == (16, 8)
+
+
+def test_encode_uses_the_training_path_codes(model):
+    images = torch.rand(2, 3, 16, 16)
+    assert torch.equal(model.encode(images), model(images).codes)
+
+
+def test_encoder_depth_follows_the_config():
+    deep = VQVAE(ModelConfig(**SMALL, num_downsamples=3)).eval()
+    assert deep.encode(torch.rand(1, 3, 32, 32)).shape == (1, 4, 4)
+    assert deep.decode(torch.zeros(1, 4, 4, dtype=torch.long)).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.rand(3, 32, 32), r"\(B, 3, H, W\)"),
+        (torch.rand(1, 1, 32, 32), r"\(B, 3, H, W\)"),
+        (torch.randint(0, 255, (1, 3, 32, 32)), "floats"),
+        (torch.rand(1, 3, 30, 32), "multiple of the model's stride 4"),
+    ],
+)
+def test_encode_rejects_bad_images(model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        model.encode(bad)
+
+
+def test_decode_rejects_codes_out_of_range(model):
+    with pytest.raises(ValueError, match=r"\[0, 32\)"):
+        model.decode(torch.full((1, 2, 2), 32))
+    with pytest.raises(ValueError, match=r"\(B, h, w\)"):
+        model.decode(torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_a_few_steps_of_training_lower_the_loss():
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(**SMALL))
+    smooth = torch.rand(8, 3, 4, 4)  # learnable images: smooth colour fields, not noise
+    images = torch.nn.functional.interpolate(smooth, size=16, mode="bilinear")
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        out = model(images)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.recon_loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    model.train()(torch.rand(4, 3, 16, 16))  # k-means init and statistics, so buffers are not defaults
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    loaded = VQVAE.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    assert loaded.model_id == model.model_id
+    images = torch.rand(3, 3, 32, 32)
+    assert torch.equal(loaded.encode(images), model.encode(images))
+    codes = model.encode(images)
+    assert torch.equal(loaded.decode(codes), model.decode(codes))
+    header = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
+    assert header["model_id"] == model.model_id and header["format_version"] == 1
+
+
+def test_model_id_tracks_the_weights(model):
+    before = model.model_id
+    with torch.no_grad():
+        model.decoder.from_code.bias.add_(1)
+    assert model.model_id != before
+
+
+@pytest.fixture
+def saved(model, tmp_path):
+    return model.save_pretrained(tmp_path / "m")
+
+
+def edit_header(directory, **changes):
+    header = json.loads((directory / CONFIG_NAME).read_text())
+    header.update(changes)
+    (directory / CONFIG_NAME).write_text(json.dumps(header))
+
+
+def test_load_refuses_what_is_not_a_model(tmp_path):
+    with pytest.raises(ModelFormatError, match="not a model directory"):
+        VQVAE.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFormatError, match="config.json is missing"):
+        VQVAE.from_pretrained(tmp_path / "empty")
+
+
+def test_load_refuses_broken_json(saved):
+    (saved / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ModelFormatError, match="not valid JSON"):
+        VQVAE.from_pretrained(saved)
+
+
+def test_load_refuses_a_newer_format(saved):
+    edit_header(saved, format_version=2)
+    with pytest.raises(ModelFormatError, match="newer vqtok"):
+        VQVAE.from_pretrained(saved)
+
+
+def test_load_refuses_unknown_settings(saved):
+    header = json.loads((saved / CONFIG_NAME).read_text())
+    edit_header(saved, config={**header["config"], "attention_heads": 8})
+    with pytest.raises(ModelFormatError, match="unknown model setting"):
+        VQVAE.from_pretrained(saved)
+
+
+def test_load_refuses_weights_that_do_not_fit_the_config(saved):
+    header = json.loads((saved / CONFIG_NAME).read_text())
+    edit_header(saved, config={**header["config"], "hidden_channels": 24})
+    with pytest.raises(ModelFormatError, match="does not match its config.json.*wrong shape"):
+        VQVAE.from_pretrained(saved)
+
+
+def test_load_refuses_changed_weights(saved):
+    state = load_file(saved / WEIGHTS_NAME)
+    state["quantizer.codebook"][0] += 1
+    save_file(state, saved / WEIGHTS_NAME)
+    with pytest.raises(ModelFormatError, match="model_id differs"):
+        VQVAE.from_pretrained(saved)
+
+
+def test_load_refuses_a_corrupt_weights_file(saved):
+    (saved / WEIGHTS_NAME).write_bytes(b"\x80\x04K\x01.")  # a pickle, which must never be run
+    with pytest.raises(ModelFormatError, match="cannot be read"):
+        VQVAE.from_pretrained(saved)
+
+
+def test_config_validates_settings():
+    with pytest.raises(ConfigError, match="codebook_size"):
+        ModelConfig(codebook_size=0)
+    with pytest.raises(ConfigError, match="decay"):
+        ModelConfig(decay=1.5)
+    with pytest.raises(ConfigError, match="multiple of the model's stride"):
+        ModelConfig(image_size=30)

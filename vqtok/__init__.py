@@ -1,0 +1,21 @@
+"""vqtok: VQ-VAE image tokenizers, from WebDataset shards to Parquet tokens and back.
+
+`import vqtok` stays light (no torch) so that the command line answers
+`--help` at once; `vqtok.VQVAE` imports the model on first use.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["VQVAE", "ModelConfig", "__version__"]
+
+
+def __getattr__(name):
+    if name == "VQVAE":
+        from vqtok.model import VQVAE
+
+        return VQVAE
+    if name == "ModelConfig":
+        from vqtok.config import ModelConfig
+
+        return ModelConfig
+    raise AttributeError(f"module 'vqtok' has no attribute {name!r}")

@@ -1,0 +1,19 @@
+"""The exception types vqtok raises for problems a user can fix.
+
+Every module raises these (or subclasses) for bad input, so callers and the
+command line can tell a user's mistake from a bug: the CLI turns a
+`VQTokError` into a one-line message and exit code 1, and lets anything else
+surface as the bug it is.
+"""
+
+
+class VQTokError(Exception):
+    """A problem with the user's input, files or settings."""
+
+
+class ConfigError(VQTokError, ValueError):
+    """A setting is missing, unknown or out of range."""
+
+
+class ModelFormatError(VQTokError):
+    """A model directory cannot be read: missing files, newer format, mismatched weights."""

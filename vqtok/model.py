@@ -1,0 +1,278 @@
+"""The VQ-VAE image model ("Neural Discrete Representation Learning", van den
+Oord et al., 2017, section 4.1): an encoder of strided 4x4 convolutions and
+residual blocks, the vector quantizer, and a decoder that mirrors the encoder
+with transposed convolutions; and the model directory format
+(`config.json` + `model.safetensors`, no pickle anywhere).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqtok import __version__
+from vqtok.config import ModelConfig
+from vqtok.errors import ConfigError, ModelFormatError
+from vqtok.quantize import VectorQuantizer
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ResidualBlock(nn.Module):
+    """x + conv1x1(relu(conv3x3(relu(x)))), the paper's residual block."""
+
+    def __init__(self, channels: int, res_channels: int) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(channels, res_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(res_channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv1(F.relu(self.conv3(F.relu(x))))
+
+
+class ResidualStack(nn.Sequential):
+    def __init__(self, config: ModelConfig) -> None:
+        res_channels = config.res_channels or config.hidden_channels
+        super().__init__(*[ResidualBlock(config.hidden_channels, res_channels) for _ in range(config.num_res_blocks)])
+
+
+class Encoder(nn.Module):
+    """Images (B, C, H, W) in [-1, 1] -> z_e (B, D, H/s, W/s), s = 2**num_downsamples."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_channels
+        layers: list[nn.Module] = []
+        channels = config.in_channels
+        for _ in range(config.num_downsamples):
+            layers += [nn.Conv2d(channels, hidden, 4, stride=2, padding=1), nn.ReLU()]
+            channels = hidden
+        self.down = nn.Sequential(*layers)
+        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.res = ResidualStack(config)
+        self.to_code = nn.Conv2d(hidden, config.code_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.down(x))  # (B, hidden, h, w)
+        h = F.relu(self.res(h))
+        return self.to_code(h)  # (B, D, h, w)
+
+
+class Decoder(nn.Module):
+    """z_q (B, D, h, w) -> images (B, C, h*s, w*s) in about [-1, 1]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_channels
+        self.from_code = nn.Conv2d(config.code_dim, hidden, 3, padding=1)
+        self.res = ResidualStack(config)
+        layers: list[nn.Module] = []
+        for i in range(config.num_downsamples):
+            last = i == config.num_downsamples - 1
+            out = config.in_channels if last else hidden
+            layers.append(nn.ConvTranspose2d(hidden, out, 4, stride=2, padding=1))
+            if not last:
+                layers.append(nn.ReLU())
+        self.up = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.res(self.from_code(z)))  # (B, hidden, h, w)
+        return self.up(h)  # (B, C, H, W)
+
+
+class VQVAEOutput(NamedTuple):
+    recon: torch.Tensor  # (B, C, H, W), in image space [0, 1] but not clamped
+    codes: torch.Tensor  # (B, h, w) int64
+    recon_loss: torch.Tensor  # MSE in the model's [-1, 1] input space
+    vq_loss: torch.Tensor  # codebook (without EMA) + beta * commitment
+    loss: torch.Tensor  # recon_loss + vq_loss, what training minimises
+
+
+class VQVAE(nn.Module):
+    """Images <-> (h, w) grids of codebook indices.
+
+    >>> codes = model.encode(images)     # float (B, 3, H, W) in [0, 1] -> int64 (B, h, w)
+    >>> images = model.decode(codes)     # -> float (B, 3, H, W) in [0, 1]
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = VectorQuantizer(
+            config.codebook_size,
+            config.code_dim,
+            beta=config.beta,
+            decay=config.decay,
+            kmeans_init=config.kmeans_init,
+            dead_code_window=config.dead_code_window,
+        )
+        self.decoder = Decoder(config)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.quantizer.codebook.device
+
+    def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the code grid for images of this size (an int for square images)."""
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        stride = self.config.stride
+        if height % stride or width % stride or height < stride or width < stride:
+            raise ConfigError(f"image size {height}x{width} is not a positive multiple of the model's stride {stride}")
+        return height // stride, width // stride
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(f"images must be (B, {self.config.in_channels}, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floats in [0, 1], got {images.dtype}")
+        self.grid_size(tuple(images.shape[2:]))
+
+    def forward(self, images: torch.Tensor) -> VQVAEOutput:
+        """A training step's forward: images (B, C, H, W) in [0, 1]."""
+        x = images * 2 - 1  # (B, C, H, W) in [-1, 1]
+        z_e = self.encoder(x)  # (B, D, h, w)
+        z_q, codes, vq_loss = self.quantizer(z_e)
+        out = self.decoder(z_q)  # (B, C, H, W)
+        recon_loss = F.mse_loss(out.float(), x.float())
+        return VQVAEOutput((out + 1) / 2, codes, recon_loss, vq_loss, recon_loss + vq_loss)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images float (B, C, H, W) in [0, 1] -> codes int64 (B, H/s, W/s)."""
+        self._check_images(images)
+        images = images.to(self.device, non_blocking=True)
+        return self.quantizer.nearest(self.encoder(images * 2 - 1))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes int (B, h, w) in [0, K) -> images float (B, C, h*s, w*s) in [0, 1]."""
+        if codes.ndim != 3 or codes.is_floating_point() or codes.is_complex():
+            raise ValueError(f"codes must be integers of shape (B, h, w), got {codes.dtype} {tuple(codes.shape)}")
+        codes = codes.to(self.device, torch.long, non_blocking=True)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+        out = self.decoder(self.quantizer.lookup(codes))  # (B, C, H, W)
+        return ((out.float() + 1) / 2).clamp_(0, 1)
+
+    # -- the model directory ---------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        """A hash of the weights: token files carry it so codes are never decoded by another model."""
+        return weights_hash(self.state_dict())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json and model.safetensors into directory (created if needed)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        header = {
+            "format_version": FORMAT_VERSION,
+            "vqtok_version": __version__,
+            "model_id": weights_hash(state),
+            "config": self.config.to_dict(),
+        }
+        # Written under temporary names and renamed, so a crash never leaves half a model.
+        _write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
+        _write_atomically(
+            directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(header, indent=2) + "\n")
+        )
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> VQVAE:
+        """Load a model directory written by save_pretrained, in eval mode. Reads no pickle."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        header = read_model_header(directory)
+        try:
+            config = ModelConfig.from_dict(header["config"])
+        except (ConfigError, TypeError) as e:
+            raise ModelFormatError(f"{directory / CONFIG_NAME}: {e}") from None
+        model = cls(config)
+        try:
+            state = load_file(directory / WEIGHTS_NAME)
+        except (SafetensorError, OSError) as e:
+            raise ModelFormatError(f"{directory / WEIGHTS_NAME} cannot be read: {e}") from None
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong_shape = sorted(n for n in set(expected) & set(state) if expected[n].shape != state[n].shape)
+        if missing or unexpected or wrong_shape:
+            problems = [
+                f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+                if names
+            ]
+            raise ModelFormatError(f"{directory / WEIGHTS_NAME} does not match its config.json ({'; '.join(problems)})")
+        if weights_hash(state) != header["model_id"]:
+            raise ModelFormatError(
+                f"{directory / WEIGHTS_NAME} is not the weights config.json describes (model_id differs): "
+                "the directory was changed or mixed with another model's files"
+            )
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+
+def read_model_header(directory: Path) -> dict:
+    """config.json of a model directory, checked: the format version, model id and config are there."""
+    if not directory.is_dir():
+        raise ModelFormatError(f"{directory} is not a model directory (expected a folder with {CONFIG_NAME})")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise ModelFormatError(f"{directory} is not a vqtok model directory: {name} is missing")
+    try:
+        header = json.loads((directory / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{directory / CONFIG_NAME} is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or not {"format_version", "model_id", "config"} <= set(header):
+        raise ModelFormatError(f"{directory / CONFIG_NAME} is not a vqtok model config")
+    version = header["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{directory} was written by a newer vqtok (model format {version}, this vqtok "
+            f"{__version__} reads format {FORMAT_VERSION}): upgrade vqtok to load it"
+        )
+    if not isinstance(header["config"], dict):
+        raise ModelFormatError(f"{directory / CONFIG_NAME}: 'config' must be an object")
+    return header
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the tensors, in name order; 16 hex digits."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _write_atomically(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
