@@ -7,12 +7,14 @@ torch is imported inside command bodies so that `vqtok --help` answers at once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
 import click
 
 from vqtok import __version__
+from vqtok.config import ModelConfig, TrainConfig
 from vqtok.errors import VQTokError
 
 
@@ -78,6 +80,67 @@ def info(path, as_json):
     for name, value in config.to_dict().items():
         table.add_row(name, str(value))
     Console().print(table)
+
+
+def override(name: str, config_class, *flags, **kwargs):
+    """An option that overrides a config field: no click default, so the TOML file's value stands when absent."""
+    default = {f.name: f.default for f in dataclasses.fields(config_class)}[name]
+    return click.option(*flags, name, default=None, show_default=f"{default} or the config file's", **kwargs)
+
+
+@cli.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoints, model, samples.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A TOML recipe.")
+@override("steps", TrainConfig, "--steps", type=click.IntRange(min=1), help="Optimizer steps.")
+@override("batch_size", TrainConfig, "--batch-size", type=click.IntRange(min=1), help="Images per process per step.")
+@override("lr", TrainConfig, "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (Adam).")
+@override("image_size", ModelConfig, "--image-size", type=click.IntRange(min=1), help="Training crop size.")
+@override("codebook_size", ModelConfig, "--codebook-size", type=click.IntRange(min=2), help="K, codebook entries.")
+@override("code_dim", ModelConfig, "--code-dim", type=click.IntRange(min=1), help="D, code vector size.")
+@override("hidden_channels", ModelConfig, "--hidden", type=click.IntRange(min=1), help="Hidden channels.")
+@override("beta", ModelConfig, "--beta", type=click.FloatRange(min=0), help="Commitment loss weight.")
+@override("decay", ModelConfig, "--decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="EMA decay.")
+@click.option("--no-ema", is_flag=True, help="Learn the codebook by the paper's codebook loss instead of EMA.")
+@override("seed", TrainConfig, "--seed", type=click.IntRange(min=0), help="Random seed.")
+@click.option("--val", multiple=True, help="Validation shards (repeatable), evaluated every --eval-every steps.")
+@override("eval_every", TrainConfig, "--eval-every", type=click.IntRange(min=1), help="Steps between evaluations.")
+@override("save_every", TrainConfig, "--save-every", type=click.IntRange(min=1), help="Steps between checkpoints.")
+@override("num_workers", TrainConfig, "--num-workers", type=click.IntRange(min=0), help="Decoding workers/process.")
+@override("mixed_precision", TrainConfig, "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@user_errors
+def fit(shards, out, config_path, no_ema, val, resume, **overrides):
+    """Train a VQ-VAE on images in WebDataset tar shards.
+
+    SHARDS are tar files, folders of them, globs or brace patterns. Runs on
+    one CPU or GPU, or on many under `accelerate launch`.
+
+    \b
+    Examples:
+        vqtok fit shards/train-{000000..000099}.tar --out runs/x --val shards/val.tar
+        vqtok fit shards/ --out runs/cifar --config pipelines/cifar10.toml --steps 250000
+        accelerate launch --multi_gpu --num_processes 8 -m vqtok fit shards/ --out runs/x
+    """
+    from vqtok.config import load_config
+    from vqtok.train import fit as fit_model
+
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_config, train_config = load_config(
+        config_path,
+        model={k: v for k, v in overrides.items() if k in model_fields},
+        train={k: v for k, v in overrides.items() if k not in model_fields},
+    )
+    if no_ema:
+        if overrides["decay"] is not None:
+            raise click.UsageError("--decay and --no-ema exclude each other")
+        model_config = dataclasses.replace(model_config, decay=None)
+    result = fit_model(list(shards), out, model_config, train_config, val_shards=list(val), resume=resume)
+    if result.main_process and result.metrics:
+        m = result.metrics
+        click.echo(
+            f"held-out PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1%}, perplexity {m['perplexity']:.0f}"
+        )
 
 
 def main():

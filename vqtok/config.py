@@ -1,13 +1,17 @@
-"""Settings as dataclasses: what a model is, so that `config.json` describes it whole.
+"""Settings as dataclasses: what a model is, and how to train it.
 
 A `ModelConfig` is everything needed to rebuild a model's modules; it is the
-`config` object of a model directory's `config.json`.
+`config` object of a model directory's `config.json`. A `TrainConfig` holds
+the training recipe. A TOML file has a `[model]` and a `[train]` table with
+these fields; command-line options override it (`load_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from vqtok.errors import ConfigError
 
@@ -66,8 +70,79 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        return _from_table(cls, values, "model config")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; defaults are the paper's CIFAR-10 settings, scaled to a short run."""
+
+    steps: int = 10_000
+    batch_size: int = 64  # per process
+    lr: float = 2e-4
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    grad_accum_steps: int = 1
+    seed: int = 0
+    eval_every: int = 1000
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    num_workers: int = 2
+    mixed_precision: str = "no"
+    report_to: str | None = None  # an accelerate tracker name (tensorboard, wandb, ...) or "all"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum_steps", "eval_every", "save_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "num_workers", "keep_checkpoints", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _from_table(cls, table: dict, where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**table)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_config(
+    path: str | Path | None = None, model: dict | None = None, train: dict | None = None
+) -> tuple[ModelConfig, TrainConfig]:
+    """Settings from a TOML file (or the defaults), then overrides; a None override leaves the value alone."""
+    tables: dict = {}
+    if path is not None:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
+            import tomli as tomllib
+        try:
+            tables = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        unknown = sorted(set(tables) - {"model", "train"})
         if unknown:
-            raise ConfigError(f"unknown model setting(s): {', '.join(unknown)}")
-        return cls(**values)
+            raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [model] and [train]")
+    where = str(path) if path else "settings"
+    model_table = {**tables.get("model", {}), **{k: v for k, v in (model or {}).items() if v is not None}}
+    train_table = {**tables.get("train", {}), **{k: v for k, v in (train or {}).items() if v is not None}}
+    return _from_table(ModelConfig, model_table, where), _from_table(TrainConfig, train_table, where)

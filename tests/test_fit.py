@@ -1,0 +1,157 @@
+"""vqtok fit: one process, two processes, kill and resume, and clear errors."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import image_samples
+
+from vqtok import VQVAE
+from vqtok.cli import cli
+
+TINY = ["--hidden", "16", "--codebook-size", "16", "--code-dim", "8", "--image-size", "16", "--batch-size", "8"]
+
+
+@pytest.fixture
+def shards(make_shard):
+    train = [
+        make_shard(f"train-{i:06d}.tar", image_samples([f"t{i}-{j}" for j in range(12)], seed=i)) for i in range(2)
+    ]
+    val = make_shard("val.tar", image_samples([f"v{j}" for j in range(10)], seed=100))
+    return train, val
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerator state is a process-wide singleton; each in-process fit starts from a clean one."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_fit_one_process(shards, tmp_path):
+    train, val = shards
+    out = tmp_path / "run"
+    args = ["fit", *train, "--out", str(out), "--val", val, *TINY, "--steps", "6"]
+    args += ["--eval-every", "3", "--save-every", "2", "--num-workers", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "held-out PSNR" in result.output
+
+    model = VQVAE.from_pretrained(out / "model")
+    assert model.config.codebook_size == 16 and model.config.image_size == 16
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]  # keeps 2
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
+
+    metrics = read_metrics(out)
+    val_entries = [m for m in metrics if m["split"] == "val"]
+    assert [m["step"] for m in val_entries] == [3, 6]
+    assert val_entries[-1]["images"] == 10  # the whole validation set
+    assert 0 < val_entries[-1]["usage"] <= 1 and val_entries[-1]["psnr"] > 0
+    train_entries = [m for m in metrics if m["split"] == "train" and "loss" in m]
+    assert train_entries and train_entries[-1]["step"] == 6
+
+
+def test_fit_reads_a_toml_recipe_and_options_override_it(shards, tmp_path):
+    train, _ = shards
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[model]\ncodebook_size = 8\ncode_dim = 4\nhidden_channels = 8\n[train]\nsteps = 2\n")
+    out = tmp_path / "run"
+    args = ["fit", *train, "--out", str(out), "--config", str(recipe), "--codebook-size", "12", "--no-ema"]
+    result = CliRunner().invoke(cli, [*args, "--image-size", "16", "--num-workers", "0", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    config = VQVAE.from_pretrained(out / "model").config
+    assert (config.codebook_size, config.code_dim, config.decay) == (12, 4, None)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--decay", "0.9", "--no-ema"], "exclude each other"),
+        (["--image-size", "18"], "not a multiple of the model's stride"),
+    ],
+)
+def test_fit_refuses_bad_arguments(shards, tmp_path, extra, message):
+    train, _ = shards
+    result = CliRunner().invoke(cli, ["fit", *train, "--out", str(tmp_path / "run"), *extra])
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_fit_refuses_missing_shards_and_empty_data(make_shard, tmp_path):
+    result = CliRunner().invoke(cli, ["fit", str(tmp_path / "nope-*.tar"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "nope-*.tar" in result.output
+
+    labels_only = make_shard("labels.tar", [{"__key__": f"k{i}", "cls": b"1"} for i in range(3)])
+    result = CliRunner().invoke(cli, ["fit", labels_only, "--out", str(tmp_path / "run"), *TINY, "--num-workers", "0"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == "Error: none of the 1 shard(s) holds an image that can be decoded"
+    assert "Traceback" not in result.output
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fit_two_processes(shards, tmp_path):
+    train, val = shards
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", str(free_port()), "-m", "vqtok", "fit", *train, "--out", str(out)]
+    launch += ["--val", val, *TINY, "--steps", "6", "--save-every", "3", "--num-workers", "1"]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    final = read_metrics(out)[-1]
+    assert final["processes"] == 2
+    assert len(final["codebook_digests"]) == 2 and len(set(final["codebook_digests"])) == 1
+    assert (proc.stdout + proc.stderr).count("exported model to") == 1  # by the main process only
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    model = VQVAE.from_pretrained(out / "model")
+    assert model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
+
+
+def test_killed_run_resumes_from_its_checkpoint(shards, tmp_path):
+    train, _ = shards
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "vqtok", "fit", *train, "--out", str(out), *TINY, "--steps", "200"]
+    command += ["--save-every", "5", "--num-workers", "0"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "step-000010").is_dir():
+        assert first.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-??????"))
+    assert 10 <= killed_at < 200
+
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 1 and "--resume" in refused.stderr
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics if "resumed_from" in m] == [0, killed_at]  # not from step 0 again
+    assert [m["step"] for m in metrics if "loss" in m][-1] == 200
+    assert VQVAE.from_pretrained(out / "model").config.codebook_size == 16
