@@ -17,3 +17,7 @@ class ConfigError(VQTokError, ValueError):
 
 class ModelFormatError(VQTokError):
     """A model directory cannot be read: missing files, newer format, mismatched weights."""
+
+
+class DataError(VQTokError):
+    """Shards cannot be found or read: a spec that matches nothing, a missing file, a broken tar."""
