@@ -122,7 +122,8 @@ def main() -> None:
 
     import torch
 
-    print(f"N = {N:,} vectors, D = {D}, device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    print(f"N = {N:,} vectors, D = {D}, device {args.device}, torch {torch.__version__}, {threads} threads")
     print(f"square 2048x2048 matrix product: {square_matmul_rate(args.device) / 1e9:.0f} GFLOP/s")
     header = f"{'K':>6}  {'method':<24} {'time (ms)':>10} {'GFLOP/s':>8} {'vs vqtok':>9} {'peak mem':>9} {'agree':>6}"
     print(header)

@@ -107,7 +107,13 @@ def override(name: str, config_class, *flags, **kwargs):
 @override("eval_every", TrainConfig, "--eval-every", type=click.IntRange(min=1), help="Steps between evaluations.")
 @override("save_every", TrainConfig, "--save-every", type=click.IntRange(min=1), help="Steps between checkpoints.")
 @override("num_workers", TrainConfig, "--num-workers", type=click.IntRange(min=0), help="Decoding workers/process.")
-@override("mixed_precision", TrainConfig, "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
+@override(
+    "mixed_precision",
+    TrainConfig,
+    "--mixed-precision",
+    type=click.Choice(["auto", "no", "fp16", "bf16"]),
+    help="Autocast precision; auto: bf16 on a GPU that has it.",
+)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @user_errors
 def fit(shards, out, config_path, no_ema, val, resume, **overrides):

@@ -89,7 +89,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     num_workers: int = 2
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # auto: bf16 autocast on a GPU that has it, else full precision
     report_to: str | None = None  # an accelerate tracker name (tensorboard, wandb, ...) or "all"
 
     def __post_init__(self) -> None:
@@ -105,8 +105,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -100,9 +100,12 @@ def fit(
     # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine):
     # accelerate only sets up its gloo process group when told it runs on the CPU.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    mixed_precision = cfg.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(
         cpu=cpu_processes,
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
