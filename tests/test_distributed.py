@@ -1,6 +1,7 @@
 """Two CPU processes over gloo hold the same codebook, bit for bit."""
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,13 +20,13 @@ def batches(rank):
         yield points.t().reshape(1, 4, 8, 16)  # (B, D, h, w)
 
 
-def make_quantizer():
-    return VectorQuantizer(64, 4, decay=0.9, kmeans_init=True, dead_code_window=2)
+def make_quantizer(kmeans_init):
+    return VectorQuantizer(64, 4, decay=0.9, kmeans_init=kmeans_init, dead_code_window=2)
 
 
-def run_rank(rank, world_size, store_path, out_dir):
-    torch.manual_seed(rank)  # different random streams: only the sync can make the codebooks agree
-    vq = make_quantizer()  # built before the process group exists
+def run_rank(rank, world_size, store_path, out_dir, kmeans_init):
+    torch.manual_seed(rank)  # different initial codebooks and random streams: only syncing can make them agree
+    vq = make_quantizer(kmeans_init)  # built before the process group exists
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
         for z in batches(rank):
@@ -36,14 +37,15 @@ def run_rank(rank, world_size, store_path, out_dir):
         dist.destroy_process_group()
 
 
-def test_two_processes_hold_identical_codebooks(tmp_path):
-    mp.spawn(run_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("kmeans_init", [True, False])
+def test_two_processes_hold_identical_codebooks(tmp_path, kmeans_init):
+    mp.spawn(run_rank, args=(2, str(tmp_path / "store"), str(tmp_path), kmeans_init), nprocs=2, join=True)
     rank0, rank1 = np.load(tmp_path / "codebook0.npy"), np.load(tmp_path / "codebook1.npy")
     assert rank0.tobytes() == rank1.tobytes()
     assert (np.load(tmp_path / "restarted0.npy") > 0).any(), "no dead code was restarted: the test lost its point"
 
     torch.manual_seed(0)
-    alone = make_quantizer()
+    alone = make_quantizer(kmeans_init)
     for z in batches(0):
         alone(z)
     assert not np.array_equal(alone.codebook.numpy(), rank0), "rank 0 alone ends the same: nothing was shared"

@@ -97,10 +97,13 @@ def test_fit_refuses_missing_shards_and_empty_data(make_shard, tmp_path):
     assert result.exit_code == 1 and "nope-*.tar" in result.output
 
     labels_only = make_shard("labels.tar", [{"__key__": f"k{i}", "cls": b"1"} for i in range(3)])
-    result = CliRunner().invoke(cli, ["fit", labels_only, "--out", str(tmp_path / "run"), *TINY, "--num-workers", "0"])
-    assert result.exit_code == 1, result.output
-    assert result.output.strip().splitlines()[-1] == "Error: none of the 1 shard(s) holds an image that can be decoded"
-    assert "Traceback" not in result.output
+    for workers in ("0", "1"):  # raised in this process, and in a DataLoader worker
+        args = ["fit", labels_only, "--out", str(tmp_path / f"run{workers}"), *TINY, "--num-workers", workers]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        last_line = result.output.strip().splitlines()[-1]
+        assert last_line == "Error: none of the 1 shard(s) holds an image that can be decoded"
+        assert "Traceback" not in result.output
 
 
 def free_port():
@@ -148,6 +151,9 @@ def test_killed_run_resumes_from_its_checkpoint(shards, tmp_path):
 
     refused = subprocess.run(command, capture_output=True, text=True)
     assert refused.returncode == 1 and "--resume" in refused.stderr
+
+    changed = subprocess.run([*command, "--resume", "--code-dim", "4"], capture_output=True, text=True)
+    assert changed.returncode == 1 and "code_dim changed" in changed.stderr
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

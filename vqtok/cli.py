@@ -26,9 +26,17 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except VQTokError as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(one_line(str(e))) from e
 
     return wrapper
+
+
+def one_line(message: str) -> str:
+    """A DataLoader worker's error arrives as "Caught X in DataLoader worker ... Original Traceback ...";
+    its last line holds the message."""
+    if message.startswith("Caught "):
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return message
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,7 +150,7 @@ def fit(shards, out, config_path, no_ema, val, resume, **overrides):
             raise click.UsageError("--decay and --no-ema exclude each other")
         model_config = dataclasses.replace(model_config, decay=None)
     result = fit_model(list(shards), out, model_config, train_config, val_shards=list(val), resume=resume)
-    if result.main_process and result.metrics:
+    if result.main_process and "psnr" in result.metrics:
         m = result.metrics
         click.echo(
             f"held-out PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1%}, perplexity {m['perplexity']:.0f}"

@@ -208,24 +208,25 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _initialize(self, flat: torch.Tensor) -> None:
-        if bool(self.initialized):  # one host sync, on the first training step only
-            self._initialized_seen = True
-            return
-        if _distributed():  # rank 0's batch decides; everyone takes its codebook
-            if dist.get_rank() == 0:
-                centers, sizes = kmeans(flat, self.codebook_size)
-            else:
-                centers, sizes = torch.empty_like(self.codebook), torch.empty_like(self.last_used, dtype=flat.dtype)
-            dist.broadcast(centers, src=0)
-            dist.broadcast(sizes, src=0)
-        else:
-            centers, sizes = kmeans(flat, self.codebook_size)
-        self.codebook.data.copy_(centers)
-        if self.decay is not None:
-            self.ema_count.copy_(sizes.clamp(min=1))
-            self.ema_sum.copy_(centers * self.ema_count[:, None])
-        self.initialized.fill_(True)
+        """On the first training step: k-means init if asked, then every process takes rank 0's codebook."""
         self._initialized_seen = True
+        distributed = _distributed()
+        if not bool(self.initialized):  # one host sync, on the first training step only
+            if not distributed or dist.get_rank() == 0:  # rank 0's batch decides; the broadcast below shares it
+                centers, sizes = kmeans(flat, self.codebook_size)
+                self.codebook.data.copy_(centers)
+                if self.decay is not None:
+                    # later EMA updates add counts summed over processes: start on the same scale
+                    world = dist.get_world_size() if distributed else 1
+                    self.ema_count.copy_(sizes.clamp(min=1) * world)
+                    self.ema_sum.copy_(centers * self.ema_count[:, None])
+            self.initialized.fill_(True)
+        if distributed:  # also covers models built apart on each process, with different random codebooks
+            for state in self._codebook_state():
+                dist.broadcast(state, src=0)
+
+    def _codebook_state(self) -> list[torch.Tensor]:
+        return [self.codebook.data] if self.decay is None else [self.codebook, self.ema_count, self.ema_sum]
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:

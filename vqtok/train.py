@@ -73,6 +73,21 @@ def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
     return path, step
 
 
+def check_run_settings(path: Path, model_config: ModelConfig, cfg: TrainConfig, resuming: bool) -> None:
+    """A resumed run must be the run it resumes: the model's settings and the step count decide that."""
+    settings = {"model": model_config.to_dict(), "steps": cfg.steps}
+    if resuming and path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in saved["model"] if saved["model"][k] != settings["model"].get(k))
+        if saved["steps"] != cfg.steps:
+            changed.append("steps")
+        if changed:
+            raise ConfigError(f"--resume with other settings than {path} records: {', '.join(changed)} changed")
+    if int(os.environ.get("RANK", "0")) == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def codebook_digest(model: VQVAE) -> str:
     return hashlib.sha256(model.quantizer.codebook.detach().cpu().numpy().tobytes()).hexdigest()[:16]
 
@@ -96,6 +111,9 @@ def fit(
     checkpoint = latest_checkpoint(out) if resume else None
     if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    if model_config.in_channels != 3:
+        raise ConfigError("fit reads RGB images: in_channels must be 3")
+    check_run_settings(out / "run.json", model_config, cfg, resuming=checkpoint is not None)
 
     # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine):
     # accelerate only sets up its gloo process group when told it runs on the CPU.
@@ -117,8 +135,8 @@ def fit(
     if cfg.report_to:
         accelerator.init_trackers("vqtok", config={**model_config.to_dict(), **cfg.to_dict()})
     start_step = checkpoint[1] if checkpoint else 0
-    # A resumed run draws new data: reseeding by step keeps it from replaying the first batches.
-    set_seed(cfg.seed + start_step, device_specific=True)
+    # The same seed on every process gives the same initial weights; load_state restores the RNGs of a resumed run.
+    set_seed(cfg.seed)
 
     rank, world = accelerator.process_index, accelerator.num_processes
     train_loader = make_loader(
@@ -128,12 +146,11 @@ def fit(
         train=True,
         resample=True,
         num_workers=cfg.num_workers,
-        seed=cfg.seed + start_step,
+        seed=cfg.seed + start_step,  # a resumed run draws new crops rather than replaying the first ones
         rank=rank,
         world_size=world,
     )
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = VQVAE(model_config).to(accelerator.device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = LambdaLR(optimizer, lr_lambda(cfg))
@@ -166,6 +183,7 @@ def fit(
     record({"split": "train", "step": start_step, "resumed_from": str(checkpoint[0]) if checkpoint else None})
     progress = TrainProgress(cfg.steps, start_step, enabled=show_progress and accelerator.is_main_process)
     sums = torch.zeros(3, device=accelerator.device)  # recon, vq, loss since the last log, kept on the device
+    summed = 0  # micro-batches in sums
     images_seen, started = 0, time.perf_counter()
     last_metrics: dict = {}
     step = start_step
@@ -182,6 +200,7 @@ def fit(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             sums += torch.stack([output.recon_loss.detach(), output.vq_loss.detach(), output.loss.detach()])
+            summed += 1
             images_seen += images.shape[0] * world
             if not accelerator.sync_gradients:
                 continue
@@ -189,8 +208,9 @@ def fit(
             step += 1
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                recon, vq, loss = (sums / (cfg.log_every * cfg.grad_accum_steps)).tolist()
+                recon, vq, loss = (sums / summed).tolist()
                 sums.zero_()
+                summed = 0
                 rate = images_seen / (time.perf_counter() - started)
                 entry = {
                     "split": "train",
@@ -211,7 +231,6 @@ def fit(
                 save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
             if step % cfg.eval_every == 0 and step < cfg.steps:
                 last_metrics = evaluate_and_record(step)
-                model.train()
 
     elapsed = time.perf_counter() - started
     save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
@@ -246,9 +265,12 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         partial.rename(final)
-        older = sorted(p for p in final.parent.iterdir() if CHECKPOINT_PATTERN.match(p.name))[: -keep or None]
-        for path in older if keep else []:
-            shutil.rmtree(path, ignore_errors=True)
+        if keep:
+            found = sorted(
+                (int(m.group(1)), p) for p in final.parent.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
+            )
+            for _, path in found[:-keep]:
+                shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
