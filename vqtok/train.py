@@ -83,9 +83,11 @@ def check_run_settings(path: Path, model_config: ModelConfig, cfg: TrainConfig, 
             changed.append("steps")
         if changed:
             raise ConfigError(f"--resume with other settings than {path} records: {', '.join(changed)} changed")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # other processes may be reading it: replace it whole
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(partial, path)
 
 
 def codebook_digest(model: VQVAE) -> str:
