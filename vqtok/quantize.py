@@ -129,7 +129,8 @@ class VectorQuantizer(nn.Module):
     encoder outputs assigned to each code, with Laplace-smoothed counts.
 
     In training mode, each forward also updates usage statistics and, when
-    enabled, initialises the codebook by k-means on the first call and
+    enabled, initialises the codebook by k-means on the first call (then
+    shares rank 0's codebook with every process) and
     restarts codes unused for `dead_code_window` steps.
     """
 
@@ -168,7 +169,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("last_used", torch.full((codebook_size,), -1, dtype=torch.long))
         self.register_buffer("fresh_since", torch.zeros(codebook_size, dtype=torch.long))
         self.register_buffer("usage_count", torch.zeros(codebook_size))
-        self._initialized_seen = False  # host copy of `initialized`, so forward does not sync to read it
+        self._initialized_seen = False  # host flag: the first training step's set-up (k-means, sync) is done
         self._updates_seen = 0  # host count of updates, to pace dead-code checks without syncing
 
     # -- inference -------------------------------------------------------------
