@@ -164,9 +164,7 @@ def fit(
         accelerator.load_state(str(checkpoint[0]))
     raw_model: VQVAE = accelerator.unwrap_model(model)
 
-    metrics_path = out / "metrics.jsonl"
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"  # out exists: check_run_settings wrote run.json into it
 
     def record(entry: dict) -> None:
         if accelerator.is_main_process:
