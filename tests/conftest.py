@@ -1,6 +1,10 @@
 """Builders shared by the tests: WebDataset shards and encoded images, made on the spot in tmp_path."""
 
 import io
+import socket
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +40,42 @@ def image_samples(keys, seed: int = 0) -> list[dict]:
         {"__key__": key, "png": image_bytes(random_image(seed + i)), "cls": str(i).encode()}
         for i, key in enumerate(keys)
     ]
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims width x height pixels."""
+    data = bytearray(image_bytes(np.zeros((1, 1), np.uint8)))
+    data[16:24] = struct.pack(">II", width, height)  # IHDR: length, "IHDR", then width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))
+    return bytes(data)
+
+
+def bad_samples() -> list[dict]:
+    """One sample of each kind that cannot become an image, keyed by what is wrong with it."""
+    return [
+        {"__key__": "truncated", "jpg": image_bytes(random_image(5, 64, 64), "JPEG")[:300]},
+        {"__key__": "empty", "png": b""},
+        {"__key__": "text", "jpg": b"hello"},
+        {"__key__": "bomb", "png": bomb_png(30000, 30000)},
+        {"__key__": "label-only", "cls": b"3"},
+    ]
+
+
+def broken_copy(path, cut=None, overwrite=None):
+    """A copy of a shard cut at byte `cut`, or with 100 bytes of garbage written at `overwrite`."""
+    data = bytearray(Path(path).read_bytes())
+    if overwrite is not None:
+        data[overwrite : overwrite + 100] = b"\xff" * 100
+    broken = path.replace(".tar", "-broken.tar")
+    Path(broken).write_bytes(bytes(data[:cut]))
+    return broken
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,17 +1,15 @@
 import io
 import itertools
 import random
-import struct
 import tarfile
 import warnings
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import image_bytes, image_samples, random_image
+from conftest import bad_samples, bomb_png, broken_copy, image_bytes, image_samples, random_image
 from PIL import Image
 
 from vqtok.data import (
@@ -106,14 +104,6 @@ def test_every_mode_decodes_to_rgb_with_its_colours(name):
     assert img.mode == "RGB"
     row = np.asarray(img)[0].astype(int)
     assert np.abs(row[: len(expected)] - np.array(expected)).max() <= tolerance, row
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid 1x1 PNG whose header claims width x height pixels."""
-    data = bytearray(image_bytes(np.zeros((1, 1), np.uint8)))
-    data[16:24] = struct.pack(">II", width, height)  # IHDR: length, "IHDR", then width and height
-    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))
-    return bytes(data)
 
 
 @pytest.mark.parametrize(
@@ -285,16 +275,6 @@ def png_data(path, key):
         return member.offset_data, member.size
 
 
-def broken_copy(path, cut=None, overwrite=None):
-    """A copy of a shard cut at byte `cut`, or with 100 bytes of garbage written at `overwrite`."""
-    data = bytearray(Path(path).read_bytes())
-    if overwrite is not None:
-        data[overwrite : overwrite + 100] = b"\xff" * 100
-    broken = path.replace(".tar", "-broken.tar")
-    Path(broken).write_bytes(bytes(data[:cut]))
-    return broken
-
-
 @pytest.mark.parametrize("where", ["inside data", "at a header", "corrupt header"])
 def test_broken_tar_yields_the_samples_before_the_break_then_raises(make_shard, where):
     path = make_shard("shard.tar", image_samples(["k0", "k1", "k2", "k3"]))
@@ -330,13 +310,7 @@ def test_unreadable_shard_raises_data_error(tmp_path, content):
 
 def test_bad_samples_become_error_records_and_the_rest_come_through(make_shard):
     good = image_samples(["g0", "g1", "g2"])
-    bad = [
-        {"__key__": "truncated", "jpg": image_bytes(random_image(5, 64, 64), "JPEG")[:300]},
-        {"__key__": "empty", "png": b""},
-        {"__key__": "text", "jpg": b"hello"},
-        {"__key__": "bomb", "png": bomb_png(30000, 30000)},
-        {"__key__": "label-only", "cls": b"3"},
-    ]
+    bad = bad_samples()
     shard = make_shard("mixed.tar", [good[0], *bad[:3], good[1], *bad[3:], good[2]])
     records = list(ImageDataset([shard], 16))
     assert [r["key"] for r in records] == ["g0", "truncated", "empty", "text", "g1", "bomb", "label-only", "g2"]

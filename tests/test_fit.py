@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import image_samples
+from conftest import free_port, image_samples
 
 from vqtok import VQVAE
 from vqtok.cli import cli
@@ -104,12 +103,6 @@ def test_fit_refuses_missing_shards_and_empty_data(make_shard, tmp_path):
         last_line = result.output.strip().splitlines()[-1]
         assert last_line == "Error: none of the 1 shard(s) holds an image that can be decoded"
         assert "Traceback" not in result.output
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_fit_two_processes(shards, tmp_path):

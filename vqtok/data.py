@@ -251,6 +251,19 @@ def _image_field(fields: dict[str, bytes]) -> bytes | None:
     return next((data for ext, data in fields.items() if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
 
 
+def sample_image(sample: Sample, image_size: int, train_rng: random.Random | None = None) -> torch.Tensor:
+    """A sample's image as uint8 (3, S, S): centre-cropped, or randomly cropped and flipped with `train_rng`.
+
+    Raises ImageError with the reason when the sample has no image or it cannot be decoded.
+    """
+    data = _image_field(sample.fields)
+    if data is None:
+        raise ImageError(f"no image field (fields: {', '.join(sample.fields) or 'none'})")
+    img = decode_image(data, image_size)
+    img = center_crop(img, image_size) if train_rng is None else random_crop_flip(img, image_size, train_rng)
+    return to_tensor(img)
+
+
 class ImageDataset(IterableDataset):
     """Shards -> records {"key", "shard", "image": uint8 (3, S, S) or None, "error": reason or None}.
 
@@ -305,17 +318,10 @@ class ImageDataset(IterableDataset):
 
     def _record(self, sample: Sample, rng: random.Random) -> dict:
         record = {"key": sample.key, "shard": sample.shard, "image": None, "error": None}
-        data = _image_field(sample.fields)
-        if data is None:
-            record["error"] = f"no image field (fields: {', '.join(sample.fields)})"
-            return record
         try:
-            img = decode_image(data, self.image_size)
+            record["image"] = sample_image(sample, self.image_size, rng if self.train else None)
         except ImageError as exc:
             record["error"] = str(exc)
-            return record
-        img = random_crop_flip(img, self.image_size, rng) if self.train else center_crop(img, self.image_size)
-        record["image"] = to_tensor(img)
         return record
 
     def _resampled(self, rng: random.Random) -> Iterator[dict]:
