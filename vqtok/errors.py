@@ -21,3 +21,7 @@ class ModelFormatError(VQTokError):
 
 class DataError(VQTokError):
     """Shards cannot be found or read: a spec that matches nothing, a missing file, a broken tar."""
+
+
+class StoreError(VQTokError):
+    """A token dataset cannot be written or read: other settings than the run's, a malformed codes column."""

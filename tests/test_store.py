@@ -1,0 +1,152 @@
+"""The token Parquet format: writing, committing, reading back, and refusing what does not fit."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vqtok.errors import StoreError
+from vqtok.store import (
+    ERRORS_DIR,
+    SUCCESS_NAME,
+    TokenSettings,
+    TokenStore,
+    codes_array,
+    part_name,
+    read_codes,
+    read_errors,
+    read_metadata,
+)
+
+
+def settings(**changes) -> TokenSettings:
+    base = {"model_id": "abc", "codebook_size": 512, "grid": (4, 3), "image_size": 16, "preprocessing": "crop"}
+    return TokenSettings(**{**base, **changes})
+
+
+def write(out, shards, s=None, rows=5, seed=0):
+    """Write `rows` random grids per shard; returns {shard: codes}."""
+    s = s or settings()
+    store = TokenStore(out, s)
+    store.open(shards, shards)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for shard in shards:
+        codes = rng.integers(0, s.codebook_size, (rows, *s.grid))
+        writer = store.writer(shard)
+        writer.add(
+            [f"{shard}/{i}" for i in range(rows)], codes, {name: [str(i) for i in range(rows)] for name in s.keep}
+        )
+        writer.add_errors([("broken", "not an image")])
+        writer.commit({"status": "done"})
+        written[shard] = codes
+    store.finish(shards)
+    return written
+
+
+def test_round_trip_keeps_keys_codes_and_metadata(tmp_path):
+    out = tmp_path / "tokens.parquet"
+    written = write(out, ["a.tar", "b.tar"], settings(keep=("txt",)))
+    keys, codes = read_codes(out)
+    order = sorted(["a.tar", "b.tar"], key=part_name)
+    assert keys == [f"{shard}/{i}" for shard in order for i in range(5)]
+    assert np.array_equal(codes, np.concatenate([written[shard] for shard in order]))
+    assert codes.dtype == np.int64 and codes.shape == (10, 4, 3)
+
+    table = pq.read_table(out / f"{part_name('a.tar')}.parquet")
+    assert table.schema.field("codes").type == pa.list_(pa.list_(pa.uint16(), 3), 4)
+    assert table.column("shard").to_pylist() == ["a.tar"] * 5
+    assert table.column("txt").to_pylist() == [str(i) for i in range(5)]
+    meta = read_metadata(out)
+    assert (meta["codebook_size"], meta["grid"], meta["model_id"], meta["image_size"]) == (512, [4, 3], "abc", 16)
+    assert "vqtok_version" in meta and meta["format_version"] == 1
+
+    assert read_errors(out).to_pylist() == [
+        {"key": "broken", "shard": shard, "reason": "not an image"}
+        for shard in sorted(["a.tar", "b.tar"], key=part_name)
+    ]
+    assert json.loads((out / SUCCESS_NAME).read_text())["rows"] == 10
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_codes_above_uint16_are_int32(tmp_path):
+    out = tmp_path / "big.parquet"
+    written = write(out, ["a.tar"], settings(codebook_size=70_000))
+    assert pq.read_schema(next(out.glob("part-*.parquet"))).field("codes").type.value_type.value_type == pa.int32()
+    assert np.array_equal(read_codes(out)[1], written["a.tar"])
+
+
+def test_compression_stores_codes_near_their_entropy(tmp_path):
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(512))
+    codes = rng.choice(512, size=(4000, 8, 8), p=probabilities)
+    store = TokenStore(tmp_path / "t", settings(grid=(8, 8)))
+    store.open(["s"], ["s"])
+    writer = store.writer("s")
+    writer.add([""] * len(codes), codes)  # empty keys: measure the codes alone
+    writer.commit({"status": "done"})
+    counts = np.bincount(codes.ravel(), minlength=512)
+    p = counts[counts > 0] / counts.sum()
+    entropy_bytes = -(p * np.log2(p)).sum() * codes.size / 8
+    size = (tmp_path / "t" / f"{part_name('s')}.parquet").stat().st_size
+    assert size < 1.15 * entropy_bytes, size / entropy_bytes
+
+
+def test_uncommitted_shard_is_invisible_and_not_done(tmp_path):
+    out = tmp_path / "t"
+    store = TokenStore(out, settings())
+    store.open(["a.tar"], ["a.tar"])
+    writer = store.writer("a.tar")
+    writer.add(["k"], np.zeros((1, 4, 3), int))
+    assert read_codes(out)[0] == [] and not store.done("a.tar")
+    writer.abort()
+    assert not list(out.glob(".*"))
+
+
+def test_other_settings_are_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "t"
+    write(out, ["a.tar"])
+    with pytest.raises(StoreError, match="other settings.*model_id 'abc' -> 'xyz'.*--overwrite"):
+        TokenStore(out, settings(model_id="xyz")).open(["a.tar"], ["a.tar"])
+    store = TokenStore(out, settings(model_id="xyz"))
+    store.open(["b.tar"], ["b.tar"], overwrite=True, tidy=True)
+    assert read_codes(out)[0] == [] and not (out / SUCCESS_NAME).exists()
+    assert not list((out / ERRORS_DIR).iterdir())
+
+
+def test_a_folder_that_is_not_a_token_dataset_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty and is not a vqtok token dataset"):
+        TokenStore(tmp_path, settings()).open(["a.tar"], ["a.tar"])
+
+
+def test_codes_array_reads_variable_size_lists_from_other_writers(tmp_path):
+    grids = np.arange(24).reshape(2, 3, 4)
+    path = tmp_path / "prior.parquet"
+    pd.DataFrame({"key": ["x", "y"], "codes": [[list(row) for row in grid] for grid in grids]}).to_parquet(path)
+    keys, codes = read_codes(path)
+    assert keys == ["x", "y"] and np.array_equal(codes, grids)
+
+
+@pytest.mark.parametrize(
+    "column, message",
+    [
+        (pa.array([[[1, 2], [3, 4]], [[1, 2], [3]]]), "differ in shape"),
+        (pa.array([[1, 2], [3, 4]]), r"\(h, w\) grids of integers"),
+        (pa.array([[[1.0]], [[2.0]]]), r"\(h, w\) grids of integers"),
+        (pa.array([[[1]], None]), "nulls"),
+    ],
+    ids=["ragged", "one level", "floats", "null row"],
+)
+def test_codes_array_refuses_what_is_not_a_grid(column, message):
+    with pytest.raises(StoreError, match=message):
+        codes_array(column)
+
+
+def test_part_names_are_readable_and_unique():
+    assert part_name("/data/train-000001.tar").startswith("part-train-000001-")
+    assert part_name("/a/x.tar") != part_name("/b/x.tar")
+    assert part_name("pipe:curl -s https://h/x y.tar").startswith("part-x_y-")

@@ -1,0 +1,436 @@
+"""The token dataset: grids of code indices in Parquet, one file per input shard. No torch here.
+
+A token dataset is a directory that pyarrow, pandas, polars, DuckDB and Hugging Face `datasets` read as one
+table (they skip names that start with `_` or `.`):
+
+    out.parquet/
+        part-<shard>-<hash>.parquet   one per input shard: key, shard, codes and any carried fields
+        _errors/part-....parquet      the samples that could not be encoded: key, shard, reason
+        _stats/part-....json          a shard's commit marker, written last: status, counts, timings
+        _vqtok.json                   the run's settings; a later run with other settings is refused
+        _SUCCESS                      every shard of the last run is done
+
+Every file is written under a temporary name (`.part-...tmp`, which readers skip) and renamed when complete,
+so a reader never sees half a file and a crash at any moment leaves at most a shard to do again. A shard is
+done when its marker says so; a rerun skips done shards and does the others again, replacing what they left.
+
+`codes` is `fixed_size_list<fixed_size_list<uint16>[w]>[h]` (int32 when K > 65536). Every part file's
+metadata holds the settings under the key `vqtok` as JSON: K, grid, image size, preprocessing, model id and
+vqtok version. Compression is zstd over dictionary-encoded codes, which stores a code in close to its entropy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vqtok import __version__
+from vqtok.errors import StoreError
+
+FORMAT_VERSION = 1
+METADATA_KEY = b"vqtok"
+SETTINGS_NAME = "_vqtok.json"
+SUCCESS_NAME = "_SUCCESS"
+ERRORS_DIR = "_errors"
+STATS_DIR = "_stats"
+ROW_GROUP_ROWS = 4096  # the unit a prior's data loader reads at once: ~8 MB of 32x32 uint16 grids
+RESERVED_COLUMNS = ("key", "shard", "codes")
+ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
+WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": True}
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """What makes the codes of one run comparable: a later run into the same dataset must match them all."""
+
+    model_id: str
+    codebook_size: int
+    grid: tuple[int, int]  # (h, w)
+    image_size: int
+    preprocessing: str
+    keep: tuple[str, ...] = ()  # sample fields carried into columns
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, **asdict(self), "grid": list(self.grid), "keep": list(self.keep)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TokenSettings:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"token format version {version} is not {FORMAT_VERSION}, the one this vqtok reads")
+        try:
+            return cls(
+                model_id=str(data["model_id"]),
+                codebook_size=int(data["codebook_size"]),
+                grid=tuple(int(n) for n in data["grid"]),
+                image_size=int(data["image_size"]),
+                preprocessing=str(data["preprocessing"]),
+                keep=tuple(data.get("keep", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"malformed token settings: {exc!r}") from exc
+
+    def differences(self, other: TokenSettings) -> list[str]:
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{name} {theirs[name]!r} -> {mine[name]!r}" for name in mine if mine[name] != theirs[name]]
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+
+def code_type(codebook_size: int) -> pa.DataType:
+    return pa.uint16() if codebook_size <= 2**16 else pa.int32()
+
+
+def kept_type(field: str) -> pa.DataType:
+    """A carried field's column type: `cls` is an integer class label (WebDataset's convention), others text."""
+    return pa.int64() if field == "cls" else pa.string()
+
+
+def parse_kept(field: str, data: bytes | None) -> int | str | None:
+    """A sample field's bytes -> its column value; ValueError when they do not fit the column's type."""
+    if data is None:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"field {field} is not UTF-8 text") from exc
+    if field == "cls":
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise ValueError(f"field cls is not an integer: {text[:40]!r}") from None
+    return text
+
+
+def check_keep(fields: Sequence[str]) -> tuple[str, ...]:
+    for field in fields:
+        if field in RESERVED_COLUMNS or not re.fullmatch(r"[A-Za-z0-9_.-]+", field):
+            raise StoreError(f"cannot carry field {field!r}: names {', '.join(RESERVED_COLUMNS)} are taken")
+    return tuple(dict.fromkeys(fields))
+
+
+def token_schema(settings: TokenSettings) -> pa.Schema:
+    h, w = settings.grid
+    codes = pa.list_(pa.list_(code_type(settings.codebook_size), w), h)
+    fields = [("key", pa.string()), ("shard", pa.string()), ("codes", codes)]
+    fields += [(name, kept_type(name)) for name in settings.keep]
+    metadata = {METADATA_KEY: json.dumps({**settings.to_dict(), "vqtok_version": __version__}).encode()}
+    return pa.schema(fields, metadata=metadata)
+
+
+def grid_array(codes: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    """(N, h, w) integers -> a fixed_size_list<fixed_size_list<value_type>[w]>[h] array, without copying rows."""
+    n, h, w = codes.shape
+    values = pa.array(np.ascontiguousarray(codes).reshape(-1).astype(value_type.to_pandas_dtype(), copy=False))
+    return pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(values, w), h)
+
+
+def codes_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A `codes` column of (h, w) grids -> int64 (N, h, w); StoreError when it holds something else.
+
+    Reads the fixed-size lists vqtok writes and the variable-size lists other writers (pandas, polars, a
+    prior's sampler) make of the same grids.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    n = len(column)
+    if column.null_count:
+        raise StoreError("codes column holds nulls")
+    shape, array = [], column
+    for _ in range(2):
+        if (
+            not pa.types.is_list(array.type)
+            and not pa.types.is_fixed_size_list(array.type)
+            and not (pa.types.is_large_list(array.type))
+        ):
+            raise StoreError(f"codes must be (h, w) grids of integers, got {column.type}")
+        lengths = np.asarray(array.value_lengths()) if not pa.types.is_fixed_size_list(array.type) else None
+        size = array.type.list_size if lengths is None else (int(lengths[0]) if len(lengths) else 0)
+        if lengths is not None and (lengths != size).any():
+            raise StoreError("codes grids differ in shape from row to row")
+        shape.append(size)
+        array = array.flatten()
+    if not pa.types.is_integer(array.type):
+        raise StoreError(f"codes must be (h, w) grids of integers, got {column.type}")
+    if array.null_count:
+        raise StoreError("codes grids hold nulls")
+    return np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64).reshape(n, *shape)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def part_name(shard: str) -> str:
+    """The stem of a shard's files: its file name for a reader, a hash of its whole URL to make it unique."""
+    stem = re.sub(r"\.tar(\.\w+)?$", "", shard.rstrip("/").rsplit("/", 1)[-1])
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "shard"
+    return f"part-{stem}-{hashlib.sha256(shard.encode()).hexdigest()[:8]}"
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """write(temporary path), flush it to disk, then rename it to path: readers see all of it or nothing."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _replace_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+class TokenStore:
+    """The writing side of a token dataset directory, shared by independent processes without talking.
+
+    Each process writes only the shards it was given; every file it writes is complete before it has its
+    name, and the settings file is the same from every process, so concurrent writers never conflict.
+    """
+
+    def __init__(self, path: str | os.PathLike, settings: TokenSettings) -> None:
+        self.path = Path(path)
+        self.settings = settings
+        self.schema = token_schema(settings)
+
+    def open(self, shards: Sequence[str], mine: Sequence[str], overwrite: bool = False, tidy: bool = False) -> None:
+        """Check or record the settings; with overwrite, drop this process's shards' files (and with tidy,
+        which one process asks for, every file of shards not in `shards` and the settings file) first."""
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} exists and is not a directory")
+        settings_file = self.path / SETTINGS_NAME
+        if overwrite:
+            keep = set() if tidy else {part_name(s) for s in shards} - {part_name(s) for s in mine}
+            self._remove_files(keep)
+            if tidy:
+                with contextlib.suppress(FileNotFoundError):
+                    settings_file.unlink()
+        elif settings_file.exists():
+            try:
+                existing = TokenSettings.from_dict(json.loads(settings_file.read_text()))
+            except json.JSONDecodeError as exc:
+                raise StoreError(f"{settings_file} is not valid JSON ({exc}); use --overwrite to start over") from exc
+            changes = self.settings.differences(existing)
+            if changes:
+                raise StoreError(
+                    f"{self.path} holds tokens made with other settings ({'; '.join(changes)}); "
+                    "use --overwrite to replace them"
+                )
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise StoreError(f"{self.path} is not empty and is not a vqtok token dataset; use --overwrite")
+        (self.path / ERRORS_DIR).mkdir(parents=True, exist_ok=True)
+        (self.path / STATS_DIR).mkdir(exist_ok=True)
+        _write_json(settings_file, self.settings.to_dict())
+        if not all(self.done(shard) for shard in shards):
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / SUCCESS_NAME).unlink()
+
+    def _remove_files(self, keep: set[str]) -> None:
+        """Remove vqtok's files, except those of the part names in keep."""
+        if not self.path.is_dir():
+            return
+        patterns = [(self.path, ".parquet"), (self.path / ERRORS_DIR, ".parquet"), (self.path / STATS_DIR, ".json")]
+        for folder, suffix in patterns:
+            for file in folder.glob(f"part-*{suffix}") if folder.is_dir() else ():
+                if file.name.removesuffix(suffix) not in keep:
+                    file.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / SUCCESS_NAME).unlink()
+
+    def marker(self, shard: str) -> dict | None:
+        try:
+            return json.loads((self.path / STATS_DIR / f"{part_name(shard)}.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def done(self, shard: str) -> bool:
+        marker = self.marker(shard)
+        return marker is not None and marker.get("status") == "done"
+
+    def writer(self, shard: str) -> ShardWriter:
+        return ShardWriter(self, shard)
+
+    def finish(self, shards: Sequence[str]) -> dict | None:
+        """Write _SUCCESS with the totals if every shard is done (whichever process gets here last does)."""
+        markers = [self.marker(shard) for shard in shards]
+        if not all(m is not None and m.get("status") == "done" for m in markers):
+            return None
+        totals = {
+            "shards": len(markers),
+            "rows": sum(m["rows"] for m in markers),
+            "errors": sum(m["errors"] for m in markers),
+            "settings": self.settings.to_dict(),
+        }
+        _write_json(self.path / SUCCESS_NAME, totals)
+        return totals
+
+
+class ShardWriter:
+    """One shard's rows, streamed into a temporary part file and committed as a whole by `commit`."""
+
+    def __init__(self, store: TokenStore, shard: str) -> None:
+        self.store = store
+        self.shard = shard
+        self.name = part_name(shard)
+        self.rows = 0
+        self.write_seconds = 0.0
+        self._errors: list[tuple[str, str]] = []
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._part = store.path / f"{self.name}.parquet"
+        for folder in (store.path, store.path / ERRORS_DIR, store.path / STATS_DIR):  # what a killed run left
+            for stale in folder.glob(f".{self.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        self._temporary = self._part.with_name(f".{self._part.name}.{os.getpid()}.tmp")
+        self._writer = pq.ParquetWriter(self._temporary, store.schema, **WRITE_OPTIONS)
+
+    def add(self, keys: Sequence[str], codes: np.ndarray, kept: dict[str, list] | None = None) -> None:
+        """Rows of keys, (N, h, w) codes and the carried fields' values."""
+        started = time.perf_counter()
+        schema = self.store.schema
+        columns = [
+            pa.array(keys, pa.string()),
+            pa.array([self.shard] * len(keys), pa.string()),
+            grid_array(codes, schema.field("codes").type.value_type.value_type),
+        ]
+        columns += [pa.array((kept or {})[name], schema.field(name).type) for name in self.store.settings.keep]
+        self._pending.append(pa.RecordBatch.from_arrays(columns, schema=schema))
+        self._pending_rows += len(keys)
+        self.rows += len(keys)
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self._flush()
+        self.write_seconds += time.perf_counter() - started
+
+    def add_errors(self, errors: Sequence[tuple[str, str]]) -> None:
+        """(key, reason) of samples of this shard that could not be encoded."""
+        self._errors += errors
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.Table.from_batches(self._pending), row_group_size=ROW_GROUP_ROWS)
+            self._pending, self._pending_rows = [], 0
+
+    def commit(self, stats: dict) -> dict:
+        """Make the shard visible: its errors, then its part, then the marker that says it is done."""
+        started = time.perf_counter()
+        self._flush()
+        self._writer.close()
+        with open(self._temporary, "rb+") as f:
+            os.fsync(f.fileno())
+        errors = pa.table(
+            [[k for k, _ in self._errors], [self.shard] * len(self._errors), [r for _, r in self._errors]],
+            schema=ERRORS_SCHEMA,
+        )
+        store = self.store
+        _replace_atomically(
+            store.path / ERRORS_DIR / f"{self.name}.parquet", lambda p: pq.write_table(errors, p, **WRITE_OPTIONS)
+        )
+        os.replace(self._temporary, self._part)
+        self.write_seconds += time.perf_counter() - started
+        marker = {
+            "shard": self.shard,
+            "part": self._part.name,
+            **stats,
+            "rows": self.rows,
+            "errors": len(self._errors),
+            "seconds": {**stats.get("seconds", {}), "write": round(self.write_seconds, 4)},
+            "settings": store.settings.to_dict(),
+            "vqtok_version": __version__,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _write_json(store.path / STATS_DIR / f"{self.name}.json", marker)
+        return marker
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        self._temporary.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def part_files(path: str | os.PathLike) -> list[Path]:
+    """The data files of a token dataset directory (in name order), or [path] for a single Parquet file."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such file or directory")
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.glob("*.parquet") if p.is_file() and not p.name.startswith(("_", ".")))
+
+
+def read_metadata(path: str | os.PathLike) -> dict | None:
+    """The vqtok settings stored in a token file's metadata (the first part of a directory); None if absent."""
+    files = part_files(path)
+    if not files:
+        settings = Path(path) / SETTINGS_NAME
+        return json.loads(settings.read_text()) if settings.exists() else None
+    try:
+        metadata = pq.read_schema(files[0]).metadata or {}
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StoreError(f"{files[0]}: not a Parquet file ({exc})") from exc
+    return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+
+
+def read_codes(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """A token dataset (directory) or one Parquet file -> (keys, int64 codes (N, h, w)), rows in file order."""
+    keys: list[str] = []
+    grids: list[np.ndarray] = []
+    for file, group in row_groups(path):
+        table = read_row_group(file, group)
+        keys += table.column("key").to_pylist()
+        grids.append(codes_array(table.column("codes")))
+    if not grids:
+        return keys, np.zeros((0, 0, 0), dtype=np.int64)
+    return keys, np.concatenate(grids)
+
+
+def row_groups(path: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(file, row group index) of every row group: the units that readers split across workers."""
+    units = []
+    for file in part_files(path):
+        try:
+            count = pq.ParquetFile(file).num_row_groups
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise StoreError(f"{file}: not a Parquet file ({exc})") from exc
+        units += [(file, i) for i in range(count)]
+    return units
+
+
+def read_row_group(file: Path, index: int, columns: Sequence[str] = ()) -> pa.Table:
+    """One row group's `key` and `codes` columns, and the carried columns asked for."""
+    parquet = pq.ParquetFile(file)
+    names = parquet.schema_arrow.names
+    for needed in ("key", "codes", *columns):
+        if needed not in names:
+            raise StoreError(f"{file}: no {needed!r} column (columns: {', '.join(names)})")
+    return parquet.read_row_group(index, columns=["key", "codes", *columns])
+
+
+def read_errors(path: str | os.PathLike) -> pa.Table:
+    """The `_errors` rows of a token dataset: key, shard, reason."""
+    files = sorted((Path(path) / ERRORS_DIR).glob("part-*.parquet"))
+    tables = [pq.read_table(f, schema=ERRORS_SCHEMA) for f in files]
+    return pa.concat_tables(tables) if tables else ERRORS_SCHEMA.empty_table()
+
+
+def code_entropy(counts: np.ndarray) -> float:
+    """Order-0 entropy in bits per code of a histogram of codes."""
+    p = counts[counts > 0] / max(1, counts.sum())
+    return float(-(p * np.log2(p)).sum()) if len(p) else 0.0
