@@ -177,8 +177,9 @@ class VectorQuantizer(nn.Module):
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Codes of the nearest entries: (B, D, h, w) -> (B, h, w) int64, no gradient."""
         B, D, h, w = z.shape
-        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
-        return nearest_codes(flat, self.codebook).view(B, h, w)
+        with torch.autocast(z.device.type, enabled=False):  # bf16 distances would pick other codes on near ties
+            flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
+            return nearest_codes(flat, self.codebook).view(B, h, w)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codebook vectors for codes: (B, h, w) -> (B, D, h, w)."""
