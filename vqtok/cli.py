@@ -157,5 +157,64 @@ def fit(shards, out, config_path, no_ema, val, resume, **overrides):
         )
 
 
+@cli.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Model dir.")
+@click.option("--image-size", type=click.IntRange(min=1), help="Crop size; the model's training size if not given.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0), help="Decoding workers.")
+@click.option("--keep", default="", show_default=True, help="Sample fields to carry into columns, e.g. cls,txt,json.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--overwrite", is_flag=True, help="Replace a token dataset made with other settings.")
+@user_errors
+def encode(shards, out, model_dir, keep, **options):
+    """Tokenize images in WebDataset shards into a Parquet token dataset OUT.
+
+    One part file per shard; running the same command again skips the shards
+    already done, so an interrupted run picks up where it stopped. Under
+    `accelerate launch` or torchrun, shard i goes to process i mod world size.
+
+    \b
+    Examples:
+        vqtok encode shards/ tokens.parquet --model runs/x/model
+        vqtok encode shards/train-{000000..000099}.tar tokens.parquet --model runs/x/model --keep cls,txt
+        accelerate launch --multi_gpu --num_processes 8 -m vqtok encode shards/ tokens.parquet --model runs/x/model
+    """
+    from vqtok.encode import encode as encode_shards
+
+    fields = [name.strip() for name in keep.split(",") if name.strip()]
+    result = encode_shards(list(shards), out, model_dir, keep=fields, **options)
+    if result.rank == 0:
+        print_encode_summary(result)
+    if result.failed:
+        named = "; ".join(f"{shard} ({reason})" for shard, reason in result.failed)
+        raise click.ClickException(
+            f"{len(result.failed)} shard(s) could not be read to the end, their readable samples kept: {named}. "
+            "Run the same command again to retry them."
+        )
+
+
+def print_encode_summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
+    table = Table(title=f"encoded into {result.out}{who}", show_header=False)
+    table.add_row("shards", f"{result.encoded} encoded, {result.skipped} already done, {len(result.failed)} failed")
+    table.add_row("images", f"{result.images:,} encoded, {result.errors:,} errors")
+    table.add_row("speed", f"{result.images_per_second:,.1f} images/s over {result.seconds:.1f} s")
+    table.add_row(
+        "time",
+        f"waiting for images {result.wait_seconds:.1f} s, encoding {result.encode_seconds:.1f} s, "
+        f"writing {result.write_seconds:.1f} s; workers decoding {result.decode_seconds:.1f} s",
+    )
+    if result.totals:
+        totals = result.totals
+        table.add_row("dataset", f"{totals['rows']:,} rows, {totals['errors']:,} errors in {totals['shards']} shards")
+    Console().print(table)
+
+
 def main():
     cli()

@@ -1,0 +1,210 @@
+"""vqtok encode: codes equal to the model's, every sample accounted for, resume, several processes, readers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import bad_samples, broken_copy, free_port, image_samples
+
+from vqtok import VQVAE, ModelConfig
+from vqtok.cli import cli
+from vqtok.data import center_crop, decode_image, to_tensor
+from vqtok.store import STATS_DIR, SUCCESS_NAME, part_name, read_codes, read_errors, read_metadata
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small untrained model whose codebook is spread over its encoder's outputs, so codes vary."""
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(hidden_channels=8, codebook_size=32, code_dim=4, image_size=16))
+    with torch.no_grad():
+        z = model.encoder(torch.rand(8, 3, 16, 16) * 2 - 1)  # (8, D, 4, 4)
+        model.quantizer.codebook.copy_(z.permute(0, 2, 3, 1).reshape(-1, 4)[torch.randperm(128)[:32]])
+    return str(model.save_pretrained(tmp_path_factory.mktemp("model") / "model"))
+
+
+@pytest.fixture
+def shards(make_shard):
+    return [make_shard(f"s-{i:02d}.tar", image_samples([f"s{i}-{j}" for j in range(7)], seed=10 * i)) for i in range(3)]
+
+
+def run_encode(*args):
+    return CliRunner().invoke(cli, ["encode", *map(str, args)])
+
+
+def reference_codes(model_dir, samples, size=16):
+    model = VQVAE.from_pretrained(model_dir)
+    images = torch.stack([to_tensor(center_crop(decode_image(s["png"], size), size)) for s in samples])
+    return model.encode(images.float() / 255).numpy()
+
+
+def test_codes_equal_model_encode_on_the_same_images(model_dir, shards, tmp_path):
+    out = tmp_path / "tokens.parquet"
+    result = run_encode(*shards, out, "--model", model_dir, "--batch-size", "3", "--num-workers", "2", "--keep", "cls")
+    assert result.exit_code == 0, result.output
+    assert "3 encoded" in result.output and "21 encoded, 0 errors" in result.output
+
+    keys, codes = read_codes(out)
+    samples = {s["__key__"]: s for i in range(3) for s in image_samples([f"s{i}-{j}" for j in range(7)], seed=10 * i)}
+    assert sorted(keys) == sorted(samples)
+    assert np.array_equal(codes, reference_codes(model_dir, [samples[k] for k in keys]))
+    assert len(np.unique(codes)) > 4
+
+    table = pq.read_table(out / f"{part_name(shards[1])}.parquet")
+    assert table.column("key").to_pylist() == [f"s1-{j}" for j in range(7)]  # shard order kept
+    assert table.column("cls").to_pylist() == list(range(7))
+    meta = read_metadata(out)
+    assert meta["model_id"] == VQVAE.from_pretrained(model_dir).model_id
+    assert (meta["codebook_size"], meta["grid"], meta["image_size"], meta["keep"]) == (32, [4, 4], 16, ["cls"])
+    assert json.loads((out / SUCCESS_NAME).read_text())["rows"] == 21
+    markers = [json.loads(p.read_text()) for p in (out / STATS_DIR).iterdir()]
+    assert {m["status"] for m in markers} == {"done"} and sum(m["samples"] for m in markers) == 21
+    assert all(set(m["seconds"]) == {"read", "encode", "write"} for m in markers)
+
+
+def test_every_sample_is_a_row_of_codes_or_of_errors(model_dir, make_shard, tmp_path):
+    good = image_samples(["g0", "g1", "g2", "g3"])
+    mixed = make_shard("mixed.tar", [good[0], *bad_samples(), good[1]])
+    whole = make_shard("whole.tar", image_samples(["w0", "w1", "w2", "w3"], seed=5))
+    cut = make_shard("cut.tar", [good[2], good[3], *image_samples(["c2"])])
+    with tarfile.open(cut) as tar:
+        g3 = tar.getmember("g3.png")
+    truncated = broken_copy(cut, cut=g3.offset_data + g3.size // 2)  # inside the second sample's image
+    out = tmp_path / "tokens.parquet"
+
+    result = run_encode(mixed, truncated, whole, out, "--model", model_dir, "--num-workers", "0")
+    assert result.exit_code == 1
+    assert "1 shard(s) could not be read to the end" in result.output and truncated in result.output
+    keys, _ = read_codes(out)
+    errors = read_errors(out).to_pylist()
+    assert sorted(keys) == ["g0", "g1", "g2", "w0", "w1", "w2", "w3"]  # the cut shard keeps what came before
+    assert sorted(e["key"] for e in errors) == ["", "bomb", "empty", "label-only", "text", "truncated"]
+    assert next(e for e in errors if e["key"] == "")["shard"] == truncated
+    assert not (out / SUCCESS_NAME).exists()
+
+    # A rerun retries only the failed shard.
+    result = run_encode(mixed, truncated, whole, out, "--model", model_dir, "--num-workers", "0")
+    assert result.exit_code == 1 and "1 encoded, 2 already done, 1 failed" in result.output
+    assert sorted(read_codes(out)[0]) == sorted(keys) and len(read_errors(out)) == len(errors)
+
+
+def test_rerun_skips_done_shards_and_refuses_other_settings(model_dir, shards, tmp_path):
+    out = tmp_path / "tokens.parquet"
+    assert run_encode(*shards[:2], out, "--model", model_dir, "--num-workers", "0").exit_code == 0
+    result = run_encode(*shards, out, "--model", model_dir, "--num-workers", "0")
+    assert result.exit_code == 0 and "1 encoded, 2 already done" in result.output
+    assert len(read_codes(out)[0]) == 21
+
+    refused = run_encode(*shards, out, "--model", model_dir, "--image-size", "32")
+    assert refused.exit_code == 1
+    assert "other settings (grid (4, 4) -> (8, 8); image_size 16 -> 32)" in refused.output and "--overwrite" in refused.output
+    result = run_encode(shards[0], out, "--model", model_dir, "--image-size", "32", "--overwrite", "--num-workers", "0")
+    assert result.exit_code == 0, result.output
+    keys, codes = read_codes(out)
+    assert len(keys) == 7 and codes.shape == (7, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image-size", "18"], "not a positive multiple of the model's stride 4"),
+        (["--keep", "codes"], "cannot carry field 'codes'"),
+        (["--device", "cuda"], "no CUDA GPU"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(model_dir, shards, tmp_path, args, message):
+    if message == "no CUDA GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_encode(*shards, tmp_path / "t", "--model", model_dir, *args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_missing_shards_are_one_line_errors(model_dir, tmp_path):
+    result = run_encode(tmp_path / "nothing-*.tar", tmp_path / "t", "--model", model_dir)
+    assert result.exit_code == 1 and "no files match" in result.output
+
+
+def test_two_processes_give_the_rows_of_one(model_dir, shards, tmp_path):
+    one = tmp_path / "one.parquet"
+    assert run_encode(*shards, one, "--model", model_dir, "--num-workers", "0").exit_code == 0
+    two = tmp_path / "two.parquet"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", str(free_port()), "-m", "vqtok", "encode", *shards, str(two)]
+    launch += ["--model", model_dir, "--num-workers", "1"]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    assert sorted(p.name for p in two.glob("part-*")) == sorted(p.name for p in one.glob("part-*"))
+    for part in one.glob("part-*.parquet"):
+        assert pq.read_table(part).equals(pq.read_table(two / part.name))
+    markers = [json.loads(p.read_text()) for p in (two / STATS_DIR).iterdir()]
+    assert sorted(m["process"] for m in markers) == [0, 0, 1]  # shard i went to process i % 2
+    assert (two / SUCCESS_NAME).exists()
+
+
+def test_killed_run_reruns_to_every_key_exactly_once(model_dir, make_shard, tmp_path):
+    shards = [make_shard(f"k-{i:02d}.tar", image_samples([f"k{i}-{j}" for j in range(6)], seed=i)) for i in range(40)]
+    out = tmp_path / "tokens.parquet"
+    command = [sys.executable, "-m", "vqtok", "encode", *shards, str(out), "--model", model_dir]
+    command += ["--num-workers", "0", "--batch-size", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((out / STATS_DIR).glob("*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((out / STATS_DIR).glob("*.json")))
+    assert 3 <= done_before < 40, "the run was not killed mid-way"
+
+    keys, _ = read_codes(out)  # what a reader sees after the crash: whole shards only
+    assert len(keys) % 6 == 0 and len(keys) == len(set(keys))
+    result = run_encode(*shards, out, "--model", model_dir, "--num-workers", "0")
+    assert result.exit_code == 0, result.output
+    keys, _ = read_codes(out)
+    assert sorted(keys) == sorted(f"k{i}-{j}" for i in range(40) for j in range(6))
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_token_dataset_reads_in_every_reader(model_dir, shards, tmp_path, monkeypatch):
+    out = tmp_path / "tokens.parquet"
+    assert run_encode(*shards, out, "--model", model_dir, "--num-workers", "0", "--keep", "cls").exit_code == 0
+    _, expected = read_codes(out)
+    first = expected[np.argsort(read_codes(out)[0])]
+
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(out, format="parquet").to_table()
+    assert table.num_rows == 21 and len(table.column("codes")[0]) == 4
+
+    import pandas as pd
+
+    frame = pd.read_parquet(out).sort_values("key")
+    assert np.array_equal(np.stack([np.stack(grid) for grid in frame["codes"]]), first)
+
+    import polars as pl
+
+    polars_frame = pl.read_parquet(out / "*.parquet").sort("key")
+    assert polars_frame["codes"].dtype == pl.Array(pl.UInt16, (4, 4))
+    assert np.array_equal(polars_frame["codes"].to_numpy(), first)
+
+    import duckdb
+
+    rows = duckdb.sql(f"select key, codes from read_parquet('{out}/*.parquet') order by key").fetchall()
+    assert len(rows) == 21 and np.array_equal(np.array([codes for _, codes in rows]), first)
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    loaded = datasets.load_dataset("parquet", data_files=str(out / "*.parquet"), split="train").sort("key")
+    assert np.array_equal(np.array(loaded.with_format("numpy")["codes"]), first)
+    assert loaded.features["cls"].dtype == "int64"

@@ -1,0 +1,265 @@
+"""Shards -> token dataset: the batch tokenizer behind `vqtok encode`.
+
+The unit of work is a shard: it becomes one part file, committed whole (see `vqtok.store`). Under torchrun or
+`accelerate launch` (RANK, WORLD_SIZE), shard i goes to process i % WORLD_SIZE, and within a process to one
+DataLoader worker, so processes never talk and no sample is padded or read twice. Workers read, decode and
+crop; each batch they hand over belongs to one shard, and the last batch of a shard says so, which lets the
+main process, busy running the model, commit shards as they end without holding more than a batch each.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vqtok.data import expand_shards, iter_samples, sample_image
+from vqtok.errors import ConfigError, DataError
+from vqtok.model import VQVAE
+from vqtok.store import TokenSettings, TokenStore, check_keep, parse_kept
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# How images become model inputs (`vqtok.data.sample_image`), recorded with the codes.
+PREPROCESSING = "RGB, alpha over white; shorter side resized to image_size (bicubic); centre square crop"
+
+
+@dataclass
+class EncodeResult:
+    out: Path
+    rank: int = 0
+    world_size: int = 1
+    shards: int = 0  # given to this process
+    skipped: int = 0  # done by an earlier run
+    encoded: int = 0  # done now
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (shard, reason): not readable to the end
+    images: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    wait_seconds: float = 0.0  # the main process waiting for decoded images
+    encode_seconds: float = 0.0
+    write_seconds: float = 0.0
+    decode_seconds: float = 0.0  # worker time reading and decoding, summed over workers
+    totals: dict | None = None  # the whole dataset's counts, once every shard is done and _SUCCESS written
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+class ShardBatches(IterableDataset):
+    """Shards -> batches of one shard each: {"shard", "images" uint8 (B, 3, S, S), "keys", "kept", "errors",
+    "last", and on the last batch "samples", "failure", "read_seconds"}."""
+
+    def __init__(self, shards: Sequence[str], image_size: int, batch_size: int, keep: Sequence[str] = ()) -> None:
+        self.shards = list(shards)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.keep = tuple(keep)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard in self.shards[worker::num_workers]:
+            yield from self._batches(shard)
+
+    def _batches(self, shard: str) -> Iterator[dict]:
+        batch = self._empty(shard)
+        samples, failure, busy = 0, None, 0.0
+        resumed = time.perf_counter()
+        try:
+            for sample in iter_samples(shard):
+                samples += 1
+                try:
+                    image = sample_image(sample, self.image_size)
+                    kept = {name: parse_kept(name, sample.fields.get(name)) for name in self.keep}
+                except ValueError as exc:  # ImageError, or a carried field that does not fit its column
+                    batch["errors"].append((sample.key, str(exc)))
+                    continue
+                batch["images"].append(image)
+                batch["keys"].append(sample.key)
+                for name, value in kept.items():
+                    batch["kept"][name].append(value)
+                if len(batch["images"]) == self.batch_size:
+                    busy += time.perf_counter() - resumed
+                    yield self._stack(batch)
+                    resumed = time.perf_counter()
+                    batch = self._empty(shard)
+        except DataError as exc:  # cut or corrupt tar, or a shard that cannot be opened
+            failure = str(exc)
+            batch["errors"].append(("", failure))
+        busy += time.perf_counter() - resumed
+        yield {**self._stack(batch), "last": True, "samples": samples, "failure": failure, "read_seconds": busy}
+
+    def _empty(self, shard: str) -> dict:
+        return {"shard": shard, "images": [], "keys": [], "kept": {n: [] for n in self.keep}, "errors": []}
+
+    def _stack(self, batch: dict) -> dict:
+        side = self.image_size
+        images = torch.stack(batch["images"]) if batch["images"] else torch.empty(0, 3, side, side, dtype=torch.uint8)
+        return {**batch, "images": images, "last": False}
+
+
+def encode(
+    shards: Sequence[str],
+    out: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    keep: Sequence[str] = (),
+    device: str = "auto",
+    precision: str = "fp32",
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> EncodeResult:
+    """Tokenize shards into the token dataset `out`, skipping shards an earlier run finished."""
+    started = time.perf_counter()
+    urls = expand_shards(shards)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torch_device = pick_device(device)
+    autocast_dtype = pick_precision(precision, torch_device)
+    model = VQVAE.from_pretrained(model_dir, device=torch_device).eval()
+    model.to(memory_format=torch.channels_last)  # the layout CPU (oneDNN) and GPU convolutions run fastest in
+    image_size = image_size or model.config.image_size
+    settings = TokenSettings(
+        model_id=model.model_id,
+        codebook_size=model.codebook_size,
+        grid=model.grid_size(image_size),
+        image_size=image_size,
+        preprocessing=PREPROCESSING,
+        keep=check_keep(keep),
+    )
+    store = TokenStore(out, settings)
+    mine = urls[rank::world_size]
+    store.open(urls, mine, overwrite=overwrite, tidy=rank == 0)
+    todo = [shard for shard in mine if not store.done(shard)]
+
+    result = EncodeResult(store.path, rank, world_size, shards=len(mine), skipped=len(mine) - len(todo))
+    progress = EncodeProgress(len(mine), len(mine) - len(todo), enabled=show_progress and rank == 0)
+    if todo:
+        loader = DataLoader(
+            ShardBatches(todo, image_size, batch_size, settings.keep),
+            batch_size=None,  # batches are made in the workers, one shard each
+            num_workers=min(num_workers, len(todo)),
+            pin_memory=torch_device.type == "cuda",
+            prefetch_factor=4 if num_workers else None,
+        )
+        with progress:
+            _run(loader, model, store, autocast_dtype, result, progress)
+    result.totals = store.finish(urls)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _run(loader, model: VQVAE, store: TokenStore, autocast_dtype, result: EncodeResult, progress) -> None:
+    writers = {}
+    encode_seconds: dict[str, float] = {}
+    try:
+        waited = time.perf_counter()
+        for batch in loader:
+            result.wait_seconds += time.perf_counter() - waited
+            shard = batch["shard"]
+            writer = writers.get(shard) or writers.setdefault(shard, store.writer(shard))
+            if len(batch["keys"]):
+                encoding = time.perf_counter()
+                codes = encode_images(model, batch["images"], autocast_dtype)
+                encode_seconds[shard] = encode_seconds.get(shard, 0.0) + time.perf_counter() - encoding
+                writer.add(batch["keys"], codes, batch["kept"])
+            writer.add_errors([tuple(error) for error in batch["errors"]])  # DataLoader hands tuples over as lists
+            result.images += len(batch["keys"])
+            result.errors += len(batch["errors"])
+            if batch["last"]:
+                seconds = {"read": round(batch["read_seconds"], 4), "encode": round(encode_seconds.pop(shard, 0.0), 4)}
+                status = "failed" if batch["failure"] else "done"
+                marker = writers.pop(shard).commit(
+                    {
+                        "status": status,
+                        "failure": batch["failure"],
+                        "samples": batch["samples"],
+                        "process": result.rank,
+                        "seconds": seconds,
+                    }
+                )
+                result.encode_seconds += seconds["encode"]
+                result.write_seconds += marker["seconds"]["write"]
+                result.decode_seconds += seconds["read"]
+                result.encoded += 1
+                if batch["failure"]:
+                    result.failed.append((shard, batch["failure"]))
+            progress.update(result)
+            waited = time.perf_counter()
+    finally:
+        for writer in writers.values():  # shards cut short by an exception: nothing of them becomes visible
+            writer.abort()
+
+
+def encode_images(model: VQVAE, images: torch.Tensor, autocast_dtype: torch.dtype | None = None):
+    """uint8 (B, 3, S, S) -> codes as a numpy array (B, h, w), in the smallest type that holds K."""
+    x = images.to(model.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    x = x.float().div_(255)  # (B, 3, S, S) in [0, 1], converted on the device: 4x less to copy
+    with torch.inference_mode(), torch.autocast(model.device.type, autocast_dtype, enabled=autocast_dtype is not None):
+        codes = model.encode(x)  # (B, h, w)
+    dtype = torch.int32 if model.codebook_size > 2**16 else torch.uint16
+    return codes.to(dtype).cpu().numpy()
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: this process's GPU (LOCAL_RANK under a launcher) when there is one, else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is available")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {name!r}")
+    dtype = PRECISIONS[name]
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
+    return dtype
+
+
+class EncodeProgress:
+    """A rich progress bar over this process's shards: images, errors, images/s and ETA; silent when disabled."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.started = time.perf_counter()
+        self.progress = Progress(
+            TextColumn("encode shards"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+        )
+        self.task = self.progress.add_task("encode", total=total, completed=done, status="")
+        self.done = done
+
+    def __enter__(self):
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def update(self, result: EncodeResult) -> None:
+        if self.enabled:
+            rate = result.images / max(1e-9, time.perf_counter() - self.started)
+            status = f"{result.images:,} images  {result.errors:,} errors  {rate:,.0f} img/s"
+            self.progress.update(self.task, completed=self.done + result.encoded, status=status)
