@@ -106,11 +106,25 @@ def test_rerun_skips_done_shards_and_refuses_other_settings(model_dir, shards, t
 
     refused = run_encode(*shards, out, "--model", model_dir, "--image-size", "32")
     assert refused.exit_code == 1
-    assert "other settings (grid (4, 4) -> (8, 8); image_size 16 -> 32)" in refused.output and "--overwrite" in refused.output
+    assert (
+        "other settings (grid (4, 4) -> (8, 8); image_size 16 -> 32)" in refused.output
+        and "--overwrite" in refused.output
+    )
     result = run_encode(shards[0], out, "--model", model_dir, "--image-size", "32", "--overwrite", "--num-workers", "0")
     assert result.exit_code == 0, result.output
     keys, codes = read_codes(out)
     assert len(keys) == 7 and codes.shape == (7, 8, 8)
+
+
+def test_bf16_codes_mostly_agree_with_fp32(model_dir, shards, tmp_path):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.parquet"
+        result = run_encode(*shards, out, "--model", model_dir, "--num-workers", "0", "--precision", precision)
+        assert result.exit_code == 0, result.output
+        runs[precision] = read_codes(out)
+    assert runs["fp32"][0] == runs["bf16"][0]
+    assert (runs["fp32"][1] == runs["bf16"][1]).mean() > 0.8
 
 
 @pytest.mark.parametrize(

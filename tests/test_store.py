@@ -7,6 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from vqtok.errors import StoreError
 from vqtok.store import (
@@ -150,3 +151,36 @@ def test_part_names_are_readable_and_unique():
     assert part_name("/data/train-000001.tar").startswith("part-train-000001-")
     assert part_name("/a/x.tar") != part_name("/b/x.tar")
     assert part_name("pipe:curl -s https://h/x y.tar").startswith("part-x_y-")
+
+
+def test_token_dataset_streams_every_row_once_across_ranks_and_workers(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from vqtok.tokens import TokenDataset
+
+    out = tmp_path / "t"
+    write(out, [f"{i}.tar" for i in range(5)], settings(keep=("txt",)))
+    keys, codes = read_codes(out)
+    expected = dict(zip(keys, codes, strict=True))
+    seen = []
+    for rank in range(2):
+        dataset = TokenDataset(out, columns=["txt"], shuffle=True, rank=rank, world_size=2)
+        for batch in DataLoader(dataset, batch_size=4, num_workers=2):
+            assert batch["codes"].dtype == torch.int64 and batch["codes"].shape[1:] == (4, 3)
+            for key, grid, txt in zip(batch["key"], batch["codes"], batch["txt"], strict=True):
+                assert np.array_equal(grid.numpy(), expected[key]) and key.endswith(f"/{txt}")
+                seen.append(key)
+    assert sorted(seen) == sorted(keys)
+
+
+def test_token_dataset_shuffles_anew_each_epoch(tmp_path):
+    from vqtok.tokens import TokenDataset
+
+    out = tmp_path / "t"
+    write(out, [f"{i}.tar" for i in range(5)])
+    dataset = TokenDataset(out, shuffle=True, seed=3)
+    first, again = [row["key"] for row in dataset], [row["key"] for row in dataset]
+    dataset.set_epoch(1)
+    second = [row["key"] for row in dataset]
+    assert first == again and first != second and sorted(first) == sorted(second) == sorted(read_codes(out)[0])
+    assert [row["key"] for row in TokenDataset(out)] == read_codes(out)[0]  # no shuffle: file order
