@@ -190,6 +190,7 @@ def main() -> None:
     print(f"{n} JPEGs ({sum(map(len, jpegs)) / n / 1024:.0f} KiB each) in {len(shards)} shards, {os.cpu_count()} cores")
 
     tokens = args.out / "tokens.parquet"
+
     def encode(out: Path, *options: str) -> list[str]:
         command = [sys.executable, "-m", "vqtok", "encode", *shards, str(out), "--model", model_dir]
         return [*command, "--image-size", str(SIZE), "--keep", "cls", *options]
