@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vqtok.data import expand_shards, iter_samples, sample_image
 from vqtok.errors import ConfigError, DataError
-from vqtok.model import VQVAE
+from vqtok.model import VQVAE, pick_device
+from vqtok.progress import ProgressBar
 from vqtok.store import TokenSettings, TokenStore, check_keep, parse_kept
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,7 +144,7 @@ def encode(
     todo = [shard for shard in mine if not store.done(shard)]
 
     result = EncodeResult(store.path, rank, world_size, shards=len(mine), skipped=len(mine) - len(todo))
-    progress = EncodeProgress(len(mine), len(mine) - len(todo), enabled=show_progress and rank == 0)
+    progress = ProgressBar("encode shards", len(mine), len(mine) - len(todo), enabled=show_progress and rank == 0)
     if todo:
         loader = DataLoader(
             ShardBatches(todo, image_size, batch_size, settings.keep),
@@ -153,13 +154,15 @@ def encode(
             prefetch_factor=4 if num_workers else None,
         )
         with progress:
-            _run(loader, model, store, autocast_dtype, result, progress)
+            _run(loader, model, store, autocast_dtype, result, progress, started)
     result.totals = store.finish(urls)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _run(loader, model: VQVAE, store: TokenStore, autocast_dtype, result: EncodeResult, progress) -> None:
+def _run(
+    loader, model: VQVAE, store: TokenStore, autocast_dtype, result: EncodeResult, progress, started: float
+) -> None:
     writers = {}
     encode_seconds: dict[str, float] = {}
     try:
@@ -194,7 +197,9 @@ def _run(loader, model: VQVAE, store: TokenStore, autocast_dtype, result: Encode
                 result.encoded += 1
                 if batch["failure"]:
                     result.failed.append((shard, batch["failure"]))
-            progress.update(result)
+            rate = result.images / (time.perf_counter() - started)
+            status = f"{result.images:,} images  {result.errors:,} errors  {rate:,.0f} img/s"
+            progress.update(result.skipped + result.encoded, status)
             waited = time.perf_counter()
     finally:
         for writer in writers.values():  # shards cut short by an exception: nothing of them becomes visible
@@ -211,15 +216,6 @@ def encode_images(model: VQVAE, images: torch.Tensor, autocast_dtype: torch.dtyp
     return codes.to(dtype).cpu().numpy()
 
 
-def pick_device(name: str) -> torch.device:
-    """auto: this process's GPU (LOCAL_RANK under a launcher) when there is one, else the CPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is available")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-
-
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {name!r}")
@@ -227,39 +223,3 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
     return dtype
-
-
-class EncodeProgress:
-    """A rich progress bar over this process's shards: images, errors, images/s and ETA; silent when disabled."""
-
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.started = time.perf_counter()
-        self.progress = Progress(
-            TextColumn("encode shards"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
-        )
-        self.task = self.progress.add_task("encode", total=total, completed=done, status="")
-        self.done = done
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.progress.stop()
-
-    def update(self, result: EncodeResult) -> None:
-        if self.enabled:
-            rate = result.images / max(1e-9, time.perf_counter() - self.started)
-            status = f"{result.images:,} images  {result.errors:,} errors  {rate:,.0f} img/s"
-            self.progress.update(self.task, completed=self.done + result.encoded, status=status)

@@ -233,6 +233,15 @@ class VQVAE(nn.Module):
         return model.to(device).eval()
 
 
+def pick_device(name: str) -> torch.device:
+    """auto: this process's GPU (LOCAL_RANK under a launcher) when there is one, else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is available")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+
+
 def read_model_header(directory: Path) -> dict:
     """config.json of a model directory, checked: the format version, model id and config are there."""
     if not directory.is_dir():

@@ -32,6 +32,7 @@ from vqtok.config import ModelConfig, TrainConfig
 from vqtok.data import expand_shards, make_loader
 from vqtok.errors import ConfigError
 from vqtok.model import VQVAE
+from vqtok.progress import ProgressBar
 from vqtok.quantize import perplexity
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
@@ -181,7 +182,7 @@ def fit(
         return metrics
 
     record({"split": "train", "step": start_step, "resumed_from": str(checkpoint[0]) if checkpoint else None})
-    progress = TrainProgress(cfg.steps, start_step, enabled=show_progress and accelerator.is_main_process)
+    progress = ProgressBar("fit", cfg.steps, start_step, enabled=show_progress and accelerator.is_main_process)
     sums = torch.zeros(3, device=accelerator.device)  # recon, vq, loss since the last log, kept on the device
     summed = 0  # micro-batches in sums
     images_seen, started = 0, time.perf_counter()
@@ -224,8 +225,11 @@ def fit(
                     "images_per_second": rate,
                 }
                 record(entry)
-                progress.show(entry)
-            progress.advance(step)
+                progress.update(
+                    status=f"recon {entry['recon_loss']:.4f}  vq {entry['vq_loss']:.4f}  usage {entry['usage']:.0%}  "
+                    f"{entry['images_per_second']:.0f} img/s"
+                )
+            progress.update(step)
 
             if step % cfg.save_every == 0 and step < cfg.steps:
                 save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
@@ -331,43 +335,3 @@ def save_sample_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) 
     pixels = (rows * 255).round().byte().permute(1, 2, 0).numpy()  # (2H, n*W, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
-
-
-class TrainProgress:
-    """A rich progress bar with the step, loss parts, usage, images/s and ETA; silent when disabled."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("fit"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
-        )
-        self.task = self.progress.add_task("fit", total=total, completed=start, status="")
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.progress.stop()
-
-    def advance(self, step: int) -> None:
-        if self.enabled:
-            self.progress.update(self.task, completed=step)
-
-    def show(self, entry: dict) -> None:
-        if self.enabled:
-            status = (
-                f"recon {entry['recon_loss']:.4f}  vq {entry['vq_loss']:.4f}  usage {entry['usage']:.0%}  "
-                f"{entry['images_per_second']:.0f} img/s"
-            )
-            self.progress.update(self.task, status=status)
