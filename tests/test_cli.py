@@ -23,7 +23,9 @@ def test_info_reports_a_model(tmp_path):
     assert table.exit_code == 0 and model.model_id in table.output
 
 
-def test_info_on_a_folder_that_is_not_a_model_is_one_clear_line(tmp_path):
+def test_info_on_a_folder_that_is_neither_is_one_clear_line(tmp_path):
     result = CliRunner().invoke(cli, ["info", str(tmp_path)])
     assert result.exit_code == 1
-    assert result.output.strip() == f"Error: {tmp_path} is not a vqtok model directory: config.json is missing"
+    assert result.output.strip() == (
+        f"Error: {tmp_path} is neither a model directory (no config.json) nor a token dataset (no .parquet files)"
+    )

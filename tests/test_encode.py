@@ -15,21 +15,10 @@ import torch
 from click.testing import CliRunner
 from conftest import bad_samples, broken_copy, free_port, image_samples
 
-from vqtok import VQVAE, ModelConfig
+from vqtok import VQVAE
 from vqtok.cli import cli
 from vqtok.data import center_crop, decode_image, to_tensor
 from vqtok.store import STATS_DIR, SUCCESS_NAME, part_name, read_codes, read_errors, read_metadata
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A small untrained model whose codebook is spread over its encoder's outputs, so codes vary."""
-    torch.manual_seed(0)
-    model = VQVAE(ModelConfig(hidden_channels=8, codebook_size=32, code_dim=4, image_size=16))
-    with torch.no_grad():
-        z = model.encoder(torch.rand(8, 3, 16, 16) * 2 - 1)  # (8, D, 4, 4)
-        model.quantizer.codebook.copy_(z.permute(0, 2, 3, 1).reshape(-1, 4)[torch.randperm(128)[:32]])
-    return str(model.save_pretrained(tmp_path_factory.mktemp("model") / "model"))
 
 
 @pytest.fixture

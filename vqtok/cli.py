@@ -46,31 +46,31 @@ def cli():
 
 
 @cli.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 @user_errors
 def info(path, as_json):
-    """What a model directory holds: its settings, size, code grid and model id.
+    """What a model directory or a token dataset holds.
+
+    A model: its settings, parameter count, K, D, grid size per image size and
+    model id. Tokens (a folder written by `vqtok encode`, or one Parquet file):
+    rows, shards, errors, grid, K, model id, codebook usage and perplexity,
+    bits per code and bytes on disk per image, and whether the run finished.
 
     \b
-    Example:
+    Examples:
         vqtok info runs/x/model
+        vqtok info tokens.parquet --json
     """
-    from vqtok.model import VQVAE
+    from pathlib import Path
 
-    model = VQVAE.from_pretrained(path)
-    config = model.config
-    grid = model.grid_size(config.image_size)
-    summary = {
-        "path": path,
-        "model_id": model.model_id,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "codebook_size": config.codebook_size,
-        "code_dim": config.code_dim,
-        "image_size": config.image_size,
-        "grid": list(grid),
-        "config": config.to_dict(),
-    }
+    if (Path(path) / "config.json").exists():
+        summary, rows = model_summary(path)
+    else:
+        from vqtok.store import summarize
+
+        summary = summarize(path)
+        rows = token_rows(summary)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -78,16 +78,60 @@ def info(path, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"model {path}", show_header=False)
-    table.add_row("model id", summary["model_id"])
-    table.add_row("parameters", f"{summary['parameters']:,}")
-    table.add_row("codebook", f"K = {config.codebook_size}, D = {config.code_dim}")
+    table = Table(title=path, show_header=False)
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+def model_summary(path: str) -> tuple[dict, list[tuple[str, str]]]:
+    from vqtok.model import VQVAE
+
+    model = VQVAE.from_pretrained(path)
+    config = model.config
+    summary = {
+        "path": path,
+        "model_id": model.model_id,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "codebook_size": config.codebook_size,
+        "code_dim": config.code_dim,
+        "image_size": config.image_size,
+        "grid": list(model.grid_size(config.image_size)),
+        "config": config.to_dict(),
+    }
+    rows = [
+        ("model id", summary["model_id"]),
+        ("parameters", f"{summary['parameters']:,}"),
+        ("codebook", f"K = {config.codebook_size}, D = {config.code_dim}"),
+    ]
     for size in sorted({config.image_size, 64, 128, 256}):
         h, w = model.grid_size(size)
-        table.add_row(f"grid at {size}x{size}", f"{h}x{w} codes")
-    for name, value in config.to_dict().items():
-        table.add_row(name, str(value))
-    Console().print(table)
+        rows.append((f"grid at {size}x{size}", f"{h}x{w} codes"))
+    rows += [(name, str(value)) for name, value in config.to_dict().items()]
+    return summary, rows
+
+
+def token_rows(s: dict) -> list[tuple[str, str]]:
+    def known(value, text):
+        return "unknown" if value is None else text
+
+    rows = [
+        ("rows", f"{s['rows']:,} in {s['files']} file(s)"),
+        ("shards", known(s["shards"], f"{s['shards']}")),
+        ("errors", known(s["errors"], f"{s['errors']:,}")),
+        ("grid", known(s["grid"], f"{s['grid'][0]}x{s['grid'][1]}" if s["grid"] else "")),
+        ("image size", known(s["image_size"], f"{s['image_size']}")),
+        ("codebook", f"K = {s['codebook_size']}"),
+        ("model id", known(s["model_id"], f"{s['model_id']}")),
+        ("codebook usage", known(s["usage"], f"{s['codes_used']} codes, {s['usage']:.1%}" if s["usage"] else "")),
+        ("perplexity", f"{s['perplexity']:.1f}"),
+        ("bits per code", f"{s['bits_per_code']:.3f} (entropy)"),
+        ("bytes per image", known(s["bytes_per_image"], f"{s['bytes_per_image']:,.1f} on disk")),
+        ("complete", known(s["complete"], "yes (_SUCCESS)" if s["complete"] else "no: rerun vqtok encode to finish")),
+    ]
+    if s["failed_shards"]:
+        rows.append(("failed shards", ", ".join(s["failed_shards"])))
+    return rows
 
 
 def override(name: str, config_class, *flags, **kwargs):
@@ -214,6 +258,50 @@ def print_encode_summary(result) -> None:
         totals = result.totals
         table.add_row("dataset", f"{totals['rows']:,} rows, {totals['errors']:,} errors in {totals['shards']} shards")
     Console().print(table)
+
+
+@cli.command()
+@click.argument("tokens", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Model dir.")
+@click.option(
+    "--format",
+    "format_",
+    default="png",
+    show_default=True,
+    type=click.Choice(["png", "wds"]),
+    help="One PNG per row named after its key, or WebDataset shards of KEY.png and the carried fields.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Decode only the first N rows.")
+@click.option("--keys", help="Decode only these keys, comma-separated.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Grids per batch.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--force", is_flag=True, help="Decode codes made by another model with the same K and grid.")
+@user_errors
+def decode(tokens, out, model_dir, format_, keys, **options):
+    """Turn code grids back into images.
+
+    TOKENS is a token dataset written by `vqtok encode`, one of its Parquet
+    files, or any Parquet file with `key` and `codes` columns of (h, w) grids,
+    such as a prior's samples. Keys become file names inside OUT, never
+    outside it.
+
+    \b
+    Examples:
+        vqtok decode tokens.parquet decoded/ --model runs/x/model --limit 100
+        vqtok decode samples.parquet decoded/ --model runs/x/model --format wds
+    """
+    from vqtok.decode import decode as decode_tokens
+
+    wanted = [k for k in keys.split(",") if k] if keys else None
+    result = decode_tokens(tokens, out, model_dir, format=format_, keys=wanted, **options)
+    what = f"{result.files} PNG files" if format_ == "png" else f"{result.files} WebDataset shard(s)"
+    click.echo(
+        f"decoded {result.images:,} images into {what} under {result.out} in {result.seconds:.1f} s "
+        f"({result.images_per_second:,.1f} images/s)"
+    )
+    if result.renamed:
+        click.echo(f"{result.renamed} key(s) mapped to a name another key had taken; written with a ~hash suffix")
 
 
 def main():

@@ -166,7 +166,7 @@ def codes_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         raise StoreError(f"codes must be (h, w) grids of integers, got {column.type}")
     if array.null_count:
         raise StoreError("codes grids hold nulls")
-    return np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64).reshape(n, *shape)
+    return np.array(array.to_numpy(zero_copy_only=False), dtype=np.int64).reshape(n, *shape)  # a writable copy
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -434,3 +434,52 @@ def code_entropy(counts: np.ndarray) -> float:
     """Order-0 entropy in bits per code of a histogram of codes."""
     p = counts[counts > 0] / max(1, counts.sum())
     return float(-(p * np.log2(p)).sum()) if len(p) else 0.0
+
+
+def summarize(path: str | os.PathLike) -> dict:
+    """What a token dataset or Parquet file of codes holds: rows, shards, errors, grid, K, model id, codebook
+    usage and perplexity, bits per code (order-0 entropy), bytes on disk per image, whether it is complete."""
+    path = Path(path)
+    files = part_files(path)
+    if path.is_dir() and not files and not (path / SETTINGS_NAME).exists():
+        raise StoreError(f"{path} is neither a model directory (no config.json) nor a token dataset (no .parquet files)")
+    meta = read_metadata(path) or {}
+    counts = np.zeros(meta.get("codebook_size", 0), dtype=np.int64)
+    rows, grid, shards = 0, None, set()
+    for file, group in row_groups(path):
+        has_shard = "shard" in pq.read_schema(file).names
+        table = read_row_group(file, group, ["shard"] if has_shard else [])
+        codes = codes_array(table.column("codes"))
+        if len(codes):
+            if codes.min() < 0:
+                raise StoreError(f"{file}: codes hold negative values")
+            grid = list(codes.shape[1:])
+            histogram = np.bincount(codes.ravel())
+            if len(histogram) > len(counts):  # no K in the metadata: the largest code seen sets it
+                counts = np.pad(counts, (0, len(histogram) - len(counts)))
+            counts[: len(histogram)] += histogram
+        rows += len(codes)
+        if has_shard:
+            shards.update(table.column("shard").unique().to_pylist())
+    K = meta.get("codebook_size") or len(counts)
+    entropy = code_entropy(counts)
+    markers = [json.loads(p.read_text()) for p in (path / STATS_DIR).glob("part-*.json")] if path.is_dir() else []
+    return {
+        "path": str(path),
+        "rows": rows,
+        "files": len(files),
+        "shards": len(shards) if shards else None,
+        "errors": len(read_errors(path)) if path.is_dir() else None,
+        "failed_shards": [m["shard"] for m in markers if m.get("status") == "failed"],
+        "grid": grid or meta.get("grid"),
+        "codebook_size": K,
+        "model_id": meta.get("model_id"),
+        "image_size": meta.get("image_size"),
+        "codes_used": int((counts > 0).sum()),
+        "usage": float((counts > 0).sum() / K) if K else None,
+        "perplexity": float(2**entropy),
+        "bits_per_code": entropy,
+        "bytes_per_image": sum(f.stat().st_size for f in files) / rows if rows else None,
+        "complete": (path / SUCCESS_NAME).exists() if path.is_dir() else None,
+        "vqtok_version": meta.get("vqtok_version"),
+    }

@@ -1,0 +1,199 @@
+"""vqtok decode and vqtok info on token datasets: images equal the model's, refusals, hostile keys, formats."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import image_samples
+from PIL import Image
+
+from vqtok import VQVAE, ModelConfig
+from vqtok.cli import cli
+from vqtok.decode import key_path
+from vqtok.store import TokenSettings, TokenStore, read_codes
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [*map(str, args)])
+
+
+@pytest.fixture
+def tokens(model_dir, make_shard, tmp_path):
+    shards = [make_shard(f"d-{i}.tar", image_samples([f"d{i}/img-{j}" for j in range(5)], seed=i)) for i in range(2)]
+    out = tmp_path / "tokens.parquet"
+    result = invoke("encode", *shards, out, "--model", model_dir, "--num-workers", "0", "--keep", "cls")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def expected_pixels(model_dir, codes: np.ndarray) -> np.ndarray:
+    images = VQVAE.from_pretrained(model_dir).decode(torch.from_numpy(codes))
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_decoded_pngs_equal_model_decode(model_dir, tokens, tmp_path):
+    out = tmp_path / "images"
+    result = invoke("decode", tokens, out, "--model", model_dir, "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    assert "decoded 10 images into 10 PNG files" in result.output
+    keys, codes = read_codes(tokens)
+    expected = expected_pixels(model_dir, codes)
+    for key, pixels in zip(keys, expected, strict=True):
+        assert np.array_equal(np.asarray(Image.open(out / f"{key}.png")), pixels), key  # d0/img-0 keeps its folder
+    assert sorted(p.name for p in out.iterdir()) == ["d0", "d1"]
+
+
+def test_limit_and_keys_choose_rows(model_dir, tokens, tmp_path):
+    assert invoke("decode", tokens, tmp_path / "a", "--model", model_dir, "--limit", "3").exit_code == 0
+    assert len(list((tmp_path / "a").rglob("*.png"))) == 3
+    result = invoke("decode", tokens, tmp_path / "b", "--model", model_dir, "--keys", "d1/img-4,d0/img-2")
+    assert result.exit_code == 0, result.output
+    assert sorted(str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").rglob("*.png")) == [
+        "d0/img-2.png",
+        "d1/img-4.png",
+    ]
+    missing = invoke("decode", tokens, tmp_path / "c", "--model", model_dir, "--keys", "d0/img-2,nope")
+    assert missing.exit_code == 1 and "1 key(s) not in the tokens: nope" in missing.output
+
+
+def other_model(tmp_path, name, **config):
+    torch.manual_seed(1)
+    base = {"hidden_channels": 8, "codebook_size": 32, "code_dim": 4, "image_size": 16}
+    return str(VQVAE(ModelConfig(**{**base, **config})).save_pretrained(tmp_path / name))
+
+
+def test_codes_of_another_model_are_refused(model_dir, tokens, tmp_path):
+    same_shape = other_model(tmp_path, "same-shape")
+    result = invoke("decode", tokens, tmp_path / "x", "--model", same_shape)
+    assert result.exit_code == 1 and "were made by model" in result.output and "--force" in result.output
+    assert not (tmp_path / "x").exists()
+    forced = invoke("decode", tokens, tmp_path / "x", "--model", same_shape, "--force")
+    assert forced.exit_code == 0, forced.output
+
+    bigger_codebook = other_model(tmp_path, "k64", codebook_size=64)
+    result = invoke("decode", tokens, tmp_path / "y", "--model", bigger_codebook, "--force")
+    assert result.exit_code == 1 and "codebook of 32 entries; this model has 64" in result.output
+    other_grid = other_model(tmp_path, "stride8", num_downsamples=3)
+    result = invoke("decode", tokens, tmp_path / "z", "--model", other_grid, "--force")
+    assert result.exit_code == 1 and "4x4 grids of 16px images; this model makes 2x2" in result.output
+
+
+def write_prior_samples(path, keys, codes):
+    """A Parquet file as a prior's sampler would write it: key and codes only, no vqtok metadata."""
+    pd.DataFrame({"key": keys, "codes": [[list(row) for row in grid] for grid in codes]}).to_parquet(path)
+    return path
+
+
+def test_a_code_out_of_range_is_refused_naming_its_key(model_dir, tmp_path):
+    codes = np.zeros((3, 4, 4), dtype=np.int64)
+    codes[2, 1, 1] = 32
+    samples = write_prior_samples(tmp_path / "s.parquet", ["a", "b", "c"], codes)
+    result = invoke("decode", samples, tmp_path / "out", "--model", model_dir)
+    assert result.exit_code == 1 and "key 'c' holds code 32, outside [0, 32)" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (pd.DataFrame({"key": ["a"], "grid": [[[1]]]}), "no 'codes' column"),
+        (pd.DataFrame({"key": ["a"], "codes": [[1, 2, 3]]}), r"\(h, w\) grids of integers"),
+        (pd.DataFrame({"key": ["a"], "codes": [[[[1]]]]}), r"\(h, w\) grids of integers"),
+    ],
+    ids=["no codes column", "rank 1", "rank 3"],
+)
+def test_files_without_grids_are_refused(model_dir, tmp_path, frame, message):
+    frame.to_parquet(tmp_path / "bad.parquet")
+    result = invoke("decode", tmp_path / "bad.parquet", tmp_path / "out", "--model", model_dir)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert pytest.importorskip("re").search(message, result.output), result.output
+
+
+def test_hostile_keys_never_write_outside_out(model_dir, tmp_path):
+    keys = ["../../escape", "/abs/path", "a/../../b", "dir/name", "a//b", "a/b", ".", "..", "", "x\x00y", "%2E%2E"]
+    codes = np.random.default_rng(0).integers(0, 32, (len(keys), 4, 4))
+    samples = write_prior_samples(tmp_path / "samples.parquet", keys, codes)
+    out = tmp_path / "deep" / "out"
+    before = set(tmp_path.rglob("*"))
+    result = invoke("decode", samples, out, "--model", model_dir)
+    assert result.exit_code == 0, result.output
+    written = set(tmp_path.rglob("*")) - before
+    outside = [p for p in written if out not in p.parents and p != out and p != out.parent]
+    assert outside == []
+    pngs = sorted(p for p in written if p.suffix == ".png")
+    assert len(pngs) == len(keys)  # no two keys share a file
+    assert (out / "dir" / "name.png").exists() and (out / "abs" / "path.png").exists()
+    assert "key(s) mapped to a name another key had taken" in result.output
+    assert all(".." not in p.relative_to(out).parts for p in pngs)
+
+
+def test_key_path_keeps_folders_and_escapes_the_rest():
+    assert str(key_path("dir/sub/name")) == "dir/sub/name"
+    assert str(key_path("../../x")) == "%2E%2E/%2E%2E/x"
+    assert str(key_path("/abs//x/./y")) == "abs/x/y"
+    assert str(key_path("50%\\a")) == "50%25%5Ca"
+    assert len(str(key_path("n" * 1000))) < 220
+
+
+def test_wds_output_reads_back_with_webdataset(model_dir, tokens, tmp_path):
+    import webdataset
+
+    out = tmp_path / "wds"
+    result = invoke("decode", tokens, out, "--model", model_dir, "--format", "wds")
+    assert result.exit_code == 0, result.output
+    keys, codes = read_codes(tokens)
+    expected = dict(zip(keys, expected_pixels(model_dir, codes), strict=True))
+    samples = list(webdataset.WebDataset(str(out / "decoded-000000.tar"), shardshuffle=False).decode("rgb8"))
+    assert sorted(s["__key__"] for s in samples) == sorted(keys)
+    for sample in samples:
+        assert np.array_equal(sample["png"], expected[sample["__key__"]])
+        assert int(sample["cls"]) == int(sample["__key__"].rsplit("-", 1)[1])
+
+
+def test_single_parquet_file_with_key_and_codes_only(model_dir, tmp_path):
+    codes = np.random.default_rng(1).integers(0, 32, (4, 4, 4))
+    samples = write_prior_samples(tmp_path / "samples.parquet", ["s0", "s1", "s2", "s3"], codes)
+    result = invoke("decode", samples, tmp_path / "out", "--model", model_dir)
+    assert result.exit_code == 0, result.output
+    expected = expected_pixels(model_dir, codes)
+    for i in range(4):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / f"s{i}.png")), expected[i])
+
+
+def test_info_reports_a_token_dataset(tmp_path):
+    settings = TokenSettings("m1", codebook_size=8, grid=(2, 2), image_size=8, preprocessing="crop")
+    store = TokenStore(tmp_path / "t", settings)
+    store.open(["a.tar", "b.tar"], ["a.tar", "b.tar"])
+    codes = np.array([[[0, 1], [2, 3]], [[0, 0], [1, 1]], [[0, 0], [0, 0]], [[1, 1], [1, 1]]])  # codes 0-3 of 8
+    for shard, rows in (("a.tar", codes[:3]), ("b.tar", codes[3:])):
+        writer = store.writer(shard)
+        writer.add([f"{shard}-{i}" for i in range(len(rows))], rows)
+        writer.add_errors([("bad", "not an image")])
+        writer.commit({"status": "done"})
+    result = invoke("info", tmp_path / "t", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    counts = np.bincount(codes.ravel(), minlength=8)  # 0: 7, 1: 7, 2: 1, 3: 1 of 16
+    p = counts[counts > 0] / 16
+    entropy = -(p * np.log2(p)).sum()
+    assert (info["rows"], info["shards"], info["errors"], info["grid"]) == (4, 2, 2, [2, 2])
+    assert (info["codebook_size"], info["model_id"], info["codes_used"], info["usage"]) == (8, "m1", 4, 0.5)
+    assert info["bits_per_code"] == pytest.approx(entropy) and info["perplexity"] == pytest.approx(2**entropy)
+    data_bytes = sum(f.stat().st_size for f in (tmp_path / "t").glob("part-*.parquet"))
+    assert info["bytes_per_image"] == pytest.approx(data_bytes / 4)
+    assert info["complete"] is False  # finish() was never called: no _SUCCESS
+    store.finish(["a.tar", "b.tar"])
+    table = invoke("info", tmp_path / "t")
+    assert table.exit_code == 0 and "yes (_SUCCESS)" in table.output and "50.0%" in table.output
+
+
+def test_decode_writes_nothing_half_done(model_dir, tokens, tmp_path):
+    out = tmp_path / "images"
+    assert invoke("decode", tokens, out, "--model", model_dir).exit_code == 0
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+    assert all(os.path.getsize(p) > 0 for p in out.rglob("*.png"))

@@ -1,0 +1,273 @@
+"""Token dataset -> images: the decoder behind `vqtok decode`.
+
+Reads a token dataset written by `vqtok encode`, one of its Parquet files, or any Parquet file with a `key`
+and a `codes` column of (h, w) grids (what a prior samples). Everything is checked before the first image is
+written: that the codes were made by this model, that every code lies in [0, K), that the keys asked for
+exist. Keys are data from strangers: they become file names only through `key_path`, which keeps every file
+inside the output folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from vqtok.errors import ConfigError, StoreError
+from vqtok.model import VQVAE, pick_device
+from vqtok.progress import ProgressBar
+from vqtok.store import RESERVED_COLUMNS, codes_array, read_metadata, read_row_group, row_groups
+
+FORMATS = ("png", "wds")
+WDS_SHARD_SAMPLES = 10_000
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f%\\]")  # control characters, and % and \ so the escaping is unambiguous
+
+
+@dataclass
+class DecodeResult:
+    out: Path
+    images: int = 0
+    renamed: int = 0  # keys whose file name another key had taken, written under a longer name
+    files: int = 0  # PNG files, or tar shards with --format wds
+    seconds: float = 0.0
+    decode_seconds: float = 0.0  # the model
+    write_seconds: float = 0.0  # the main process waiting for PNG encoding and writing
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def key_path(key: str) -> PurePosixPath:
+    """A key -> a relative path that stays inside the folder it is joined to, keeping the key's sub-folders.
+
+    `/` separates folders; empty and `.` parts are dropped, `..` and characters a path should not hold are
+    %-escaped (so `../../x` becomes `%2E%2E/%2E%2E/x`), and over-long names are shortened with a hash.
+    """
+    parts = []
+    for part in key.split("/"):
+        if part in ("", "."):
+            continue
+        part = "%2E%2E" if part == ".." else _UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", part)
+        if len(part.encode()) > 200:  # file systems stop at 255 bytes; room for a suffix and extension
+            part = part.encode()[:180].decode(errors="ignore") + "~" + hashlib.sha256(part.encode()).hexdigest()[:12]
+        parts.append(part)
+    return PurePosixPath(*parts) if parts else PurePosixPath("%00")
+
+
+def decode(
+    tokens: str | os.PathLike,
+    out: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    *,
+    format: str = "png",
+    limit: int | None = None,
+    keys: Sequence[str] | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    force: bool = False,
+    show_progress: bool = True,
+) -> DecodeResult:
+    """Decode the code grids of `tokens` into PNGs (or WebDataset shards) under `out`."""
+    if format not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    started = time.perf_counter()
+    model = VQVAE.from_pretrained(model_dir, device=pick_device(device))
+    model.to(memory_format=torch.channels_last)
+    units = row_groups(tokens)
+    if not units:
+        raise StoreError(f"{tokens}: no Parquet data files")
+    check_model(read_metadata(tokens), model, force)
+    carried = _carried_columns(units[0][0]) if format == "wds" else []
+    selection = select_rows(units, model.codebook_size, keys, limit)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = DecodeResult(out)
+    progress = ProgressBar("decode", sum(len(rows) for rows in selection.values()), enabled=show_progress)
+    writer = PngWriter(out) if format == "png" else WdsWriter(out)
+    with progress, writer:
+        for table in _batches(units, selection, carried, batch_size):
+            decoding = time.perf_counter()
+            codes = torch.from_numpy(codes_array(table.column("codes")))
+            images = model.decode(codes)  # (B, 3, H, W) in [0, 1]
+            pixels = images.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+            result.decode_seconds += time.perf_counter() - decoding
+            extra = {name: table.column(name).to_pylist() for name in carried}
+            writer.write(table.column("key").to_pylist(), pixels, extra)
+            result.images += len(pixels)
+            progress.update(result.images, f"{result.images / (time.perf_counter() - started):,.0f} img/s")
+    result.renamed, result.files, result.write_seconds = writer.renamed, writer.files, writer.wait_seconds
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def check_model(meta: dict | None, model: VQVAE, force: bool) -> None:
+    """Refuse codes that another model made; a file without vqtok metadata (a prior's samples) passes."""
+    if meta is None:
+        return
+    K = meta.get("codebook_size")
+    if K != model.codebook_size:
+        raise StoreError(f"the codes are indices into a codebook of {K} entries; this model has {model.codebook_size}")
+    grid, size = meta.get("grid"), meta.get("image_size")
+    if grid is not None and size is not None and list(model.grid_size(size)) != list(grid):
+        raise StoreError(
+            f"the codes are {grid[0]}x{grid[1]} grids of {size}px images; this model makes "
+            f"{'x'.join(map(str, model.grid_size(size)))} grids at that size"
+        )
+    if meta.get("model_id") != model.model_id and not force:
+        raise StoreError(
+            f"the codes were made by model {meta.get('model_id')}, not by this one ({model.model_id}); "
+            "--force decodes them anyway"
+        )
+
+
+def select_rows(units, codebook_size: int, keys: Sequence[str] | None, limit: int | None) -> dict[int, np.ndarray]:
+    """Unit index -> the row numbers to decode in it; raises StoreError for a code out of range or a
+    missing key, before anything is written."""
+    wanted = set(keys) if keys is not None else None
+    found: set[str] = set()
+    selection, total = {}, 0
+    for i, (file, group) in enumerate(units):
+        if limit is not None and total >= limit:
+            break
+        table = read_row_group(file, group)
+        group_keys = table.column("key").to_pylist()
+        rows = np.arange(len(group_keys)) if wanted is None else np.flatnonzero([k in wanted for k in group_keys])
+        if limit is not None:
+            rows = rows[: limit - total]
+        if not len(rows):
+            continue
+        codes = codes_array(table.column("codes").take(pa.array(rows)))
+        bad = np.flatnonzero(((codes < 0) | (codes >= codebook_size)).reshape(len(rows), -1).any(axis=1))
+        if len(bad):
+            row = int(rows[bad[0]])
+            value = codes[bad[0]][(codes[bad[0]] < 0) | (codes[bad[0]] >= codebook_size)][0]
+            raise StoreError(f"{file}: key {group_keys[row]!r} holds code {value}, outside [0, {codebook_size})")
+        found.update(group_keys[r] for r in rows)
+        selection[i] = rows
+        total += len(rows)
+    if wanted is not None and wanted - found:
+        missing = sorted(wanted - found)
+        raise StoreError(f"{len(missing)} key(s) not in the tokens: {', '.join(missing[:5])}")
+    return selection
+
+
+def _carried_columns(file: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [name for name in pq.read_schema(file).names if name not in RESERVED_COLUMNS]
+
+
+def _batches(units, selection: dict[int, np.ndarray], columns: list[str], batch_size: int) -> Iterator[pa.Table]:
+    for i, rows in selection.items():
+        file, group = units[i]
+        table = read_row_group(file, group, columns).take(pa.array(rows))
+        for start in range(0, table.num_rows, batch_size):
+            yield table.slice(start, batch_size)
+
+
+class PngWriter:
+    """PNG files named after their keys, encoded and written by a thread pool (zlib and file I/O release the
+    GIL) while the model decodes the next batch. A file is written under a temporary name and renamed."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.root = os.path.realpath(out)
+        self.taken: set[PurePosixPath] = set()
+        self.renamed = self.files = 0
+        self.wait_seconds = 0.0
+        self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+        self.pending: list[Future] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._wait(0)
+        self.pool.shutdown()
+
+    def write(self, keys: list[str], pixels: np.ndarray, extra: dict) -> None:
+        for key, image in zip(keys, pixels, strict=True):
+            path = self._path_for(key)
+            self.pending.append(self.pool.submit(_write_png, path, image))
+        self._wait(4 * len(keys))  # keep a few batches in flight: memory stays bounded
+
+    def _path_for(self, key: str) -> Path:
+        relative = key_path(key)
+        if relative in self.taken:  # another key already maps here: keep both, this one under a longer name
+            relative = relative.with_name(f"{relative.name}~{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+            self.renamed += 1
+        self.taken.add(relative)
+        path = self.out / f"{relative}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A folder inside out that is a symbolic link could still lead elsewhere.
+        if os.path.commonpath([self.root, os.path.realpath(path.parent)]) != self.root:
+            raise StoreError(f"key {key!r} leads outside {self.out} through a symbolic link")
+        self.files += 1
+        return path
+
+    def _wait(self, keep: int) -> None:
+        started = time.perf_counter()
+        while len(self.pending) > keep:
+            self.pending.pop(0).result()
+        self.wait_seconds += time.perf_counter() - started
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(pixels).save(temporary, "PNG", compress_level=1)  # level 1: 3-4x faster, a few % larger
+    os.replace(temporary, path)
+
+
+class WdsWriter:
+    """WebDataset shards `decoded-NNNNNN.tar` of KEY.png plus the carried fields, keys made safe as for PNGs."""
+
+    def __init__(self, out: Path) -> None:
+        import webdataset
+
+        self.writer = webdataset.ShardWriter(str(out / "decoded-%06d.tar"), maxcount=WDS_SHARD_SAMPLES, verbose=0)
+        self.taken: set[str] = set()
+        self.renamed = self.written = 0
+        self.wait_seconds = 0.0
+
+    @property
+    def files(self) -> int:
+        return -(-self.written // WDS_SHARD_SAMPLES)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+
+    def write(self, keys: list[str], pixels: np.ndarray, extra: dict) -> None:
+        import io
+
+        from PIL import Image
+
+        started = time.perf_counter()
+        for i, (key, image) in enumerate(zip(keys, pixels, strict=True)):
+            name = str(key_path(key))
+            if name in self.taken:
+                name = f"{name}~{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+                self.renamed += 1
+            self.taken.add(name)
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, "PNG", compress_level=1)
+            sample = {"__key__": name, "png": buffer.getvalue()}
+            sample.update({field: str(values[i]) for field, values in extra.items() if values[i] is not None})
+            self.writer.write(sample)
+            self.written += 1
+        self.wait_seconds += time.perf_counter() - started
