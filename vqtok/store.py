@@ -442,7 +442,9 @@ def summarize(path: str | os.PathLike) -> dict:
     path = Path(path)
     files = part_files(path)
     if path.is_dir() and not files and not (path / SETTINGS_NAME).exists():
-        raise StoreError(f"{path} is neither a model directory (no config.json) nor a token dataset (no .parquet files)")
+        raise StoreError(
+            f"{path} is neither a model directory (no config.json) nor a token dataset (no .parquet files)"
+        )
     meta = read_metadata(path) or {}
     counts = np.zeros(meta.get("codebook_size", 0), dtype=np.int64)
     rows, grid, shards = 0, None, set()
