@@ -1,0 +1,46 @@
+"""vqtok demo: the whole loop on scikit-image's photographs, here with a handful of steps."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from vqtok.cli import cli
+from vqtok.demo import HELD_OUT_PHOTOS, HELD_OUT_SIZE, MARKER
+from vqtok.store import read_codes
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_demo_runs_the_whole_loop(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--steps", "10"])
+    assert result.exit_code == 0, result.output
+    for stage in ("fit", "encode", "decode"):
+        assert stage in result.output
+    assert "held-out photographs at 128x128: PSNR" in result.output
+
+    keys, codes = read_codes(out / "tokens.parquet")
+    assert codes.shape[1:] == (32, 32) and len(keys) == len(list((out / "decoded").glob("*.png")))
+    picture = np.asarray(Image.open(out / "reconstructions.png"))
+    assert picture.shape == (2 * HELD_OUT_SIZE, len(HELD_OUT_PHOTOS) * HELD_OUT_SIZE, 3)
+    assert (out / "run" / "model" / "config.json").exists()
+
+    again = CliRunner().invoke(cli, ["demo", "--out", str(out), "--steps", "2"])  # its own folder: replaced
+    assert again.exit_code == 0, again.output
+    assert (out / MARKER).exists()
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--steps", "2"])
+    assert result.exit_code == 1 and "not made by vqtok demo" in result.output
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
