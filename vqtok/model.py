@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +20,7 @@ from torch import nn
 from vqtok import __version__
 from vqtok.config import ModelConfig
 from vqtok.errors import ConfigError, ModelFormatError
+from vqtok.files import write_atomically
 from vqtok.quantize import VectorQuantizer
 
 FORMAT_VERSION = 1
@@ -190,8 +190,8 @@ class VQVAE(nn.Module):
             "config": self.config.to_dict(),
         }
         # Written under temporary names and renamed, so a crash never leaves half a model.
-        _write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-        _write_atomically(
+        write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
+        write_atomically(
             directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(header, indent=2) + "\n")
         )
         return directory
@@ -274,14 +274,3 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

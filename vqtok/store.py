@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from vqtok import __version__
 from vqtok.errors import StoreError
+from vqtok.files import sync, write_atomically
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"vqtok"
@@ -179,21 +180,8 @@ def part_name(shard: str) -> str:
     return f"part-{stem}-{hashlib.sha256(shard.encode()).hexdigest()[:8]}"
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """write(temporary path), flush it to disk, then rename it to path: readers see all of it or nothing."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-
-
 def _write_json(path: Path, data: dict) -> None:
-    _replace_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    write_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 class TokenStore:
@@ -330,14 +318,13 @@ class ShardWriter:
         started = time.perf_counter()
         self._flush()
         self._writer.close()
-        with open(self._temporary, "rb+") as f:
-            os.fsync(f.fileno())
+        sync(self._temporary)
         errors = pa.table(
             [[k for k, _ in self._errors], [self.shard] * len(self._errors), [r for _, r in self._errors]],
             schema=ERRORS_SCHEMA,
         )
         store = self.store
-        _replace_atomically(
+        write_atomically(
             store.path / ERRORS_DIR / f"{self.name}.parquet", lambda p: pq.write_table(errors, p, **WRITE_OPTIONS)
         )
         os.replace(self._temporary, self._part)

@@ -1,0 +1,34 @@
+"""Writing files so that nobody ever sees half of one. Imports nothing of vqtok; every layer may use it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], durable: bool = True) -> None:
+    """write(temporary path) in path's folder, then rename it to path: readers see the whole file or none.
+
+    The temporary name, `.NAME.XXXX.tmp`, is skipped by dataset readers and globs of `*.parquet` alike.
+    With durable, the data reaches the disk before the rename, so a power cut cannot leave an empty file
+    under the real name either.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        if durable:
+            sync(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def sync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
