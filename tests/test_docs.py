@@ -1,0 +1,125 @@
+"""The README and docs say what the code does: the command reference is `--help`, and their commands run.
+
+`python tests/test_docs.py` rewrites docs/commands.md from the commands' `--help`.
+"""
+
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from vqtok.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+COMMANDS = ("fit", "encode", "decode", "info", "demo")
+# Long runs are not run as written here: training for thousands of steps would take hours on CI. The docs show
+# their output (docs/index.md), and tests/test_fit.py and tests/test_demo.py run the same commands small.
+LONG = ("vqtok fit", "vqtok demo")
+
+
+def help_text(command: str) -> str:
+    result = CliRunner().invoke(cli, [command, "--help"], prog_name="vqtok", terminal_width=100)
+    assert result.exit_code == 0, result.output
+    return result.output.rstrip()
+
+
+def commands_md() -> str:
+    parts = [
+        "# Command reference\n",
+        "Every command and option, as `vqtok COMMAND --help` prints it. Written by `python tests/test_docs.py`;",
+        "a test checks that it still matches the code.\n",
+    ]
+    for command in COMMANDS:
+        parts += [f"## vqtok {command}\n", "```text", help_text(command), "```\n"]
+    return "\n".join(parts)
+
+
+def test_command_reference_matches_help():
+    assert (ROOT / "docs" / "commands.md").read_text() == commands_md(), "run: python tests/test_docs.py"
+
+
+def blocks(path: Path, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", path.read_text(), flags=re.M | re.S)
+
+
+def shell_lines(path: Path) -> list[str]:
+    lines = []
+    for block in blocks(path, "bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #", 1)[0].strip()  # drop trailing comments
+            if line.startswith("vqtok "):
+                lines.append(line)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, model_dir):
+    """What the documented commands expect in their folder: shards/, runs/x/model, samples.parquet."""
+    from conftest import image_samples, write_shard
+
+    from vqtok.encode import encode
+
+    root = tmp_path_factory.mktemp("docs")
+    (root / "shards").mkdir()
+    for i in range(100):
+        samples = image_samples([f"img{i:03d}"], seed=i)
+        samples[0]["txt"] = f"a caption for image {i}".encode()
+        write_shard(root / "shards" / f"train-{i:06d}.tar", samples)
+    shutil.copytree(model_dir, root / "runs" / "x" / "model")
+    encode([str(root / "shards")], root / "tokens.parquet", root / "runs/x/model", keep=["cls", "txt"], num_workers=0)
+    codes = np.random.default_rng(0).integers(0, 32, (3, 4, 4))
+    pd.DataFrame({"key": ["s0", "s1", "s2"], "codes": [[list(r) for r in g] for g in codes]}).to_parquet(
+        root / "samples.parquet"
+    )
+    return root
+
+
+def documented(kind: str) -> list:
+    found = []
+    for path in DOCS:
+        if kind == "bash":
+            lines = [line for line in shell_lines(path) if not line.startswith(LONG)]
+            found += [pytest.param(line, id=f"{path.name}: {line}") for line in lines]
+        else:
+            found += [pytest.param(code, id=f"{path.name}: python {i}") for i, code in enumerate(blocks(path, kind))]
+    return found
+
+
+def test_long_commands_are_shown_with_their_output():
+    guide = (ROOT / "docs" / "index.md").read_text()
+    for command in LONG:
+        assert f"$ {command}" in guide, f"docs/index.md shows no run of {command} with its output"
+
+
+@pytest.mark.parametrize("line", documented("bash"))
+def test_documented_command_runs_as_written(line, workspace, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace, run_dir)
+    if " encode " in f" {line} ":
+        shutil.rmtree(run_dir / "tokens.parquet")  # an encode starts a dataset of its own
+    monkeypatch.chdir(run_dir)
+    args = shlex.split(line)[1:]
+    result = CliRunner().invoke(cli, args, prog_name="vqtok")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("code", documented("python"))
+def test_documented_python_runs_as_written(code, workspace, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(workspace, run_dir)
+    monkeypatch.chdir(run_dir)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    exec(compile(code, "<docs>", "exec"), {"__name__": "docs"})
+
+
+if __name__ == "__main__":
+    (ROOT / "docs" / "commands.md").write_text(commands_md())
+    print("wrote docs/commands.md", file=sys.stderr)
