@@ -197,3 +197,19 @@ def test_decode_writes_nothing_half_done(model_dir, tokens, tmp_path):
     assert invoke("decode", tokens, out, "--model", model_dir).exit_code == 0
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]
     assert all(os.path.getsize(p) > 0 for p in out.rglob("*.png"))
+
+
+def test_a_code_out_of_range_in_a_token_dataset_is_refused(model_dir, tmp_path):
+    """vqtok's own files are vouched for by their statistics; a code beyond K must still be caught."""
+    model = VQVAE.from_pretrained(model_dir)
+    settings = TokenSettings(model.model_id, codebook_size=32, grid=(4, 4), image_size=16, preprocessing="crop")
+    store = TokenStore(tmp_path / "t", settings)
+    store.open(["a.tar"], ["a.tar"])
+    codes = np.zeros((5, 4, 4), dtype=np.int64)
+    codes[3, 2, 2] = 40
+    writer = store.writer("a.tar")
+    writer.add([f"k{i}" for i in range(5)], codes)
+    writer.commit({"status": "done"})
+    result = invoke("decode", tmp_path / "t", tmp_path / "out", "--model", model_dir)
+    assert result.exit_code == 1 and "key 'k3' holds code 40, outside [0, 32)" in result.output
+    assert not (tmp_path / "out").exists()

@@ -26,7 +26,14 @@ from vqtok.errors import ConfigError, StoreError
 from vqtok.files import write_atomically
 from vqtok.model import VQVAE, pick_device
 from vqtok.progress import ProgressBar
-from vqtok.store import RESERVED_COLUMNS, codes_array, read_metadata, read_row_group, row_groups
+from vqtok.store import (
+    RESERVED_COLUMNS,
+    codes_array,
+    group_code_range,
+    read_metadata,
+    read_row_group,
+    row_groups,
+)
 
 FORMATS = ("png", "wds")
 WDS_SHARD_SAMPLES = 10_000
@@ -141,6 +148,13 @@ def select_rows(units, codebook_size: int, keys: Sequence[str] | None, limit: in
     for i, (file, group) in enumerate(units):
         if limit is not None and total >= limit:
             break
+        if wanted is None:
+            rows_in_group, low, high = group_code_range(file, group)
+            if low is not None and 0 <= low and high < codebook_size:  # the file's statistics vouch for every row
+                rows = np.arange(rows_in_group if limit is None else min(rows_in_group, limit - total))
+                selection[i] = rows
+                total += len(rows)
+                continue
         table = read_row_group(file, group)
         group_keys = table.column("key").to_pylist()
         rows = np.arange(len(group_keys)) if wanted is None else np.flatnonzero([k in wanted for k in group_keys])

@@ -138,12 +138,23 @@ def grid_array(codes: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListAr
     return pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(values, w), h)
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def check_grid_type(t: pa.DataType) -> None:
+    """StoreError unless t is a list of lists of integers, the type of (h, w) grids."""
+    if not (_is_list(t) and _is_list(t.value_type) and pa.types.is_integer(t.value_type.value_type)):
+        raise StoreError(f"codes must be (h, w) grids of integers, got {t}")
+
+
 def codes_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A `codes` column of (h, w) grids -> int64 (N, h, w); StoreError when it holds something else.
 
     Reads the fixed-size lists vqtok writes and the variable-size lists other writers (pandas, polars, a
     prior's sampler) make of the same grids.
     """
+    check_grid_type(column.type)
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
     n = len(column)
@@ -151,20 +162,15 @@ def codes_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         raise StoreError("codes column holds nulls")
     shape, array = [], column
     for _ in range(2):
-        if (
-            not pa.types.is_list(array.type)
-            and not pa.types.is_fixed_size_list(array.type)
-            and not (pa.types.is_large_list(array.type))
-        ):
-            raise StoreError(f"codes must be (h, w) grids of integers, got {column.type}")
-        lengths = np.asarray(array.value_lengths()) if not pa.types.is_fixed_size_list(array.type) else None
-        size = array.type.list_size if lengths is None else (int(lengths[0]) if len(lengths) else 0)
-        if lengths is not None and (lengths != size).any():
-            raise StoreError("codes grids differ in shape from row to row")
-        shape.append(size)
+        if pa.types.is_fixed_size_list(array.type):
+            shape.append(array.type.list_size)
+        else:
+            lengths = np.asarray(array.value_lengths())
+            size = int(lengths[0]) if len(lengths) else 0
+            if (lengths != size).any():
+                raise StoreError("codes grids differ in shape from row to row")
+            shape.append(size)
         array = array.flatten()
-    if not pa.types.is_integer(array.type):
-        raise StoreError(f"codes must be (h, w) grids of integers, got {column.type}")
     if array.null_count:
         raise StoreError("codes grids hold nulls")
     return np.array(array.to_numpy(zero_copy_only=False), dtype=np.int64).reshape(n, *shape)  # a writable copy
@@ -408,6 +414,26 @@ def read_row_group(file: Path, index: int, columns: Sequence[str] = ()) -> pa.Ta
         if needed not in names:
             raise StoreError(f"{file}: no {needed!r} column (columns: {', '.join(names)})")
     return parquet.read_row_group(index, columns=["key", "codes", *columns])
+
+
+def group_code_range(file: Path, index: int) -> tuple[int, int | None, int | None]:
+    """(rows, smallest code, largest code) of a row group of vqtok's own grids, from the file's statistics
+    without reading the data; the range is (None, None) unless the codes are fixed-size grids (never ragged)
+    with statistics and no nulls."""
+    parquet = pq.ParquetFile(file)
+    group = parquet.metadata.row_group(index)
+    codes_type = parquet.schema_arrow.field("codes").type if "codes" in parquet.schema_arrow.names else None
+    fixed = codes_type is not None and pa.types.is_fixed_size_list(codes_type)
+    fixed = fixed and pa.types.is_fixed_size_list(codes_type.value_type)
+    if fixed:
+        check_grid_type(codes_type)  # a third level of lists is no grid, whatever the statistics say
+    for i in range(group.num_columns):
+        column = group.column(i)
+        stats = column.statistics
+        if fixed and column.path_in_schema.split(".")[0] == "codes" and stats is not None and stats.has_min_max:
+            if stats.has_null_count and stats.null_count == 0:
+                return group.num_rows, int(stats.min), int(stats.max)
+    return group.num_rows, None, None
 
 
 def read_errors(path: str | os.PathLike) -> pa.Table:
