@@ -306,7 +306,7 @@ def decode(tokens, out, model_dir, format_, keys, **options):
 
 @cli.command()
 @click.option("--out", default="vqtok-demo", show_default=True, type=click.Path(file_okay=False), help="Folder.")
-@click.option("--steps", default=1500, show_default=True, type=click.IntRange(min=1), help="Training steps.")
+@click.option("--steps", default=3000, show_default=True, type=click.IntRange(min=1), help="Training steps.")
 @user_errors
 def demo(out, steps):
     """The whole loop on photographs bundled with scikit-image, no download.

@@ -22,9 +22,9 @@ from vqtok.config import ModelConfig, TrainConfig
 from vqtok.errors import ConfigError
 
 # The training photographs and the held-out ones never overlap (chelsea and cat are one photograph).
-TRAIN_PHOTOS = ("astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "camera", "brick")
-TRAIN_PHOTOS += ("grass", "gravel", "moon", "page", "text")
-HELD_OUT_PHOTOS = ("chelsea", "coffee", "coins", "clock")
+TRAIN_PHOTOS = ("astronaut", "clock", "immunohistochemistry", "hubble_deep_field", "retina", "camera", "brick")
+TRAIN_PHOTOS += ("grass", "gravel", "moon", "page", "text", "colorwheel")  # the colour wheel: every hue
+HELD_OUT_PHOTOS = ("chelsea", "coffee", "coins", "rocket")
 CROP, HELD_OUT_SIZE, SHORTER_SIDE = 32, 128, 160  # photos are scaled so a 32x32 crop holds part of an object
 CROPS_PER_PHOTO, MARKER = 300, ".vqtok-demo"
 MODEL = ModelConfig(hidden_channels=64, codebook_size=512, code_dim=64, image_size=CROP)
@@ -89,7 +89,7 @@ def make_shards(folder: Path, seed: int = 0) -> dict[str, list[str]]:
     return {"train": train_shards, "val": [val], "held_out": [held_out]}
 
 
-def run_demo(out: str | Path = "vqtok-demo", steps: int = 1500, show_progress: bool = True) -> DemoResult:
+def run_demo(out: str | Path = "vqtok-demo", steps: int = 3000, show_progress: bool = True) -> DemoResult:
     from vqtok.data import iter_samples, sample_image
     from vqtok.decode import decode
     from vqtok.encode import encode
