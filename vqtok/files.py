@@ -8,6 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], durable: bool = True) -> None:
     """write(temporary path) in path's folder, then rename it to path: readers see the whole file or none.
 
@@ -17,6 +26,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], d
     """
     path = Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes files only their owner can read; give the usual mode
     os.close(fd)
     temporary = Path(name)
     try:
