@@ -120,8 +120,27 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path):
 
 def test_a_folder_that_is_not_a_token_dataset_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(StoreError, match="not empty and is not a vqtok token dataset"):
-        TokenStore(tmp_path, settings()).open(["a.tar"], ["a.tar"])
+    (tmp_path / "part-00000.parquet").write_text("a Spark job's output")
+    for overwrite in (False, True):
+        with pytest.raises(StoreError, match="not empty and is not a vqtok token dataset"):
+            TokenStore(tmp_path, settings()).open(["a.tar"], ["a.tar"], overwrite=overwrite, tidy=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "part-00000.parquet"]
+
+
+def test_overwrite_removes_markers_before_data_and_spares_other_processes_shards(tmp_path):
+    out = tmp_path / "t"
+    write(out, ["a.tar", "b.tar"])
+    store = TokenStore(out, settings(model_id="new"))
+    store.open(["a.tar", "b.tar"], ["a.tar"], overwrite=True, tidy=True)  # this process has a.tar only
+    assert not store.done("a.tar") and not (out / f"{part_name('a.tar')}.parquet").exists()
+    assert (out / f"{part_name('b.tar')}.parquet").exists()  # b.tar is another process's to replace
+
+
+def test_a_marker_without_its_data_is_not_done(tmp_path):
+    out = tmp_path / "t"
+    write(out, ["a.tar"])
+    (out / f"{part_name('a.tar')}.parquet").unlink()
+    assert not TokenStore(out, settings()).done("a.tar")
 
 
 def test_codes_array_reads_variable_size_lists_from_other_writers(tmp_path):

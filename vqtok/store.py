@@ -1,7 +1,7 @@
 """The token dataset: grids of code indices in Parquet, one file per input shard. No torch here.
 
-A token dataset is a directory that pyarrow, pandas, polars, DuckDB and Hugging Face `datasets` read as one
-table (they skip names that start with `_` or `.`):
+A token dataset is a directory that pyarrow and pandas read as one table (they skip names that start with `_`
+or `.`), and polars, DuckDB and Hugging Face `datasets` read through the glob `out.parquet/*.parquet`:
 
     out.parquet/
         part-<shard>-<hash>.parquet   one per input shard: key, shard, codes and any carried fields
@@ -61,6 +61,7 @@ class TokenSettings:
     image_size: int
     preprocessing: str
     keep: tuple[str, ...] = ()  # sample fields carried into columns
+    precision: str = "fp32"  # the encoder's: bf16 or fp16 pick other codes for about 1% of vectors
 
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, **asdict(self), "grid": list(self.grid), "keep": list(self.keep)}
@@ -78,6 +79,7 @@ class TokenSettings:
                 image_size=int(data["image_size"]),
                 preprocessing=str(data["preprocessing"]),
                 keep=tuple(data.get("keep", ())),
+                precision=str(data.get("precision", "fp32")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed token settings: {exc!r}") from exc
@@ -117,8 +119,10 @@ def parse_kept(field: str, data: bytes | None) -> int | str | None:
 
 def check_keep(fields: Sequence[str]) -> tuple[str, ...]:
     for field in fields:
-        if field in RESERVED_COLUMNS or not re.fullmatch(r"[A-Za-z0-9_.-]+", field):
+        if field in RESERVED_COLUMNS:
             raise StoreError(f"cannot carry field {field!r}: names {', '.join(RESERVED_COLUMNS)} are taken")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", field):
+            raise StoreError(f"cannot carry field {field!r}: use letters, digits, '_', '.' and '-'")
     return tuple(dict.fromkeys(fields))
 
 
@@ -183,7 +187,13 @@ def part_name(shard: str) -> str:
     """The stem of a shard's files: its file name for a reader, a hash of its whole URL to make it unique."""
     stem = re.sub(r"\.tar(\.\w+)?$", "", shard.rstrip("/").rsplit("/", 1)[-1])
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "shard"
-    return f"part-{stem}-{hashlib.sha256(shard.encode()).hexdigest()[:8]}"
+    return f"part-{stem}-{hashlib.sha256(shard.encode()).hexdigest()[:12]}"
+
+
+def _ours(name: str) -> bool:
+    """Whether a name is what another process of the same run may have made a moment ago, before its
+    settings file (part files come only after it)."""
+    return name.startswith(".") or name in (ERRORS_DIR, STATS_DIR)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -203,30 +213,28 @@ class TokenStore:
         self.schema = token_schema(settings)
 
     def open(self, shards: Sequence[str], mine: Sequence[str], overwrite: bool = False, tidy: bool = False) -> None:
-        """Check or record the settings; with overwrite, drop this process's shards' files (and with tidy,
-        which one process asks for, every file of shards not in `shards` and the settings file) first."""
+        """Check or record the settings. With overwrite, first remove this process's shards' files, and with
+        tidy (asked by one process) also the files of shards not in `shards`, never another process's."""
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a directory")
         settings_file = self.path / SETTINGS_NAME
+        foreign = self.path.exists() and any(not _ours(entry.name) for entry in self.path.iterdir())
+        if foreign and not settings_file.exists():  # even with --overwrite: its files are somebody else's
+            raise StoreError(f"{self.path} is not empty and is not a vqtok token dataset: choose another folder")
         if overwrite:
-            keep = set() if tidy else {part_name(s) for s in shards} - {part_name(s) for s in mine}
-            self._remove_files(keep)
-            if tidy:
-                with contextlib.suppress(FileNotFoundError):
-                    settings_file.unlink()
+            everyone, own = {part_name(s) for s in shards}, {part_name(s) for s in mine}
+            self._remove_files(lambda name: name in own or (tidy and name not in everyone))
         elif settings_file.exists():
             try:
                 existing = TokenSettings.from_dict(json.loads(settings_file.read_text()))
-            except json.JSONDecodeError as exc:
-                raise StoreError(f"{settings_file} is not valid JSON ({exc}); use --overwrite to start over") from exc
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise StoreError(f"{settings_file} is not vqtok's settings ({exc}); use --overwrite") from exc
             changes = self.settings.differences(existing)
             if changes:
                 raise StoreError(
                     f"{self.path} holds tokens made with other settings ({'; '.join(changes)}); "
                     "use --overwrite to replace them"
                 )
-        elif self.path.exists() and any(self.path.iterdir()):
-            raise StoreError(f"{self.path} is not empty and is not a vqtok token dataset; use --overwrite")
         (self.path / ERRORS_DIR).mkdir(parents=True, exist_ok=True)
         (self.path / STATS_DIR).mkdir(exist_ok=True)
         _write_json(settings_file, self.settings.to_dict())
@@ -234,17 +242,16 @@ class TokenStore:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / SUCCESS_NAME).unlink()
 
-    def _remove_files(self, keep: set[str]) -> None:
-        """Remove vqtok's files, except those of the part names in keep."""
-        if not self.path.is_dir():
-            return
-        patterns = [(self.path, ".parquet"), (self.path / ERRORS_DIR, ".parquet"), (self.path / STATS_DIR, ".json")]
-        for folder, suffix in patterns:
-            for file in folder.glob(f"part-*{suffix}") if folder.is_dir() else ():
-                if file.name.removesuffix(suffix) not in keep:
-                    file.unlink(missing_ok=True)
+    def _remove_files(self, remove) -> None:
+        """Remove the files of the part names `remove(name)` is true for: markers first, so that a crash
+        half-way never leaves a shard marked done without its data."""
         with contextlib.suppress(FileNotFoundError):
             (self.path / SUCCESS_NAME).unlink()
+        patterns = [(self.path / STATS_DIR, ".json"), (self.path / ERRORS_DIR, ".parquet"), (self.path, ".parquet")]
+        for folder, suffix in patterns:
+            for file in folder.glob(f"part-*{suffix}") if folder.is_dir() else ():
+                if remove(file.name.removesuffix(suffix)):
+                    file.unlink(missing_ok=True)
 
     def marker(self, shard: str) -> dict | None:
         try:
@@ -254,7 +261,9 @@ class TokenStore:
 
     def done(self, shard: str) -> bool:
         marker = self.marker(shard)
-        return marker is not None and marker.get("status") == "done"
+        if marker is None or marker.get("status") != "done" or marker.get("shard") != shard:
+            return False
+        return (self.path / f"{part_name(shard)}.parquet").exists()
 
     def writer(self, shard: str) -> ShardWriter:
         return ShardWriter(self, shard)
@@ -374,11 +383,24 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
     if not files:
         settings = Path(path) / SETTINGS_NAME
         return json.loads(settings.read_text()) if settings.exists() else None
+    return file_metadata(files[0])
+
+
+def file_metadata(file: Path) -> dict | None:
+    """One Parquet file's vqtok metadata; None when it has none (written by another tool)."""
     try:
-        metadata = pq.read_schema(files[0]).metadata or {}
+        metadata = pq.read_schema(file).metadata or {}
     except (OSError, pa.ArrowInvalid) as exc:
-        raise StoreError(f"{files[0]}: not a Parquet file ({exc})") from exc
-    return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+        raise StoreError(f"{file}: not a Parquet file ({exc})") from exc
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        meta = json.loads(metadata[METADATA_KEY])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{file}: its vqtok metadata is not JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise StoreError(f"{file}: its vqtok metadata is not a JSON object")
+    return meta
 
 
 def read_codes(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -483,15 +505,15 @@ def summarize(path: str | os.PathLike) -> dict:
         "path": str(path),
         "rows": rows,
         "files": len(files),
-        "shards": len(shards) if shards else None,
+        "shards": len(markers) if markers else len(shards) if shards else None,
         "errors": len(read_errors(path)) if path.is_dir() else None,
         "failed_shards": [m["shard"] for m in markers if m.get("status") == "failed"],
         "grid": grid or meta.get("grid"),
         "codebook_size": K,
         "model_id": meta.get("model_id"),
         "image_size": meta.get("image_size"),
-        "codes_used": int((counts > 0).sum()),
-        "usage": float((counts > 0).sum() / K) if K else None,
+        "codes_used": int((counts[:K] > 0).sum()),
+        "usage": float((counts[:K] > 0).sum() / K) if K else None,
         "perplexity": float(2**entropy),
         "bits_per_code": entropy,
         "bytes_per_image": sum(f.stat().st_size for f in files) / rows if rows else None,

@@ -33,7 +33,8 @@ class TokenDataset(IterableDataset):
 
     With `shuffle`, row groups and the rows inside each come in a random order drawn from `seed` and the
     epoch; call `set_epoch` before each pass for a new order, as with torch's DistributedSampler. The split
-    across processes stays the same.
+    across processes stays the same, and is by row group: processes may get different numbers of rows, so
+    under DDP end each epoch after a fixed number of steps (or use accelerate's `join_uneven_inputs`).
     """
 
     def __init__(
