@@ -282,18 +282,19 @@ def test_broken_tar_yields_the_samples_before_the_break_then_raises(make_shard, 
     data, size = png_data(path, "k2")
     if where == "inside data":
         broken, reason = broken_copy(path, cut=data + size // 2), "unreadable after 2 complete samples"
-        expected = ["k0", "k1"]
+        expected, lost = ["k0", "k1"], "k2"
     elif where == "at a header":  # a cut on a block boundary: only the missing end-of-archive marker tells
         broken, reason = broken_copy(path, cut=header), "cut short after 1 complete samples"
-        expected = ["k0"]  # k1 was read whole, but nothing says all its fields were
+        expected, lost = ["k0"], "k1"  # k1 was read whole, but nothing says all its fields were
     else:
         broken, reason = broken_copy(path, overwrite=header), "corrupt tar header after 1 complete samples"
-        expected = ["k0"]
+        expected, lost = ["k0"], "k1"
     seen = []
     with pytest.raises(DataError, match=reason) as caught:
         for sample in iter_samples(broken):
             seen.append(sample.key)
     assert seen == expected and str(caught.value).startswith(broken)
+    assert caught.value.key == lost  # the sample being read when it broke, so that it can be accounted for
 
 
 @pytest.mark.parametrize("content", [None, b"", b"not a tar at all" * 100])
@@ -335,7 +336,7 @@ def test_broken_shard_gives_one_error_record_then_the_next_shard(make_shard):
     assert [(r["key"], r["shard"]) for r in records] == [
         ("b0", cut),
         ("b1", cut),
-        ("", cut),
+        ("b2", cut),  # the sample the shard broke in
         ("a0", whole),
         ("a1", whole),
     ]

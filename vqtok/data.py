@@ -39,11 +39,19 @@ WHITE = (255, 255, 255)
 
 # A scheme of two or more letters (pipe:, http://, s3://, file://): webdataset opens it, not the local
 # file system. One letter is a Windows drive.
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 
 
 class ImageError(ValueError):
     """An image that cannot be decoded; its message is the short reason that goes into the error record."""
+
+
+class BrokenShardError(DataError):
+    """A shard that cannot be read to its end; `key` is the sample being read when it broke ("" if none)."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class Sample(NamedTuple):
@@ -81,7 +89,7 @@ def expand_shards(specs: Sequence[str]) -> list[str]:
 
 def _expand_one(url: str, spec: str) -> list[str]:
     where = url if url == spec else f"{url} (from {spec})"
-    if _URL_SCHEME.match(url):
+    if URL_SCHEME.match(url):
         return [url]
     if glob.has_magic(url):
         matches = sorted(glob.glob(url))
@@ -141,10 +149,10 @@ def iter_samples(url: str) -> Iterator[Sample]:
         end = getattr(tar, "vqtok_last_header_error", None)
         if not isinstance(end, tarfile.EOFHeaderError):
             reason = "corrupt tar header" if isinstance(end, tarfile.InvalidHeaderError) else "cut short"
-            raise DataError(f"{url}: {reason} after {count} complete samples")
+            raise BrokenShardError(f"{url}: {reason} after {count} complete samples", key)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        # The sample being read when the shard broke is dropped: it may be missing fields.
-        raise DataError(f"{url}: unreadable after {count} complete samples: {exc}") from exc
+        # The sample being read when the shard broke is dropped (it may be missing fields); its key is kept.
+        raise BrokenShardError(f"{url}: unreadable after {count} complete samples: {exc}", key) from exc
     finally:
         # The end-of-archive check above already tells whether the data is whole; a pipe's exit status
         # after that, or on an early close by the consumer, has nothing to add.
@@ -267,10 +275,10 @@ def sample_image(sample: Sample, image_size: int, train_rng: random.Random | Non
 class ImageDataset(IterableDataset):
     """Shards -> records {"key", "shard", "image": uint8 (3, S, S) or None, "error": reason or None}.
 
-    `resample=False` (encoding, evaluation): every sample exactly once, shards split across processes
+    `resample=False` (evaluation): every sample exactly once, shards split across processes
     (shard i goes to rank i % world_size) and then across DataLoader workers; a broken shard adds one record
-    with key "". `resample=True` (training): an endless, shuffled stream of good images, each (rank, worker)
-    drawing shards at random with its own seed.
+    with the key of the sample it broke in ("" before any). `resample=True` (training): an endless, shuffled
+    stream of good images, each (rank, worker) drawing shards at random with its own seed.
     """
 
     def __init__(
@@ -314,7 +322,7 @@ class ImageDataset(IterableDataset):
             for sample in iter_samples(url):
                 yield self._record(sample, rng)
         except DataError as exc:
-            yield {"key": "", "shard": url, "image": None, "error": str(exc)}
+            yield {"key": getattr(exc, "key", ""), "shard": url, "image": None, "error": str(exc)}
 
     def _record(self, sample: Sample, rng: random.Random) -> dict:
         record = {"key": sample.key, "shard": sample.shard, "image": None, "error": None}

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vqtok.data import expand_shards, iter_samples, sample_image
+from vqtok.data import URL_SCHEME, expand_shards, iter_samples, sample_image
 from vqtok.errors import ConfigError, DataError
 from vqtok.model import VQVAE, pick_device
 from vqtok.progress import ProgressBar
@@ -94,7 +94,7 @@ class ShardBatches(IterableDataset):
                     batch = self._empty(shard)
         except DataError as exc:  # cut or corrupt tar, or a shard that cannot be opened
             failure = str(exc)
-            batch["errors"].append(("", failure))
+            batch["errors"].append((getattr(exc, "key", ""), failure))  # the sample it broke in, if any
         busy += time.perf_counter() - resumed
         yield {**self._stack(batch), "last": True, "samples": samples, "failure": failure, "read_seconds": busy}
 
@@ -123,8 +123,9 @@ def encode(
 ) -> EncodeResult:
     """Tokenize shards into the token dataset `out`, skipping shards an earlier run finished."""
     started = time.perf_counter()
-    urls = expand_shards(shards)
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # One shard, one name: `shards/x.tar`, `./shards/x.tar` and a symlink to it must not become two parts.
+    urls = [url if URL_SCHEME.match(url) else os.path.realpath(url) for url in expand_shards(shards)]
+    rank, world_size = process_rank()
     torch_device = pick_device(device)
     autocast_dtype = pick_precision(precision, torch_device)
     model = VQVAE.from_pretrained(model_dir, device=torch_device).eval()
@@ -137,6 +138,7 @@ def encode(
         image_size=image_size,
         preprocessing=PREPROCESSING,
         keep=check_keep(keep),
+        precision=precision,
     )
     store = TokenStore(out, settings)
     mine = urls[rank::world_size]
@@ -182,7 +184,7 @@ def _run(
             if batch["last"]:
                 seconds = {"read": round(batch["read_seconds"], 4), "encode": round(encode_seconds.pop(shard, 0.0), 4)}
                 status = "failed" if batch["failure"] else "done"
-                marker = writers.pop(shard).commit(
+                marker = writers[shard].commit(
                     {
                         "status": status,
                         "failure": batch["failure"],
@@ -191,6 +193,7 @@ def _run(
                         "seconds": seconds,
                     }
                 )
+                del writers[shard]  # only once committed: a failed commit is still aborted below
                 result.encode_seconds += seconds["encode"]
                 result.write_seconds += marker["seconds"]["write"]
                 result.decode_seconds += seconds["read"]
@@ -214,6 +217,17 @@ def encode_images(model: VQVAE, images: torch.Tensor, autocast_dtype: torch.dtyp
         codes = model.encode(x)  # (B, h, w)
     dtype = torch.int32 if model.codebook_size > 2**16 else torch.uint16
     return codes.to(dtype).cpu().numpy()
+
+
+def process_rank() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun and accelerate launch set them; (0, 1) for a lone process."""
+    try:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError as exc:
+        raise ConfigError(f"RANK and WORLD_SIZE must be integers: {exc}") from None
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
+    return rank, world_size
 
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
