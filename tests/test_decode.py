@@ -135,7 +135,8 @@ def test_hostile_keys_never_write_outside_out(model_dir, tmp_path):
 def test_key_path_keeps_folders_and_escapes_the_rest():
     assert str(key_path("dir/sub/name")) == "dir/sub/name"
     assert str(key_path("../../x")) == "%2E%2E/%2E%2E/x"
-    assert str(key_path("/abs//x/./y")) == "abs/x/y"
+    assert str(key_path("/abs//x/./y")) == "abs/x/%2E/y"
+    assert str(key_path("img.001")) == "img%2E001"  # no dots: WebDataset splits names at the first one
     assert str(key_path("50%\\a")) == "50%25%5Ca"
     assert len(str(key_path("n" * 1000))) < 220
 
@@ -213,3 +214,53 @@ def test_a_code_out_of_range_in_a_token_dataset_is_refused(model_dir, tmp_path):
     result = invoke("decode", tmp_path / "t", tmp_path / "out", "--model", model_dir)
     assert result.exit_code == 1 and "key 'k3' holds code 40, outside [0, 32)" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_clashing_names_each_keep_their_image(model_dir, tmp_path):
+    keys = ["x", "x", "x", "A", "a", "a", "a.png/b", "caf\u00e9", "cafe\u0301"]  # repeats, case, a file-like folder
+    codes = np.random.default_rng(2).integers(0, 32, (len(keys), 4, 4))
+    samples = write_prior_samples(tmp_path / "s.parquet", keys, codes)
+    result = invoke("decode", samples, tmp_path / "out", "--model", model_dir)
+    assert result.exit_code == 0, result.output
+    pngs = list((tmp_path / "out").rglob("*.png"))
+    assert len({p.as_posix().casefold() for p in pngs}) == len(keys)  # distinct even where case is ignored
+    assert "5 key(s) mapped to a name another key had taken" in result.output
+
+
+def test_a_symlink_inside_out_cannot_lead_outside(model_dir, tmp_path):
+    outside, out = tmp_path / "elsewhere", tmp_path / "out"
+    outside.mkdir()
+    out.mkdir()
+    (out / "link").symlink_to(outside)
+    samples = write_prior_samples(tmp_path / "s.parquet", ["link/new/x"], np.zeros((1, 4, 4), dtype=np.int64))
+    result = invoke("decode", samples, out, "--model", model_dir)
+    assert result.exit_code == 1 and "leads outside" in result.output
+    assert list(outside.iterdir()) == []
+
+
+def test_keys_that_are_not_strings_are_refused(model_dir, tmp_path):
+    pd.DataFrame({"key": [1, 2], "codes": [[[0] * 4] * 4] * 2}).to_parquet(tmp_path / "s.parquet")
+    result = invoke("decode", tmp_path / "s.parquet", tmp_path / "out", "--model", model_dir)
+    assert result.exit_code == 1 and "keys must be strings" in result.output
+
+
+def test_every_file_of_a_folder_is_checked_against_the_model(model_dir, tokens, tmp_path):
+    other = other_model(tmp_path, "other")
+    samples = tmp_path / "other-tokens"
+    encoded = invoke("encode", tokens.parent / "d-0.tar", samples, "--model", other, "--num-workers", "0")
+    assert encoded.exit_code == 0, encoded.output
+    foreign = next(samples.glob("part-*.parquet"))
+    (tokens / "part-zzz.parquet").write_bytes(foreign.read_bytes())  # sorts last: the first file is fine
+    result = invoke("decode", tokens, tmp_path / "out", "--model", model_dir)
+    assert result.exit_code == 1 and "were made by model" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_wds_keys_with_dots_read_back_whole(model_dir, tmp_path):
+    import webdataset
+
+    samples = write_prior_samples(tmp_path / "s.parquet", ["img.001", "img.002"], np.zeros((2, 4, 4), dtype=int))
+    assert invoke("decode", samples, tmp_path / "out", "--model", model_dir, "--format", "wds").exit_code == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["decoded-000000.tar"]  # no temporary left
+    read = list(webdataset.WebDataset(str(tmp_path / "out" / "decoded-000000.tar"), shardshuffle=False))
+    assert sorted(s["__key__"] for s in read) == ["img%2E001", "img%2E002"]

@@ -112,22 +112,22 @@ def model_summary(path: str) -> tuple[dict, list[tuple[str, str]]]:
 
 
 def token_rows(s: dict) -> list[tuple[str, str]]:
-    def known(value, text):
-        return "unknown" if value is None else text
+    def known(name: str, render) -> str:
+        return "unknown" if s[name] is None else render(s[name])
 
     rows = [
         ("rows", f"{s['rows']:,} in {s['files']} file(s)"),
-        ("shards", known(s["shards"], f"{s['shards']}")),
-        ("errors", known(s["errors"], f"{s['errors']:,}")),
-        ("grid", known(s["grid"], f"{s['grid'][0]}x{s['grid'][1]}" if s["grid"] else "")),
-        ("image size", known(s["image_size"], f"{s['image_size']}")),
+        ("shards", known("shards", str)),
+        ("errors", known("errors", lambda n: f"{n:,}")),
+        ("grid", known("grid", lambda g: f"{g[0]}x{g[1]}")),
+        ("image size", known("image_size", str)),
         ("codebook", f"K = {s['codebook_size']}"),
-        ("model id", known(s["model_id"], f"{s['model_id']}")),
-        ("codebook usage", known(s["usage"], f"{s['codes_used']} codes, {s['usage']:.1%}" if s["usage"] else "")),
+        ("model id", known("model_id", str)),
+        ("codebook usage", known("usage", lambda u: f"{s['codes_used']} codes, {u:.1%}")),
         ("perplexity", f"{s['perplexity']:.1f}"),
         ("bits per code", f"{s['bits_per_code']:.3f} (entropy)"),
-        ("bytes per image", known(s["bytes_per_image"], f"{s['bytes_per_image']:,.1f} on disk")),
-        ("complete", known(s["complete"], "yes (_SUCCESS)" if s["complete"] else "no: rerun vqtok encode to finish")),
+        ("bytes per image", known("bytes_per_image", lambda b: f"{b:,.1f} on disk")),
+        ("complete", known("complete", lambda done: "yes (_SUCCESS)" if done else "no: rerun vqtok encode to finish")),
     ]
     if s["failed_shards"]:
         rows.append(("failed shards", ", ".join(s["failed_shards"])))

@@ -2,7 +2,8 @@
 
 Reads a token dataset written by `vqtok encode`, one of its Parquet files, or any Parquet file with a `key`
 and a `codes` column of (h, w) grids (what a prior samples). Everything is checked before the first image is
-written: that the codes were made by this model, that every code lies in [0, K), that the keys asked for
+written: that every file's codes were made by this model, that every code lies in [0, K) (for vqtok's own
+files, from the row-group statistics, and again on each batch as it is decoded), that the keys asked for
 exist. Keys are data from strangers: they become file names only through `key_path`, which keeps every file
 inside the output folder.
 """
@@ -13,6 +14,7 @@ import hashlib
 import os
 import re
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,16 +30,17 @@ from vqtok.model import VQVAE, pick_device
 from vqtok.progress import ProgressBar
 from vqtok.store import (
     RESERVED_COLUMNS,
+    check_grid_type,
     codes_array,
+    file_metadata,
     group_code_range,
-    read_metadata,
     read_row_group,
     row_groups,
 )
 
 FORMATS = ("png", "wds")
 WDS_SHARD_SAMPLES = 10_000
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f%\\]")  # control characters, and % and \ so the escaping is unambiguous
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f%\\.]")  # control characters, dots, and % and \ for unambiguity
 
 
 @dataclass
@@ -58,18 +61,45 @@ class DecodeResult:
 def key_path(key: str) -> PurePosixPath:
     """A key -> a relative path that stays inside the folder it is joined to, keeping the key's sub-folders.
 
-    `/` separates folders; empty and `.` parts are dropped, `..` and characters a path should not hold are
-    %-escaped (so `../../x` becomes `%2E%2E/%2E%2E/x`), and over-long names are shortened with a hash.
+    `/` separates folders and empty parts are dropped; `.`, `%`, `\\` and control characters are %-escaped
+    (so `../../x` becomes `%2E%2E/%2E%2E/x`), and over-long names are shortened with a hash. With no dot
+    left in any part, a folder can never be named like a file (`KEY.png`), and WebDataset, which splits a
+    member name at its first dot, reads the key back whole.
     """
     parts = []
     for part in key.split("/"):
-        if part in ("", "."):
+        if not part:
             continue
-        part = "%2E%2E" if part == ".." else _UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", part)
+        part = _UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", part)
         if len(part.encode()) > 200:  # file systems stop at 255 bytes; room for a suffix and extension
             part = part.encode()[:180].decode(errors="ignore") + "~" + hashlib.sha256(part.encode()).hexdigest()[:12]
         parts.append(part)
     return PurePosixPath(*parts) if parts else PurePosixPath("%00")
+
+
+class UniqueNames:
+    """Keys -> distinct relative names: a key whose name another took (`a//b` and `a/b`, or `A` and `a` on
+    a file system that ignores case) gets a suffix made from a hash of the key, and a counter if need be."""
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set()
+        self.renamed = 0
+
+    def claim(self, key: str) -> PurePosixPath:
+        name = key_path(key)
+        if self._fold(name) in self.taken:
+            self.renamed += 1
+            stem, n = f"{name.name}~{hashlib.sha256(key.encode()).hexdigest()[:8]}", 1
+            name = name.with_name(stem)
+            while self._fold(name) in self.taken:
+                n += 1
+                name = name.with_name(f"{stem}-{n}")
+        self.taken.add(self._fold(name))
+        return name
+
+    @staticmethod
+    def _fold(name: PurePosixPath) -> str:
+        return unicodedata.normalize("NFC", str(name)).casefold()
 
 
 def decode(
@@ -94,7 +124,9 @@ def decode(
     units = row_groups(tokens)
     if not units:
         raise StoreError(f"{tokens}: no Parquet data files")
-    check_model(read_metadata(tokens), model, force)
+    for file in dict.fromkeys(file for file, _ in units):  # each file, since a folder may mix writers
+        check_model(file_metadata(file), model, force)
+        check_columns(file)
     carried = _carried_columns(units[0][0]) if format == "wds" else []
     selection = select_rows(units, model.codebook_size, keys, limit)
 
@@ -106,12 +138,20 @@ def decode(
     with progress, writer:
         for table in _batches(units, selection, carried, batch_size):
             decoding = time.perf_counter()
-            codes = torch.from_numpy(codes_array(table.column("codes")))
-            images = model.decode(codes)  # (B, 3, H, W) in [0, 1]
+            keys = table.column("key").to_pylist()
+            if None in keys:
+                raise StoreError(f"{units[0][0].parent}: a row has no key")
+            grids = codes_array(table.column("codes"))
+            out_of_range = ((grids < 0) | (grids >= model.codebook_size)).reshape(len(grids), -1).any(axis=1)
+            if out_of_range.any():  # statistics that vouched for these rows were wrong
+                raise StoreError(
+                    f"key {keys[int(out_of_range.argmax())]!r} holds a code outside [0, {model.codebook_size})"
+                )
+            images = model.decode(torch.from_numpy(grids))  # (B, 3, H, W) in [0, 1]
             pixels = images.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
             result.decode_seconds += time.perf_counter() - decoding
             extra = {name: table.column(name).to_pylist() for name in carried}
-            writer.write(table.column("key").to_pylist(), pixels, extra)
+            writer.write(keys, pixels, extra)
             result.images += len(pixels)
             progress.update(result.images, f"{result.images / (time.perf_counter() - started):,.0f} img/s")
     result.renamed, result.files, result.write_seconds = writer.renamed, writer.files, writer.wait_seconds
@@ -139,6 +179,19 @@ def check_model(meta: dict | None, model: VQVAE, force: bool) -> None:
         )
 
 
+def check_columns(file: Path) -> None:
+    """StoreError unless the file has a string `key` column and a `codes` column of grids."""
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(file)
+    for name in ("key", "codes"):
+        if name not in schema.names:
+            raise StoreError(f"{file}: no {name!r} column (columns: {', '.join(schema.names)})")
+    if not (pa.types.is_string(schema.field("key").type) or pa.types.is_large_string(schema.field("key").type)):
+        raise StoreError(f"{file}: keys must be strings, not {schema.field('key').type}")
+    check_grid_type(schema.field("codes").type)
+
+
 def select_rows(units, codebook_size: int, keys: Sequence[str] | None, limit: int | None) -> dict[int, np.ndarray]:
     """Unit index -> the row numbers to decode in it; raises StoreError for a code out of range or a
     missing key, before anything is written."""
@@ -157,6 +210,8 @@ def select_rows(units, codebook_size: int, keys: Sequence[str] | None, limit: in
                 continue
         table = read_row_group(file, group)
         group_keys = table.column("key").to_pylist()
+        if None in group_keys:
+            raise StoreError(f"{file}: a row has no key")
         rows = np.arange(len(group_keys)) if wanted is None else np.flatnonzero([k in wanted for k in group_keys])
         if limit is not None:
             rows = rows[: limit - total]
@@ -198,43 +253,58 @@ class PngWriter:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.root = os.path.realpath(out)
-        self.taken: set[PurePosixPath] = set()
-        self.renamed = self.files = 0
+        self.names = UniqueNames()
+        self.files = 0
         self.wait_seconds = 0.0
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
-        self.pending: list[Future] = []
+        self.pending: list[tuple[str, Future]] = []
+
+    @property
+    def renamed(self) -> int:
+        return self.names.renamed
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        self._wait(0)
-        self.pool.shutdown()
+        try:
+            self._wait(0)
+        finally:
+            self.pool.shutdown()
 
     def write(self, keys: list[str], pixels: np.ndarray, extra: dict) -> None:
         for key, image in zip(keys, pixels, strict=True):
             path = self._path_for(key)
-            self.pending.append(self.pool.submit(_write_png, path, image))
+            self.pending.append((key, self.pool.submit(_write_png, path, image)))
         self._wait(4 * len(keys))  # keep a few batches in flight: memory stays bounded
 
     def _path_for(self, key: str) -> Path:
-        relative = key_path(key)
-        if relative in self.taken:  # another key already maps here: keep both, this one under a longer name
-            relative = relative.with_name(f"{relative.name}~{hashlib.sha256(key.encode()).hexdigest()[:8]}")
-            self.renamed += 1
-        self.taken.add(relative)
-        path = self.out / f"{relative}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A folder inside out that is a symbolic link could still lead elsewhere.
-        if os.path.commonpath([self.root, os.path.realpath(path.parent)]) != self.root:
-            raise StoreError(f"key {key!r} leads outside {self.out} through a symbolic link")
+        path = self.out / f"{self.names.claim(key)}.png"
+        # A folder inside out that is a symbolic link could lead elsewhere: look before creating anything.
+        existing = path.parent
+        while not existing.exists():
+            existing = existing.parent
+        self._check_inside(key, existing)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"key {key!r}: cannot make its folder: {exc}") from exc
+        self._check_inside(key, path.parent)
         self.files += 1
         return path
+
+    def _check_inside(self, key: str, folder: Path) -> None:
+        if os.path.commonpath([self.root, os.path.realpath(folder)]) != self.root:
+            raise StoreError(f"key {key!r} leads outside {self.out} through a symbolic link")
 
     def _wait(self, keep: int) -> None:
         started = time.perf_counter()
         while len(self.pending) > keep:
-            self.pending.pop(0).result()
+            key, future = self.pending.pop(0)
+            try:
+                future.result()
+            except OSError as exc:  # a full disk, a name too long for the file system
+                raise StoreError(f"key {key!r}: cannot write its PNG: {exc}") from exc
         self.wait_seconds += time.perf_counter() - started
 
 
@@ -247,15 +317,24 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 class WdsWriter:
-    """WebDataset shards `decoded-NNNNNN.tar` of KEY.png plus the carried fields, keys made safe as for PNGs."""
+    """WebDataset shards `decoded-NNNNNN.tar` of KEY.png plus the carried fields, keys made safe as for PNGs.
+    Each shard is written under a temporary name and renamed when it is complete."""
 
     def __init__(self, out: Path) -> None:
         import webdataset
 
-        self.writer = webdataset.ShardWriter(str(out / "decoded-%06d.tar"), maxcount=WDS_SHARD_SAMPLES, verbose=0)
-        self.taken: set[str] = set()
-        self.renamed = self.written = 0
+        def publish(temporary: str) -> None:
+            os.replace(temporary, out / Path(temporary).name.removeprefix(".").removesuffix(".tmp"))
+
+        pattern = str(out / ".decoded-%06d.tar.tmp")
+        self.writer = webdataset.ShardWriter(pattern, maxcount=WDS_SHARD_SAMPLES, verbose=0, post=publish)
+        self.names = UniqueNames()
+        self.written = 0
         self.wait_seconds = 0.0
+
+    @property
+    def renamed(self) -> int:
+        return self.names.renamed
 
     @property
     def files(self) -> int:
@@ -274,14 +353,9 @@ class WdsWriter:
 
         started = time.perf_counter()
         for i, (key, image) in enumerate(zip(keys, pixels, strict=True)):
-            name = str(key_path(key))
-            if name in self.taken:
-                name = f"{name}~{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-                self.renamed += 1
-            self.taken.add(name)
             buffer = io.BytesIO()
             Image.fromarray(image).save(buffer, "PNG", compress_level=1)
-            sample = {"__key__": name, "png": buffer.getvalue()}
+            sample = {"__key__": str(self.names.claim(key)), "png": buffer.getvalue()}
             sample.update({field: str(values[i]) for field, values in extra.items() if values[i] is not None})
             self.writer.write(sample)
             self.written += 1

@@ -91,7 +91,7 @@ def make_shards(folder: Path, seed: int = 0) -> dict[str, list[str]]:
 
 def run_demo(out: str | Path = "vqtok-demo", steps: int = 3000, show_progress: bool = True) -> DemoResult:
     from vqtok.data import iter_samples, sample_image
-    from vqtok.decode import decode
+    from vqtok.decode import decode, key_path
     from vqtok.encode import encode
     from vqtok.store import read_codes, summarize
     from vqtok.train import fit
@@ -125,7 +125,10 @@ def run_demo(out: str | Path = "vqtok-demo", steps: int = 3000, show_progress: b
     keys, _ = read_codes(tokens)
     held_out = iter_samples(shards["held_out"][0])
     originals = {s.key: sample_image(s, HELD_OUT_SIZE).permute(1, 2, 0).numpy() for s in held_out}  # (S, S, 3)
-    decoded_pixels = {k: np.asarray(Image.open(out / "decoded" / f"{k}.png")) for k in keys}
+    decoded_pixels = {}
+    for key in keys:
+        with Image.open(out / "decoded" / f"{key_path(key)}.png") as image:
+            decoded_pixels[key] = np.asarray(image)
     mse = np.mean([((decoded_pixels[k].astype(float) - originals[k]) ** 2).mean() for k in keys])
     result.psnr = 10 * math.log10(255**2 / mse)
     result.usage = summarize(tokens)["usage"]
