@@ -101,3 +101,14 @@ def model_dir(tmp_path_factory):
         z = model.encoder(torch.rand(8, 3, 16, 16) * 2 - 1)  # (8, D, 4, 4)
         model.quantizer.codebook.copy_(z.permute(0, 2, 3, 1).reshape(-1, 4)[torch.randperm(128)[:32]])
     return str(model.save_pretrained(tmp_path_factory.mktemp("model") / "model"))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerator state is a process-wide singleton; each in-process fit starts from a clean one."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

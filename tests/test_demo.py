@@ -9,15 +9,7 @@ from vqtok.cli import cli
 from vqtok.demo import HELD_OUT_PHOTOS, HELD_OUT_SIZE, MARKER
 from vqtok.store import read_codes
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_demo_runs_the_whole_loop(tmp_path):

@@ -15,6 +15,8 @@ from conftest import free_port, image_samples
 from vqtok import VQVAE
 from vqtok.cli import cli
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 TINY = ["--hidden", "16", "--codebook-size", "16", "--code-dim", "8", "--image-size", "16", "--batch-size", "8"]
 
 
@@ -29,17 +31,6 @@ def shards(make_shard):
 
 def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerator state is a process-wide singleton; each in-process fit starts from a clean one."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def test_fit_one_process(shards, tmp_path):
