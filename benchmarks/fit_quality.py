@@ -31,19 +31,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vqtok.demo import photo  # scaled to a shorter side of 160 px: crops then hold objects, not just texture
+
 # chelsea and cat are one photo, and the two stereo_motorcycle views one scene: each stays on one side.
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry", "camera", "brick", "grass", "gravel", "moon")
 HELD_OUT_PHOTOS = ("chelsea", "coins", "hubble_deep_field", "retina", "cell")
 SIZE, K, D, HIDDEN, BATCH = 32, 512, 64, 128, 64
-
-
-def photo(name: str) -> Image.Image:
-    import skimage.data
-
-    pixels = getattr(skimage.data, name)()
-    image = Image.fromarray(pixels).convert("RGB")
-    scale = 160 / min(image.size)  # crops then hold objects, not just texture
-    return image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
 
 
 def crops(names, per_photo: int, seed: int) -> np.ndarray:

@@ -32,10 +32,11 @@ from vqtok.store import (
     RESERVED_COLUMNS,
     check_grid_type,
     codes_array,
-    file_metadata,
     group_code_range,
     read_row_group,
+    read_schema,
     row_groups,
+    schema_metadata,
 )
 
 FORMATS = ("png", "wds")
@@ -124,10 +125,12 @@ def decode(
     units = row_groups(tokens)
     if not units:
         raise StoreError(f"{tokens}: no Parquet data files")
-    for file in dict.fromkeys(file for file, _ in units):  # each file, since a folder may mix writers
-        check_model(file_metadata(file), model, force)
-        check_columns(file)
-    carried = _carried_columns(units[0][0]) if format == "wds" else []
+    schemas = {file: read_schema(file) for file, _ in units}
+    for file, schema in schemas.items():  # each file, since a folder may mix writers
+        check_model(schema_metadata(schema, file), model, force)
+        check_columns(schema, file)
+    first = next(iter(schemas.values()))
+    carried = [name for name in first.names if name not in RESERVED_COLUMNS] if format == "wds" else []
     selection = select_rows(units, model.codebook_size, keys, limit)
 
     out = Path(out)
@@ -140,13 +143,9 @@ def decode(
             decoding = time.perf_counter()
             keys = table.column("key").to_pylist()
             if None in keys:
-                raise StoreError(f"{units[0][0].parent}: a row has no key")
+                raise StoreError("a row has no key")
             grids = codes_array(table.column("codes"))
-            out_of_range = ((grids < 0) | (grids >= model.codebook_size)).reshape(len(grids), -1).any(axis=1)
-            if out_of_range.any():  # statistics that vouched for these rows were wrong
-                raise StoreError(
-                    f"key {keys[int(out_of_range.argmax())]!r} holds a code outside [0, {model.codebook_size})"
-                )
+            check_code_range(keys, grids, model.codebook_size)  # in case statistics that vouched for rows lied
             images = model.decode(torch.from_numpy(grids))  # (B, 3, H, W) in [0, 1]
             pixels = images.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
             result.decode_seconds += time.perf_counter() - decoding
@@ -179,17 +178,23 @@ def check_model(meta: dict | None, model: VQVAE, force: bool) -> None:
         )
 
 
-def check_columns(file: Path) -> None:
+def check_columns(schema: pa.Schema, file: Path) -> None:
     """StoreError unless the file has a string `key` column and a `codes` column of grids."""
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(file)
     for name in ("key", "codes"):
         if name not in schema.names:
             raise StoreError(f"{file}: no {name!r} column (columns: {', '.join(schema.names)})")
     if not (pa.types.is_string(schema.field("key").type) or pa.types.is_large_string(schema.field("key").type)):
         raise StoreError(f"{file}: keys must be strings, not {schema.field('key').type}")
     check_grid_type(schema.field("codes").type)
+
+
+def check_code_range(keys: list[str], codes: np.ndarray, codebook_size: int, where: str = "") -> None:
+    """StoreError naming the first key whose (h, w) grid holds a code outside [0, codebook_size)."""
+    outside = (codes < 0) | (codes >= codebook_size)  # (N, h, w)
+    bad = np.flatnonzero(outside.reshape(len(codes), -1).any(axis=1))
+    if len(bad):
+        value = codes[bad[0]][outside[bad[0]]][0]
+        raise StoreError(f"{where}key {keys[bad[0]]!r} holds code {value}, outside [0, {codebook_size})")
 
 
 def select_rows(units, codebook_size: int, keys: Sequence[str] | None, limit: int | None) -> dict[int, np.ndarray]:
@@ -218,11 +223,7 @@ def select_rows(units, codebook_size: int, keys: Sequence[str] | None, limit: in
         if not len(rows):
             continue
         codes = codes_array(table.column("codes").take(pa.array(rows)))
-        bad = np.flatnonzero(((codes < 0) | (codes >= codebook_size)).reshape(len(rows), -1).any(axis=1))
-        if len(bad):
-            row = int(rows[bad[0]])
-            value = codes[bad[0]][(codes[bad[0]] < 0) | (codes[bad[0]] >= codebook_size)][0]
-            raise StoreError(f"{file}: key {group_keys[row]!r} holds code {value}, outside [0, {codebook_size})")
+        check_code_range([group_keys[r] for r in rows], codes, codebook_size, where=f"{file}: ")
         found.update(group_keys[r] for r in rows)
         selection[i] = rows
         total += len(rows)
@@ -230,12 +231,6 @@ def select_rows(units, codebook_size: int, keys: Sequence[str] | None, limit: in
         missing = sorted(wanted - found)
         raise StoreError(f"{len(missing)} key(s) not in the tokens: {', '.join(missing[:5])}")
     return selection
-
-
-def _carried_columns(file: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return [name for name in pq.read_schema(file).names if name not in RESERVED_COLUMNS]
 
 
 def _batches(units, selection: dict[int, np.ndarray], columns: list[str], batch_size: int) -> Iterator[pa.Table]:
@@ -253,6 +248,7 @@ class PngWriter:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.root = os.path.realpath(out)
+        self.ready: set[Path] = set()  # folders known to lie inside out
         self.names = UniqueNames()
         self.files = 0
         self.wait_seconds = 0.0
@@ -280,6 +276,9 @@ class PngWriter:
 
     def _path_for(self, key: str) -> Path:
         path = self.out / f"{self.names.claim(key)}.png"
+        self.files += 1
+        if path.parent in self.ready:  # checked and made for an earlier key
+            return path
         # A folder inside out that is a symbolic link could lead elsewhere: look before creating anything.
         existing = path.parent
         while not existing.exists():
@@ -290,7 +289,7 @@ class PngWriter:
         except OSError as exc:
             raise StoreError(f"key {key!r}: cannot make its folder: {exc}") from exc
         self._check_inside(key, path.parent)
-        self.files += 1
+        self.ready.add(path.parent)
         return path
 
     def _check_inside(self, key: str, folder: Path) -> None:

@@ -388,10 +388,19 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
 
 def file_metadata(file: Path) -> dict | None:
     """One Parquet file's vqtok metadata; None when it has none (written by another tool)."""
+    return schema_metadata(read_schema(file), file)
+
+
+def read_schema(file: Path) -> pa.Schema:
     try:
-        metadata = pq.read_schema(file).metadata or {}
+        return pq.read_schema(file)
     except (OSError, pa.ArrowInvalid) as exc:
         raise StoreError(f"{file}: not a Parquet file ({exc})") from exc
+
+
+def schema_metadata(schema: pa.Schema, file: Path) -> dict | None:
+    """The vqtok metadata of a file's schema; None when it has none."""
+    metadata = schema.metadata or {}
     if METADATA_KEY not in metadata:
         return None
     try:
@@ -483,8 +492,9 @@ def summarize(path: str | os.PathLike) -> dict:
     meta = read_metadata(path) or {}
     counts = np.zeros(meta.get("codebook_size", 0), dtype=np.int64)
     rows, grid, shards = 0, None, set()
+    has_shard_column = {file: "shard" in read_schema(file).names for file in files}
     for file, group in row_groups(path):
-        has_shard = "shard" in pq.read_schema(file).names
+        has_shard = has_shard_column[file]
         table = read_row_group(file, group, ["shard"] if has_shard else [])
         codes = codes_array(table.column("codes"))
         if len(codes):
