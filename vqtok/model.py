@@ -20,8 +20,8 @@ from torch import nn
 from vqtok import __version__
 from vqtok.config import ModelConfig
 from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.files import write_atomically
 from vqtok.quantize import VectorQuantizer
+from vqtok.storage import Location
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -176,12 +176,13 @@ class VQVAE(nn.Module):
         """A hash of the weights: token files carry it so codes are never decoded by another model."""
         return weights_hash(self.state_dict())
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json and model.safetensors into directory (created if needed)."""
+    def save_pretrained(self, directory: str | os.PathLike, storage_options: dict | None = None) -> Path | str:
+        """Write config.json and model.safetensors into directory (created if needed), a local path or a URL;
+        returns the directory (a Path, or the URL)."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        where = Location.of(directory, storage_options)
+        where.makedirs()
         state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         header = {
             "format_version": FORMAT_VERSION,
@@ -189,30 +190,34 @@ class VQVAE(nn.Module):
             "model_id": weights_hash(state),
             "config": self.config.to_dict(),
         }
-        # Written under temporary names and renamed, so a crash never leaves half a model.
-        write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-        write_atomically(
-            directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(header, indent=2) + "\n")
-        )
-        return directory
+        # Each file whole or not at all (renamed into place, or uploaded in one piece), the weights before the
+        # config that names them, so a crash never leaves half a model.
+        where.join(WEIGHTS_NAME).write_with(lambda path: save_file(state, path, metadata={"format": "pt"}))
+        where.join(CONFIG_NAME).write_bytes((json.dumps(header, indent=2) + "\n").encode())
+        return Path(where.path) if where.local else where.url
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> VQVAE:
-        """Load a model directory written by save_pretrained, in eval mode. Reads no pickle."""
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", storage_options: dict | None = None
+    ) -> VQVAE:
+        """Load a model directory written by save_pretrained (a local path or a URL), in eval mode. Reads no
+        pickle."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
-        directory = Path(directory)
-        header = read_model_header(directory)
+        where = Location.of(directory, storage_options)
+        header = read_model_header(where)
         try:
             config = ModelConfig.from_dict(header["config"])
         except (ConfigError, TypeError) as e:
-            raise ModelFormatError(f"{directory / CONFIG_NAME}: {e}") from None
+            raise ModelFormatError(f"{where.join(CONFIG_NAME)}: {e}") from None
         model = cls(config)
+        weights = where.join(WEIGHTS_NAME)
         try:
-            state = load_file(directory / WEIGHTS_NAME)
+            # A local file is mapped, not read; from a store the bytes come whole.
+            state = load_file(weights.path) if weights.local else load(weights.read_bytes())
         except (SafetensorError, OSError) as e:
-            raise ModelFormatError(f"{directory / WEIGHTS_NAME} cannot be read: {e}") from None
+            raise ModelFormatError(f"{weights} cannot be read: {e}") from None
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -223,10 +228,10 @@ class VQVAE(nn.Module):
                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
                 if names
             ]
-            raise ModelFormatError(f"{directory / WEIGHTS_NAME} does not match its config.json ({'; '.join(problems)})")
+            raise ModelFormatError(f"{weights} does not match its config.json ({'; '.join(problems)})")
         if weights_hash(state) != header["model_id"]:
             raise ModelFormatError(
-                f"{directory / WEIGHTS_NAME} is not the weights config.json describes (model_id differs): "
+                f"{weights} is not the weights config.json describes (model_id differs): "
                 "the directory was changed or mixed with another model's files"
             )
         model.load_state_dict(state)
@@ -242,19 +247,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
-def read_model_header(directory: Path) -> dict:
+def read_model_header(directory: str | os.PathLike | Location) -> dict:
     """config.json of a model directory, checked: the format version, model id and config are there."""
-    if not directory.is_dir():
-        raise ModelFormatError(f"{directory} is not a model directory (expected a folder with {CONFIG_NAME})")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise ModelFormatError(f"{directory} is not a vqtok model directory: {name} is missing")
+    directory = Location.of(directory)
+    config = directory.join(CONFIG_NAME)
+    text = config.read_text(missing_ok=True)
+    if text is None:
+        if not directory.isdir():
+            raise ModelFormatError(f"{directory} is not a model directory (expected a folder with {CONFIG_NAME})")
+        raise ModelFormatError(f"{directory} is not a vqtok model directory: {CONFIG_NAME} is missing")
+    if not directory.join(WEIGHTS_NAME).isfile():
+        raise ModelFormatError(f"{directory} is not a vqtok model directory: {WEIGHTS_NAME} is missing")
     try:
-        header = json.loads((directory / CONFIG_NAME).read_text())
+        header = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{directory / CONFIG_NAME} is not valid JSON: {e}") from None
+        raise ModelFormatError(f"{config} is not valid JSON: {e}") from None
     if not isinstance(header, dict) or not {"format_version", "model_id", "config"} <= set(header):
-        raise ModelFormatError(f"{directory / CONFIG_NAME} is not a vqtok model config")
+        raise ModelFormatError(f"{config} is not a vqtok model config")
     version = header["format_version"]
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelFormatError(
@@ -262,7 +271,7 @@ def read_model_header(directory: Path) -> dict:
             f"{__version__} reads format {FORMAT_VERSION}): upgrade vqtok to load it"
         )
     if not isinstance(header["config"], dict):
-        raise ModelFormatError(f"{directory / CONFIG_NAME}: 'config' must be an object")
+        raise ModelFormatError(f"{config}: 'config' must be an object")
     return header
 
 
