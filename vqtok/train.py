@@ -29,7 +29,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from vqtok.config import ModelConfig, TrainConfig
-from vqtok.data import expand_shards, make_loader
+from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import ConfigError
 from vqtok.model import VQVAE
 from vqtok.progress import ProgressBar
@@ -103,14 +103,18 @@ def fit(
     val_shards: list[str] | None = None,
     resume: bool = False,
     show_progress: bool = True,
+    image_column: str | None = None,
+    storage_options: dict | None = None,
 ) -> FitResult:
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 
     out = Path(out)
     cfg = train_config
-    train_shards = expand_shards(shards)
-    val_shards = expand_shards(val_shards) if val_shards else []
+    # Shards, image folders and Parquet files alike: units of work that the loaders split and draw from.
+    sources = {"image_column": image_column, "storage_options": storage_options}
+    train_shards = expand_inputs(shards, **sources).units
+    val_shards = expand_inputs(val_shards, **sources).units if val_shards else []
     checkpoint = latest_checkpoint(out) if resume else None
     if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
