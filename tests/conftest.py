@@ -1,4 +1,5 @@
-"""Builders shared by the tests: WebDataset shards and encoded images, made on the spot in tmp_path."""
+"""Builders shared by the tests: WebDataset shards, image folders, Parquet datasets and encoded images, made on
+the spot in tmp_path; and a local S3 server (moto) on 127.0.0.1 for the tests of object storage."""
 
 import io
 import socket
@@ -40,6 +41,55 @@ def image_samples(keys, seed: int = 0) -> list[dict]:
         {"__key__": key, "png": image_bytes(random_image(seed + i)), "cls": str(i).encode()}
         for i, key in enumerate(keys)
     ]
+
+
+def class_images(classes=("cat", "dog"), per_class: int = 3, seed: int = 0) -> dict[str, bytes]:
+    """{key: PNG bytes} for keys `class/i`, the layout of an ImageNet-style folder."""
+    images, n = {}, 0
+    for name in classes:
+        for i in range(per_class):
+            images[f"{name}/{i}"] = image_bytes(random_image(seed + n))
+            n += 1
+    return images
+
+
+def write_image_folder(root, images: dict[str, bytes], extension: str = "png") -> Path:
+    """Each image as root/KEY.extension."""
+    root = Path(root)
+    for key, data in images.items():
+        path = root / f"{key}.{extension}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def write_hf_parquet(root, images: dict[str, bytes], files: int = 2, key_column: str | None = "__key__") -> Path:
+    """A Hugging Face style Parquet dataset written by `datasets` itself: root/data/train-0000i-of-0000n.parquet,
+    an Image() column, a ClassLabel `label` (the key's first folder) and a text `caption`."""
+    import datasets
+
+    keys = list(images)
+    names = sorted({key.split("/")[0] for key in keys})
+    columns = {
+        "image": [{"bytes": images[key], "path": f"{key}.png"} for key in keys],
+        "label": [names.index(key.split("/")[0]) for key in keys],
+        "caption": [f"a picture of {key}" for key in keys],
+    }
+    features = {
+        "image": datasets.Image(),
+        "label": datasets.ClassLabel(names=names),
+        "caption": datasets.Value("string"),
+    }
+    if key_column:
+        columns[key_column] = keys
+        features[key_column] = datasets.Value("string")
+    dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    (Path(root) / "data").mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        dataset.shard(files, i, contiguous=True).to_parquet(
+            str(Path(root) / "data" / f"train-{i:05d}-of-{files:05d}.parquet")
+        )
+    return Path(root)
 
 
 def bomb_png(width: int, height: int) -> bytes:
