@@ -162,3 +162,65 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3 server (moto's) on 127.0.0.1 for the whole session; nothing else is reached."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+class Bucket:
+    """A fresh bucket on the local S3 server and an s3fs file system to look into it."""
+
+    def __init__(self, fs, name: str) -> None:
+        self.fs = fs
+        self.name = name
+
+    def url(self, path: str = "") -> str:
+        return f"s3://{self.name}/{path}" if path else f"s3://{self.name}"
+
+    def listing(self) -> list[str]:
+        self.fs.invalidate_cache()
+        return sorted(self.fs.find(self.name))
+
+
+def point_at_s3(monkeypatch, endpoint: str, tmp_path, key: str = "testing") -> None:
+    """The environment a user sets for an S3-compatible store (MinIO, Ceph, this test server): the standard AWS
+    variables, with empty config and credential files so that nobody's own profile is read."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    import s3fs
+
+    # fsspec keeps one file system per set of options, made with the environment of its time.
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch, tmp_path):
+    import uuid
+
+    import s3fs
+
+    point_at_s3(monkeypatch, s3_endpoint, tmp_path)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    name = f"vqtok-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    yield Bucket(fs, name)
+    s3fs.S3FileSystem.clear_instance_cache()

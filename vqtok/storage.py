@@ -159,26 +159,27 @@ class Location:
 
     # -- looking ---------------------------------------------------------------------------------------------
 
-    def exists(self) -> bool:
+    def kind(self) -> str | None:
+        """ "file", "directory" or None when there is nothing here. A store that cannot be reached or refuses is
+        a StorageError, never a None: fsspec's own exists() and isdir() answer False to those."""
         if self.local:
-            return os.path.exists(self.path)
+            path = self.path
+            return "directory" if os.path.isdir(path) else "file" if os.path.exists(path) else None
+        fs, path = self._fresh()
         with reported(self):
-            fs, path = self._fresh()
-            return fs.exists(path)
+            try:
+                return fs.info(path)["type"]
+            except FileNotFoundError:
+                return None
+
+    def exists(self) -> bool:
+        return self.kind() is not None
 
     def isdir(self) -> bool:
-        if self.local:
-            return os.path.isdir(self.path)
-        with reported(self):
-            fs, path = self._fresh()
-            return fs.isdir(path)
+        return self.kind() == "directory"
 
     def isfile(self) -> bool:
-        if self.local:
-            return os.path.isfile(self.path)
-        with reported(self):
-            fs, path = self._fresh()
-            return fs.isfile(path)
+        return self.kind() == "file"
 
     def size(self) -> int:
         with reported(self):
