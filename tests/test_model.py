@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from vqtok import VQVAE
 from vqtok.config import ModelConfig
 from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.model import CONFIG_NAME, WEIGHTS_NAME
+from vqtok.pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 SMALL = dict(hidden_channels=16, res_channels=8, codebook_size=32, code_dim=8)
 

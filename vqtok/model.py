@@ -2,13 +2,11 @@
 Oord et al., 2017, section 4.1): an encoder of strided 4x4 convolutions and
 residual blocks, the vector quantizer, and a decoder that mirrors the encoder
 with transposed convolutions; and the model directory format
-(`config.json` + `model.safetensors`, no pickle anywhere).
+(`config.json` + `model.safetensors`, no pickle anywhere; see `vqtok.pretrained`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -17,15 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqtok import __version__
 from vqtok.config import ModelConfig
 from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.files import write_atomically
+from vqtok.pretrained import CONFIG_NAME, load_weights, read_header, save_directory, weights_hash
 from vqtok.quantize import VectorQuantizer
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+KIND = "tokenizer"  # what config.json's "kind" says of a VQ-VAE's directory
 
 
 class ResidualBlock(nn.Module):
@@ -169,7 +164,7 @@ class VQVAE(nn.Module):
         out = self.decoder(self.quantizer.lookup(codes))  # (B, C, H, W)
         return ((out.float() + 1) / 2).clamp_(0, 1)
 
-    # -- the model directory ---------------------------------------------------
+    # -- the model directory (vqtok.pretrained) ---------------------------------
 
     @property
     def model_id(self) -> str:
@@ -178,58 +173,18 @@ class VQVAE(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write config.json and model.safetensors into directory (created if needed)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        header = {
-            "format_version": FORMAT_VERSION,
-            "vqtok_version": __version__,
-            "model_id": weights_hash(state),
-            "config": self.config.to_dict(),
-        }
-        # Written under temporary names and renamed, so a crash never leaves half a model.
-        write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-        write_atomically(
-            directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(header, indent=2) + "\n")
-        )
-        return directory
+        return save_directory(directory, self, KIND, self.config.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> VQVAE:
         """Load a model directory written by save_pretrained, in eval mode. Reads no pickle."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        header = read_model_header(directory)
+        header = read_header(directory, KIND)
         try:
             config = ModelConfig.from_dict(header["config"])
         except (ConfigError, TypeError) as e:
-            raise ModelFormatError(f"{directory / CONFIG_NAME}: {e}") from None
+            raise ModelFormatError(f"{Path(directory) / CONFIG_NAME}: {e}") from None
         model = cls(config)
-        try:
-            state = load_file(directory / WEIGHTS_NAME)
-        except (SafetensorError, OSError) as e:
-            raise ModelFormatError(f"{directory / WEIGHTS_NAME} cannot be read: {e}") from None
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong_shape = sorted(n for n in set(expected) & set(state) if expected[n].shape != state[n].shape)
-        if missing or unexpected or wrong_shape:
-            problems = [
-                f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-                if names
-            ]
-            raise ModelFormatError(f"{directory / WEIGHTS_NAME} does not match its config.json ({'; '.join(problems)})")
-        if weights_hash(state) != header["model_id"]:
-            raise ModelFormatError(
-                f"{directory / WEIGHTS_NAME} is not the weights config.json describes (model_id differs): "
-                "the directory was changed or mixed with another model's files"
-            )
-        model.load_state_dict(state)
+        load_weights(directory, model, header)
         return model.to(device).eval()
 
 
@@ -240,37 +195,3 @@ def pick_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is available")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-
-
-def read_model_header(directory: Path) -> dict:
-    """config.json of a model directory, checked: the format version, model id and config are there."""
-    if not directory.is_dir():
-        raise ModelFormatError(f"{directory} is not a model directory (expected a folder with {CONFIG_NAME})")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise ModelFormatError(f"{directory} is not a vqtok model directory: {name} is missing")
-    try:
-        header = json.loads((directory / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{directory / CONFIG_NAME} is not valid JSON: {e}") from None
-    if not isinstance(header, dict) or not {"format_version", "model_id", "config"} <= set(header):
-        raise ModelFormatError(f"{directory / CONFIG_NAME} is not a vqtok model config")
-    version = header["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModelFormatError(
-            f"{directory} was written by a newer vqtok (model format {version}, this vqtok "
-            f"{__version__} reads format {FORMAT_VERSION}): upgrade vqtok to load it"
-        )
-    if not isinstance(header["config"], dict):
-        raise ModelFormatError(f"{directory / CONFIG_NAME}: 'config' must be an object")
-    return header
-
-
-def weights_hash(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of the tensors, in name order; 16 hex digits."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
