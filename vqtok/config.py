@@ -32,6 +32,9 @@ class ModelConfig:
     kmeans_init: bool = True
     dead_code_window: int = 100  # steps a code may go unused before it is restarted; 0: never
     image_size: int = 32  # the size the model was trained at; it encodes any multiple of its stride
+    lookup_dim: int | None = None  # codes looked up in this many dimensions after a projection; None: in code_dim
+    normalize_codes: bool = False  # l2-normalize vectors and codes before the lookup: codes are directions
+    rotation_trick: bool = False  # the encoder's gradient through the rotation trick instead of straight-through
 
     def __post_init__(self) -> None:
         positive = [
@@ -47,8 +50,13 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.res_channels is not None and (not isinstance(self.res_channels, int) or self.res_channels < 1):
-            raise ConfigError(f"res_channels must be a positive integer, got {self.res_channels!r}")
+        for name in ("res_channels", "lookup_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("kmeans_init", "normalize_codes", "rotation_trick"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.codebook_size < 2:
             raise ConfigError("codebook_size must be at least 2")
         if not self.beta >= 0:
@@ -70,7 +78,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        return _from_table(cls, values, "model config")
+        """A config.json's config. Settings it lacks were added after it was written: they take the value
+        that reproduces the model it describes, not today's default."""
+        return _from_table(cls, {**ADDED_SETTINGS, **values}, "model config")
+
+
+# Settings added to ModelConfig after models were first saved, with the value that means "as before they
+# existed". A model directory lacking one was written before it and loads with that value.
+ADDED_SETTINGS = {"lookup_dim": None, "normalize_codes": False, "rotation_trick": False}
 
 
 @dataclass(frozen=True)
