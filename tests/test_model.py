@@ -185,3 +185,15 @@ def test_a_model_saved_before_the_added_settings_loads_and_encodes_the_same_code
 
     saved_again = VQVAE.from_pretrained(model.save_pretrained(tmp_path / "again"))  # now with every setting named
     assert saved_again.model_id == header["model_id"]
+
+
+def test_the_papers_recipe_loads_as_the_paper_has_it():
+    from vqtok.config import load_config
+
+    model, train = load_config(Path(__file__).parent.parent / "pipelines" / "paper.toml")
+    assert (model.hidden_channels, model.res_channels, model.num_res_blocks) == (256, 256, 2)
+    assert (model.codebook_size, model.code_dim, model.beta) == (512, 64, 0.25)
+    assert model.decay is None and not model.kmeans_init and model.dead_code_window == 0  # the codebook loss
+    assert model.lookup_dim is None and not model.normalize_codes and not model.rotation_trick
+    assert (train.lr, train.batch_size, train.steps) == (2e-4, 128, 250000)
+    assert (train.warmup_steps, train.min_lr_ratio) == (0, 1)  # constant

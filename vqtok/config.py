@@ -3,7 +3,9 @@
 A `ModelConfig` is everything needed to rebuild a model's modules; it is the
 `config` object of a model directory's `config.json`. A `TrainConfig` holds
 the training recipe. A TOML file has a `[model]` and a `[train]` table with
-these fields; command-line options override it (`load_config`).
+these fields; command-line options override it (`load_config`). TOML has no
+null, so `false` stands for None where a setting may be None: `decay = false`
+is the paper's codebook loss instead of moving averages.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ class ModelConfig:
         return _from_table(cls, {**ADDED_SETTINGS, **values}, "model config")
 
 
+# The settings that may be None, which a TOML file writes as false.
+NULLABLE = ("res_channels", "decay", "lookup_dim")
+
 # Settings added to ModelConfig after models were first saved, with the value that means "as before they
 # existed". A model directory lacking one was written before it and loads with that value.
 ADDED_SETTINGS = {"lookup_dim": None, "normalize_codes": False, "rotation_trick": False}
@@ -158,6 +163,10 @@ def load_config(
         if unknown:
             raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [model] and [train]")
     where = str(path) if path else "settings"
+    model_file = tables.get("model", {})
+    for name in NULLABLE:  # TOML has no null: `decay = false` says decay = None (no EMA), and so on
+        if model_file.get(name) is False:
+            model_file[name] = None
     model_table = {**tables.get("model", {}), **{k: v for k, v in (model or {}).items() if v is not None}}
     train_table = {**tables.get("train", {}), **{k: v for k, v in (train or {}).items() if v is not None}}
     return _from_table(ModelConfig, model_table, where), _from_table(TrainConfig, train_table, where)
