@@ -18,7 +18,7 @@ from vqtok.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMANDS = ("fit", "encode", "decode", "info", "demo")
+COMMANDS = ("fit", "eval", "encode", "decode", "info", "demo")
 # Long runs are not run as written here: training for thousands of steps would take hours on CI. The docs show
 # their output (docs/index.md), and tests/test_fit.py and tests/test_demo.py run the same commands small.
 LONG = ("vqtok fit", "vqtok demo")
@@ -61,7 +61,7 @@ def shell_lines(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, model_dir):
-    """What the documented commands expect in their folder: shards/, runs/x/model, samples.parquet."""
+    """What the documented commands expect in their folder: shards/ (train and val), runs/x/model, samples.parquet."""
     from conftest import image_samples, write_shard
 
     from vqtok.encode import encode
@@ -72,6 +72,8 @@ def workspace(tmp_path_factory, model_dir):
         samples = image_samples([f"img{i:03d}"], seed=i)
         samples[0]["txt"] = f"a caption for image {i}".encode()
         write_shard(root / "shards" / f"train-{i:06d}.tar", samples)
+    for i in range(10):
+        write_shard(root / "shards" / f"val-{i:06d}.tar", image_samples([f"val{i:03d}"], seed=1000 + i))
     shutil.copytree(model_dir, root / "runs" / "x" / "model")
     encode([str(root / "shards")], root / "tokens.parquet", root / "runs/x/model", keep=["cls", "txt"], num_workers=0)
     codes = np.random.default_rng(0).integers(0, 32, (3, 4, 4))

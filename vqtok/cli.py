@@ -31,7 +31,7 @@ def user_errors(command):
     return wrapper
 
 
-# What INPUTS are, in every command that reads images (fit, encode); `{INPUTS}` in a docstring becomes this.
+# What INPUTS are, in every command that reads images (fit, eval, encode); `{INPUTS}` in a docstring becomes this.
 INPUTS_HELP = """INPUTS are any mix of: WebDataset tar files or folders of them; folders of
 image files (jpg, png, webp...), searched recursively in sorted order, each
 file's key its path in the folder without the extension; Parquet files with
@@ -189,9 +189,33 @@ def override(name: str, config_class, *flags, **kwargs):
 @override("codebook_size", ModelConfig, "--codebook-size", type=click.IntRange(min=2), help="K, codebook entries.")
 @override("code_dim", ModelConfig, "--code-dim", type=click.IntRange(min=1), help="D, code vector size.")
 @override("hidden_channels", ModelConfig, "--hidden", type=click.IntRange(min=1), help="Hidden channels.")
+@override(
+    "res_channels", ModelConfig, "--res-channels", type=click.IntRange(min=1), help="Channels inside residual blocks."
+)
+@override("num_res_blocks", ModelConfig, "--res-blocks", type=click.IntRange(min=1), help="Residual blocks per side.")
+@override(
+    "lookup_dim",
+    ModelConfig,
+    "--lookup-dim",
+    type=click.IntRange(min=1),
+    help="Look codes up in this many dimensions, after a linear projection of the D-vectors.",
+)
+@override(
+    "normalize_codes",
+    ModelConfig,
+    "--normalize-codes/--no-normalize-codes",
+    help="l2-normalize vectors and codes before the lookup.",
+)
+@override(
+    "rotation_trick",
+    ModelConfig,
+    "--rotation-trick/--straight-through",
+    help="Pass the encoder's gradient through the rotation trick, or copy it straight through.",
+)
 @override("beta", ModelConfig, "--beta", type=click.FloatRange(min=0), help="Commitment loss weight.")
 @override("decay", ModelConfig, "--decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="EMA decay.")
 @click.option("--no-ema", is_flag=True, help="Learn the codebook by the paper's codebook loss instead of EMA.")
+@override("warmup_steps", TrainConfig, "--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up steps.")
 @override("seed", TrainConfig, "--seed", type=click.IntRange(min=0), help="Random seed.")
 @click.option("--val", multiple=True, help="Validation inputs (repeatable), evaluated every --eval-every steps.")
 @override("eval_every", TrainConfig, "--eval-every", type=click.IntRange(min=1), help="Steps between evaluations.")
@@ -252,6 +276,68 @@ def fit(inputs, out, config_path, no_ema, val, resume, image_column, storage_opt
         click.echo(
             f"held-out PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1%}, perplexity {m['perplexity']:.0f}"
         )
+
+
+@cli.command("eval")
+@click.argument("model_dir", metavar="MODEL")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--image-size", type=click.IntRange(min=1), help="Crop size; the model's training size if not given.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most N images.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Folder for report.json and reconstructions.png (the worst and typical images over their reconstructions).",
+)
+@click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0), help="Decoding workers.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+@click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
+@storage_options_option
+@user_errors
+@inputs_help
+def eval_(model_dir, inputs, as_json, storage_options, **options):
+    """How well a tokenizer (MODEL, a path or a URL) reconstructs the images
+    of INPUTS: its report card.
+
+    The same numbers `vqtok fit` reports on --val: PSNR (the mean of each
+    image's, and over all pixels), SSIM, codebook usage, perplexity, bits per
+    code, and encode and decode images/s. Images are centre-cropped to
+    --image-size, as `vqtok encode` does.
+
+    {INPUTS}
+
+    \b
+    Examples:
+        vqtok eval runs/x/model shards/val-{000000..000009}.tar
+        vqtok eval runs/x/model shards/val.tar --limit 2000 --out report/ --json
+        vqtok eval runs/x/model imagenet/val/ --limit 2000
+    """
+    from vqtok.evaluate import evaluate_shards
+    from vqtok.storage import parse_options
+
+    options["storage_options"] = parse_options(storage_options)
+    report = evaluate_shards(model_dir, list(inputs), **options)
+    if as_json:
+        click.echo(json.dumps(report.metrics(), indent=2))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model_dir} on {report.images:,} images", show_header=False)
+    table.add_row("PSNR", f"{report.psnr_image_mean:.2f} dB mean over images, {report.psnr:.2f} dB over all pixels")
+    table.add_row("SSIM", f"{report.ssim:.4f}")
+    table.add_row("codebook usage", f"{report.codes_used:,} of {report.codebook_size:,} codes, {report.usage:.1%}")
+    table.add_row("perplexity", f"{report.perplexity:,.1f} ({report.bits_per_code:.3f} bits per code)")
+    speed = f"encode {report.encode_images_per_second:,.1f}, decode {report.decode_images_per_second:,.1f}"
+    table.add_row("images/s (model)", speed)
+    table.add_row("worst", ", ".join(f"{e.key} ({e.psnr:.1f} dB)" for e in report.worst[:3]))
+    if report.errors:
+        table.add_row("errors", f"{report.errors:,} samples could not be decoded")
+    if options["out"]:
+        table.add_row("written", f"{options['out']}/report.json, {options['out']}/reconstructions.png")
+    Console().print(table)
 
 
 @cli.command()

@@ -41,11 +41,17 @@ class DemoResult:
 
 
 def photo(name: str) -> Image.Image:
+    """One of scikit-image's photographs by name, scaled to a shorter side of SHORTER_SIDE pixels."""
     try:
         import skimage.data
     except ImportError:
         raise ConfigError("vqtok demo takes its photographs from scikit-image: pip install 'vqtok[demo]'") from None
-    image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    return scaled(Image.fromarray(getattr(skimage.data, name)()))
+
+
+def scaled(image: Image.Image) -> Image.Image:
+    """An RGB copy with a shorter side of SHORTER_SIDE pixels: a 32x32 crop then holds part of an object."""
+    image = image.convert("RGB")
     scale = SHORTER_SIDE / min(image.size)
     return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
 

@@ -2,13 +2,11 @@
 Oord et al., 2017, section 4.1): an encoder of strided 4x4 convolutions and
 residual blocks, the vector quantizer, and a decoder that mirrors the encoder
 with transposed convolutions; and the model directory format
-(`config.json` + `model.safetensors`, no pickle anywhere).
+(`config.json` + `model.safetensors`, no pickle anywhere; see `vqtok.pretrained`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -17,15 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqtok import __version__
 from vqtok.config import ModelConfig
 from vqtok.errors import ConfigError, ModelFormatError
+from vqtok.pretrained import CONFIG_NAME, load_weights, read_header, save_directory, weights_hash
 from vqtok.quantize import VectorQuantizer
 from vqtok.storage import Location
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+KIND = "tokenizer"  # what config.json's "kind" says of a VQ-VAE's directory
 
 
 class ResidualBlock(nn.Module):
@@ -116,6 +112,9 @@ class VQVAE(nn.Module):
             decay=config.decay,
             kmeans_init=config.kmeans_init,
             dead_code_window=config.dead_code_window,
+            lookup_dim=config.lookup_dim,
+            normalize=config.normalize_codes,
+            rotation_trick=config.rotation_trick,
         )
         self.decoder = Decoder(config)
 
@@ -169,7 +168,7 @@ class VQVAE(nn.Module):
         out = self.decoder(self.quantizer.lookup(codes))  # (B, C, H, W)
         return ((out.float() + 1) / 2).clamp_(0, 1)
 
-    # -- the model directory ---------------------------------------------------
+    # -- the model directory (vqtok.pretrained) ---------------------------------
 
     @property
     def model_id(self) -> str:
@@ -177,24 +176,9 @@ class VQVAE(nn.Module):
         return weights_hash(self.state_dict())
 
     def save_pretrained(self, directory: str | os.PathLike, storage_options: dict | None = None) -> Path | str:
-        """Write config.json and model.safetensors into directory (created if needed), a local path or a URL;
-        returns the directory (a Path, or the URL)."""
-        from safetensors.torch import save_file
-
-        where = Location.of(directory, storage_options)
-        where.makedirs()
-        state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        header = {
-            "format_version": FORMAT_VERSION,
-            "vqtok_version": __version__,
-            "model_id": weights_hash(state),
-            "config": self.config.to_dict(),
-        }
-        # Each file whole or not at all (renamed into place, or uploaded in one piece), the weights before the
-        # config that names them, so a crash never leaves half a model.
-        where.join(WEIGHTS_NAME).write_with(lambda path: save_file(state, path, metadata={"format": "pt"}))
-        where.join(CONFIG_NAME).write_bytes((json.dumps(header, indent=2) + "\n").encode())
-        return Path(where.path) if where.local else where.url
+        """Write config.json and model.safetensors into directory (created if needed), a local path or a URL
+        that fsspec opens; returns the directory (a Path, or the URL)."""
+        return save_directory(directory, self, KIND, self.config.to_dict(), storage_options)
 
     @classmethod
     def from_pretrained(
@@ -202,39 +186,14 @@ class VQVAE(nn.Module):
     ) -> VQVAE:
         """Load a model directory written by save_pretrained (a local path or a URL), in eval mode. Reads no
         pickle."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load, load_file
-
         where = Location.of(directory, storage_options)
-        header = read_model_header(where)
+        header = read_header(where, KIND)
         try:
             config = ModelConfig.from_dict(header["config"])
         except (ConfigError, TypeError) as e:
             raise ModelFormatError(f"{where.join(CONFIG_NAME)}: {e}") from None
         model = cls(config)
-        weights = where.join(WEIGHTS_NAME)
-        try:
-            # A local file is mapped, not read; from a store the bytes come whole.
-            state = load_file(weights.path) if weights.local else load(weights.read_bytes())
-        except (SafetensorError, OSError) as e:
-            raise ModelFormatError(f"{weights} cannot be read: {e}") from None
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong_shape = sorted(n for n in set(expected) & set(state) if expected[n].shape != state[n].shape)
-        if missing or unexpected or wrong_shape:
-            problems = [
-                f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-                if names
-            ]
-            raise ModelFormatError(f"{weights} does not match its config.json ({'; '.join(problems)})")
-        if weights_hash(state) != header["model_id"]:
-            raise ModelFormatError(
-                f"{weights} is not the weights config.json describes (model_id differs): "
-                "the directory was changed or mixed with another model's files"
-            )
-        model.load_state_dict(state)
+        load_weights(where, model, header)
         return model.to(device).eval()
 
 
@@ -245,41 +204,3 @@ def pick_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is available")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-
-
-def read_model_header(directory: str | os.PathLike | Location) -> dict:
-    """config.json of a model directory, checked: the format version, model id and config are there."""
-    directory = Location.of(directory)
-    config = directory.join(CONFIG_NAME)
-    text = config.read_text(missing_ok=True)
-    if text is None:
-        if not directory.isdir():
-            raise ModelFormatError(f"{directory} is not a model directory (expected a folder with {CONFIG_NAME})")
-        raise ModelFormatError(f"{directory} is not a vqtok model directory: {CONFIG_NAME} is missing")
-    if not directory.join(WEIGHTS_NAME).isfile():
-        raise ModelFormatError(f"{directory} is not a vqtok model directory: {WEIGHTS_NAME} is missing")
-    try:
-        header = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{config} is not valid JSON: {e}") from None
-    if not isinstance(header, dict) or not {"format_version", "model_id", "config"} <= set(header):
-        raise ModelFormatError(f"{config} is not a vqtok model config")
-    version = header["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModelFormatError(
-            f"{directory} was written by a newer vqtok (model format {version}, this vqtok "
-            f"{__version__} reads format {FORMAT_VERSION}): upgrade vqtok to load it"
-        )
-    if not isinstance(header["config"], dict):
-        raise ModelFormatError(f"{config}: 'config' must be an object")
-    return header
-
-
-def weights_hash(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of the tensors, in name order; 16 hex digits."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]

@@ -5,23 +5,16 @@ model, optimizer, one `prepare`, then `accumulate` / `backward` steps, with
 `save_state` / `load_state` checkpoints. It runs the same on one CPU, one GPU
 or many processes under `accelerate launch`.
 
-Layout of OUT:
-    checkpoints/step-000500/   accelerate state (model, optimizer, scheduler, RNGs)
+Layout of OUT (run.json, checkpoints/ and metrics.jsonl as every trainer's, see `vqtok.runs`):
     model/                     the exported model (config.json + model.safetensors)
-    samples/step-000500.png    originals (top) over reconstructions (bottom)
-    metrics.jsonl              one JSON object per log or evaluation
+    samples/step-000500.png    the worst reconstructed validation images and typical ones, each over
+                               its reconstruction
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import os
-import re
-import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +24,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from vqtok.config import ModelConfig, TrainConfig
 from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import ConfigError
+from vqtok.evaluate import evaluate
 from vqtok.model import VQVAE
 from vqtok.progress import ProgressBar
-from vqtok.quantize import perplexity
-
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+from vqtok.runs import Run, lr_lambda
 
 
 @dataclass
@@ -46,49 +38,6 @@ class FitResult:
     images_per_second: float
     metrics: dict  # the last evaluation's metrics (empty without validation shards)
     main_process: bool  # whether this process is the one that reports
-
-
-def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up (at most a tenth of the run), then cosine decay to min_lr_ratio of the peak."""
-    warmup = min(config.warmup_steps, config.steps // 10)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, config.steps - warmup)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
-
-    return factor
-
-
-def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
-    found = [
-        (int(m.group(1)), p)
-        for p in (out / "checkpoints").glob("step-*")
-        if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
-    ]
-    if not found:
-        return None
-    step, path = max(found)
-    return path, step
-
-
-def check_run_settings(path: Path, model_config: ModelConfig, cfg: TrainConfig, resuming: bool) -> None:
-    """A resumed run must be the run it resumes: the model's settings and the step count decide that."""
-    settings = {"model": model_config.to_dict(), "steps": cfg.steps}
-    if resuming and path.is_file():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in saved["model"] if saved["model"][k] != settings["model"].get(k))
-        if saved["steps"] != cfg.steps:
-            changed.append("steps")
-        if changed:
-            raise ConfigError(f"--resume with other settings than {path} records: {', '.join(changed)} changed")
-    if int(os.environ.get("RANK", "0")) == 0:  # other processes may be reading it: replace it whole
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(partial, path)
 
 
 def codebook_digest(model: VQVAE) -> str:
@@ -106,8 +55,7 @@ def fit(
     image_column: str | None = None,
     storage_options: dict | None = None,
 ) -> FitResult:
-    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-    from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+    from accelerate.utils import gather_object, set_seed
 
     out = Path(out)
     cfg = train_config
@@ -115,33 +63,11 @@ def fit(
     sources = {"image_column": image_column, "storage_options": storage_options}
     train_shards = expand_inputs(shards, **sources).units
     val_shards = expand_inputs(val_shards, **sources).units if val_shards else []
-    checkpoint = latest_checkpoint(out) if resume else None
-    if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     if model_config.in_channels != 3:
         raise ConfigError("fit reads RGB images: in_channels must be 3")
-    check_run_settings(out / "run.json", model_config, cfg, resuming=checkpoint is not None)
-
-    # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine):
-    # accelerate only sets up its gloo process group when told it runs on the CPU.
-    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    mixed_precision = cfg.mixed_precision
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(
-        cpu=cpu_processes,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with=cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        # Each process reads its own shards (see make_loader), so nothing is dispatched from rank 0.
-        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
-        # The quantizer syncs its own buffers; DDP's per-step buffer broadcast would only repeat that.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-    )
-    if cfg.report_to:
-        accelerator.init_trackers("vqtok", config={**model_config.to_dict(), **cfg.to_dict()})
-    start_step = checkpoint[1] if checkpoint else 0
+    run = Run(out, {"model": model_config.to_dict(), "steps": cfg.steps}, cfg, resume=resume)
+    accelerator = run.accelerator
+    start_step = run.start_step
     # The same seed on every process gives the same initial weights; load_state restores the RNGs of a resumed run.
     set_seed(cfg.seed)
 
@@ -165,27 +91,28 @@ def fit(
     # is the scheduler, which accelerate would step once per process: it steps once per optimizer step.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    if checkpoint:
-        accelerator.load_state(str(checkpoint[0]))
+    run.restore()
     raw_model: VQVAE = accelerator.unwrap_model(model)
-
-    metrics_path = out / "metrics.jsonl"  # out exists: check_run_settings wrote run.json into it
-
-    def record(entry: dict) -> None:
-        if accelerator.is_main_process:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-        scalars = {f"{entry['split']}/{k}": v for k, v in entry.items() if isinstance(v, int | float)}
-        accelerator.log(scalars, step=entry["step"])
+    record = run.record
 
     def evaluate_and_record(step: int) -> dict:
         if not val_shards:
             return {}
-        metrics = evaluate(accelerator, raw_model, val_shards, model_config.image_size, cfg, out, step)
+        loader = make_loader(
+            val_shards,
+            model_config.image_size,
+            cfg.batch_size,
+            num_workers=min(cfg.num_workers, len(val_shards)),
+            rank=rank,
+            world_size=world,
+        )
+        report = evaluate(raw_model, loader)
+        if accelerator.is_main_process:
+            report.save_picture(out / "samples" / f"step-{step:06d}.png")
+        metrics = report.metrics()
         record({"split": "val", "step": step, **metrics})
         return metrics
 
-    record({"split": "train", "step": start_step, "resumed_from": str(checkpoint[0]) if checkpoint else None})
     progress = ProgressBar("fit", cfg.steps, start_step, enabled=show_progress and accelerator.is_main_process)
     sums = torch.zeros(3, device=accelerator.device)  # recon, vq, loss since the last log, kept on the device
     summed = 0  # micro-batches in sums
@@ -236,12 +163,12 @@ def fit(
             progress.update(step)
 
             if step % cfg.save_every == 0 and step < cfg.steps:
-                save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+                run.save_checkpoint(step)
             if step % cfg.eval_every == 0 and step < cfg.steps:
                 last_metrics = evaluate_and_record(step)
 
     elapsed = time.perf_counter() - started
-    save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+    run.save_checkpoint(step)
     last_metrics = evaluate_and_record(step)
 
     # Every process must hold the same codebook; record the evidence.
@@ -254,88 +181,6 @@ def fit(
     if accelerator.is_main_process:
         raw_model.save_pretrained(model_dir)
         accelerator.print(f"exported model to {model_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    run.end()
     rate = images_seen / max(elapsed, 1e-9)
     return FitResult(model_dir, step, start_step, rate, last_metrics, accelerator.is_main_process)
-
-
-def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
-    """save_state into a temporary folder, renamed when every process is done: resume never sees half of one."""
-    final = out / "checkpoints" / f"step-{step:06d}"
-    if final.exists():
-        return
-    partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process:  # every process writes its own RNG state into it
-        partial.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        partial.rename(final)
-        if keep:
-            found = sorted(
-                (int(m.group(1)), p) for p in final.parent.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
-            )
-            for _, path in found[:-keep]:
-                shutil.rmtree(path, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-@torch.no_grad()
-def evaluate(accelerator, model: VQVAE, shards, image_size, cfg: TrainConfig, out: Path, step: int) -> dict:
-    """MSE, PSNR, codebook usage and perplexity over the whole validation set, summed over processes."""
-    was_training = model.training
-    model.eval()
-    loader = make_loader(
-        shards,
-        image_size,
-        cfg.batch_size,
-        train=False,
-        num_workers=min(cfg.num_workers, len(shards)),
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
-    device = accelerator.device
-    squared_error = torch.zeros((), dtype=torch.float64, device=device)
-    values = torch.zeros((), dtype=torch.float64, device=device)
-    counts = torch.zeros(model.codebook_size, dtype=torch.float64, device=device)
-    first = None
-    for batch in loader:
-        if batch.images.shape[0] == 0:
-            continue
-        images = batch.images.to(device, non_blocking=True).float().div_(255)
-        images = images.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            codes = model.encode(images)
-            recon = model.decode(codes)
-        squared_error += (recon.float() - images).pow(2).sum(dtype=torch.float64)
-        values += images.numel()
-        counts += torch.bincount(codes.flatten(), minlength=model.codebook_size)
-        if first is None:
-            first = (images[:8].cpu(), recon[:8].float().cpu())
-    totals = accelerator.reduce(torch.cat([squared_error[None], values[None], counts]), reduction="sum")
-    squared_error, values, counts = totals[0], totals[1], totals[2:]
-    if accelerator.is_main_process and first is not None:
-        save_sample_grid(*first, out / "samples" / f"step-{step:06d}.png")
-    model.train(was_training)
-    if values == 0:
-        return {"images": 0}
-    mse = (squared_error / values).item()
-    return {
-        "images": int(values.item() // (3 * image_size * image_size)),
-        "mse": mse,
-        "psnr": 10 * math.log10(1 / max(mse, 1e-12)),
-        "usage": (counts > 0).double().mean().item(),
-        "perplexity": perplexity(counts).item(),
-    }
-
-
-def save_sample_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> None:
-    """Originals in the top row, their reconstructions below, as one PNG."""
-    from PIL import Image
-
-    rows = torch.cat([torch.cat(list(originals), dim=2), torch.cat(list(recons.clamp(0, 1)), dim=2)], dim=1)
-    pixels = (rows * 255).round().byte().permute(1, 2, 0).numpy()  # (2H, n*W, 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)

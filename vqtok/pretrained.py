@@ -1,0 +1,127 @@
+"""The model directory every vqtok model is saved as (the tokenizer and the prior alike).
+
+    DIR/config.json          {"format_version", "vqtok_version", "kind", "model_id", "config": {...}}
+    DIR/model.safetensors    the weights; safetensors holds tensors only, so loading runs no code (no pickle)
+
+The model id is a hash of the weights: token files carry their tokenizer's id, so codes are never decoded
+by another model, and a directory whose weights do not match its config.json is refused. DIR may be a local
+path or a URL that fsspec opens (`vqtok.storage`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from vqtok import __version__
+from vqtok.errors import ModelFormatError
+from vqtok.storage import Location
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the tensors, in name order; 16 hex digits."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_directory(
+    directory: str | os.PathLike,
+    module: torch.nn.Module,
+    kind: str,
+    config: dict,
+    storage_options: dict | None = None,
+) -> Path | str:
+    """Write module's weights and config.json into directory (created if needed), a local path or a URL;
+    returns the directory (a Path, or the URL)."""
+    from safetensors.torch import save_file
+
+    where = Location.of(directory, storage_options)
+    where.makedirs()
+    state = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
+    header = {
+        "format_version": FORMAT_VERSION,
+        "vqtok_version": __version__,
+        "kind": kind,
+        "model_id": weights_hash(state),
+        "config": config,
+    }
+    # Each file whole or not at all (renamed into place, or uploaded in one piece), the weights before the
+    # config.json that names them, so a crash never leaves half a model.
+    where.join(WEIGHTS_NAME).write_with(lambda path: save_file(state, path, metadata={"format": "pt"}))
+    where.join(CONFIG_NAME).write_bytes((json.dumps(header, indent=2) + "\n").encode())
+    return Path(where.path) if where.local else where.url
+
+
+def read_header(directory: str | os.PathLike | Location, kind: str | None = None) -> dict:
+    """config.json of a model directory, checked: format version, model id and config are there, and with
+    `kind` the directory holds that kind of model (directories saved before kinds were recorded are
+    tokenizers)."""
+    directory = Location.of(directory)
+    config_file = directory.join(CONFIG_NAME)
+    text = config_file.read_text(missing_ok=True)
+    if text is None:
+        if not directory.isdir():
+            raise ModelFormatError(f"{directory} is not a model directory (expected a folder with {CONFIG_NAME})")
+        raise ModelFormatError(f"{directory} is not a vqtok model directory: {CONFIG_NAME} is missing")
+    if not directory.join(WEIGHTS_NAME).isfile():
+        raise ModelFormatError(f"{directory} is not a vqtok model directory: {WEIGHTS_NAME} is missing")
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{config_file} is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or not {"format_version", "model_id", "config"} <= set(header):
+        raise ModelFormatError(f"{config_file} is not a vqtok model config")
+    version = header["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{directory} was written by a newer vqtok (model format {version}, this vqtok "
+            f"{__version__} reads format {FORMAT_VERSION}): upgrade vqtok to load it"
+        )
+    if not isinstance(header["config"], dict):
+        raise ModelFormatError(f"{config_file}: 'config' must be an object")
+    found = header.setdefault("kind", "tokenizer")
+    if kind is not None and found != kind:
+        raise ModelFormatError(f"{directory} holds a {found}, not a {kind}")
+    return header
+
+
+def load_weights(directory: str | os.PathLike | Location, module: torch.nn.Module, header: dict) -> None:
+    """Load DIR/model.safetensors into module, refusing weights that do not fit it or its model id."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    weights = Location.of(directory).join(WEIGHTS_NAME)
+    try:
+        # A local file is mapped, not read; from a store the bytes come whole.
+        state = load_file(weights.path) if weights.local else load(weights.read_bytes())
+    except (SafetensorError, OSError) as e:
+        raise ModelFormatError(f"{weights} cannot be read: {e}") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(n for n in set(expected) & set(state) if expected[n].shape != state[n].shape)
+    if missing or unexpected or wrong_shape:
+        problems = [
+            f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+            if names
+        ]
+        raise ModelFormatError(f"{weights} does not match its config.json ({'; '.join(problems)})")
+    if weights_hash(state) != header["model_id"]:
+        raise ModelFormatError(
+            f"{weights} is not the weights config.json describes (model_id differs): "
+            "the directory was changed or mixed with another model's files"
+        )
+    module.load_state_dict(state)

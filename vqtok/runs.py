@@ -1,0 +1,164 @@
+"""The conventions every vqtok trainer follows, in one place: `vqtok fit` and `vqtok prior fit` both use them.
+
+A run folder OUT holds:
+    run.json                   the settings that make the run what it is; `--resume` with others is refused
+    checkpoints/step-000500/   accelerate state (model, optimizer, scheduler, RNGs), the last few kept
+    metrics.jsonl              one JSON object per log or evaluation
+
+A `Run` makes the accelerator the way accelerate's examples do (one CPU, one GPU, or many processes under
+`accelerate launch`), checks OUT before anything is trained, restores the latest checkpoint on `--resume`,
+saves checkpoints so that a resumed run never sees half of one, and records metrics from the main process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vqtok.config import TrainConfig
+from vqtok.errors import ConfigError
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up (at most a tenth of the run), then cosine decay to min_lr_ratio of the peak."""
+    warmup = min(config.warmup_steps, config.steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, config.steps - warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+    return factor
+
+
+def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
+    found = [
+        (int(m.group(1)), p)
+        for p in (out / "checkpoints").glob("step-*")
+        if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
+    ]
+    if not found:
+        return None
+    step, path = max(found)
+    return path, step
+
+
+def check_run_settings(path: Path, settings: dict, resuming: bool) -> None:
+    """A resumed run must be the run it resumes: `settings` ({"model": {...}, "steps": N, ...}) decide that."""
+    if resuming and path.is_file():
+        saved = json.loads(path.read_text())
+        changed = []
+        for name, value in settings.items():
+            if isinstance(value, dict):
+                theirs = saved.get(name, {})
+                changed += sorted(k for k in value.keys() | theirs.keys() if value.get(k) != theirs.get(k))
+            elif saved.get(name) != value:
+                changed.append(name)
+        if changed:
+            raise ConfigError(f"--resume with other settings than {path} records: {', '.join(changed)} changed")
+    if int(os.environ.get("RANK", "0")) == 0:  # other processes may be reading it: replace it whole
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(partial, path)
+
+
+class Run:
+    """One training run in OUT: its accelerator, where it starts, its checkpoints and its metrics."""
+
+    def __init__(self, out: str | Path, settings: dict, train: TrainConfig, resume: bool = False) -> None:
+        from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+        from accelerate.utils import ProjectConfiguration
+
+        self.out = Path(out)
+        self.train = train
+        self.checkpoint = latest_checkpoint(self.out) if resume else None
+        checkpoints = self.out / "checkpoints"
+        if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+            raise ConfigError(
+                f"{self.out} already holds checkpoints: pass --resume to continue, or choose another --out"
+            )
+        check_run_settings(self.out / "run.json", settings, resuming=self.checkpoint is not None)
+        self.start_step = self.checkpoint[1] if self.checkpoint else 0
+
+        # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine):
+        # accelerate only sets up its gloo process group when told it runs on the CPU.
+        cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        mixed_precision = train.mixed_precision
+        if mixed_precision == "auto":
+            mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = Accelerator(
+            cpu=cpu_processes,
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=train.grad_accum_steps,
+            log_with=train.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            # Each process reads its own part of the data, so nothing is dispatched from rank 0.
+            dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
+            # Models that need their buffers synced do it themselves (the quantizer); DDP's per-step buffer
+            # broadcast would only repeat that.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
+        if train.report_to:
+            self.accelerator.init_trackers("vqtok", config={**settings, **train.to_dict()})
+        self.metrics_path = self.out / "metrics.jsonl"  # out exists: check_run_settings wrote run.json into it
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def restore(self) -> None:
+        """After `prepare` (and registering anything else to checkpoint): load the checkpoint resumed from."""
+        if self.checkpoint:
+            self.accelerator.load_state(str(self.checkpoint[0]))
+        self.record({"split": "train", "step": self.start_step, "resumed_from": self.resumed_from})
+
+    @property
+    def resumed_from(self) -> str | None:
+        return str(self.checkpoint[0]) if self.checkpoint else None
+
+    def record(self, entry: dict) -> None:
+        """Append entry ({"split", "step", ...}) to metrics.jsonl and send its numbers to the trackers."""
+        if self.accelerator.is_main_process:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+        scalars = {f"{entry['split']}/{k}": v for k, v in entry.items() if isinstance(v, int | float)}
+        self.accelerator.log(scalars, step=entry["step"])
+
+    def save_checkpoint(self, step: int) -> None:
+        """save_state into a temporary folder, renamed when every process is done: resume never sees half of one."""
+        accelerator = self.accelerator
+        final = self.out / "checkpoints" / f"step-{step:06d}"
+        if final.exists():
+            return
+        partial = final.with_name(final.name + ".partial")
+        if accelerator.is_main_process:  # every process writes its own RNG state into it
+            partial.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            partial.rename(final)
+            keep = self.train.keep_checkpoints
+            if keep:
+                found = sorted(
+                    (int(m.group(1)), p) for p in final.parent.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
+                )
+                for _, path in found[:-keep]:
+                    shutil.rmtree(path, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def end(self) -> None:
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
