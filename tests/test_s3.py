@@ -170,3 +170,42 @@ def test_without_s3fs_an_s3_url_names_the_extra(model_dir, make_shard, tmp_path)
         "Error: s3://bucket/tokens.parquet: reading s3:// needs a package that is not installed: "
         "pip install 'vqtok[s3]'"
     )
+
+
+def test_fit_writes_its_run_to_a_bucket_and_resumes_from_it(bucket, make_shard, tmp_path):
+    train = [make_shard(f"t-{i}.tar", image_samples([f"t{i}-{j}" for j in range(12)], seed=i)) for i in range(2)]
+    val = make_shard("val.tar", image_samples([f"v{j}" for j in range(6)], seed=50))
+    out = bucket.url("runs/x")
+    tiny = ["--hidden", "8", "--codebook-size", "8", "--code-dim", "4", "--image-size", "16", "--batch-size", "4"]
+    command = [sys.executable, "-m", "vqtok", "fit", *train, "--out", out, "--val", val, *tiny, "--steps", "40"]
+    command += ["--save-every", "5", "--eval-every", "20", "--num-workers", "0"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = f"{bucket.name}/runs/x/checkpoints/step-000010/_COMPLETE"
+    deadline = time.monotonic() + 180
+    while not bucket.fs.exists(marker):
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
+        time.sleep(0.05)
+        bucket.fs.invalidate_cache()
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    checkpoints = bucket.fs.ls(f"{bucket.name}/runs/x/checkpoints")
+    complete = [int(c.rsplit("-", 1)[1]) for c in checkpoints if bucket.fs.exists(f"{c}/_COMPLETE")]
+    killed_at = max(complete)
+    assert 10 <= killed_at < 40 and len(complete) <= 2  # the last two kept
+
+    refused = invoke("fit", *command[4:])
+    assert refused.exit_code == 1 and "already holds checkpoints: pass --resume" in refused.output
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"exported model to {out}/model" in resumed.stdout + resumed.stderr
+    metrics = [json.loads(line) for line in bucket.fs.cat(f"{bucket.name}/runs/x/metrics.jsonl").splitlines()]
+    starts = [m for m in metrics if "resumed_from" in m]
+    assert [m["step"] for m in starts] == [0, killed_at]  # resumed from the bucket, not from step 0
+    assert starts[1]["resumed_from"] == f"{out}/checkpoints/step-{killed_at:06d}"
+    assert [m["step"] for m in metrics if "loss" in m][-1] == 40
+    assert [m["step"] for m in metrics if m["split"] == "val"][-1] == 40
+    assert bucket.fs.exists(f"{bucket.name}/runs/x/samples/step-000040.png")
+    assert json.loads(bucket.fs.cat(f"{bucket.name}/runs/x/run.json"))["steps"] == 40
+    model = VQVAE.from_pretrained(f"{out}/model")
+    assert model.config.codebook_size == 8 and model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)

@@ -195,6 +195,7 @@ def test_the_same_images_in_three_forms_give_the_same_codes(model_dir, tmp_path)
         write_shard(shards / f"s-{i}.tar", [{"__key__": key, "png": images[key]} for key in keys[i::2]])
     hf = write_hf_parquet(tmp_path / "hf", images)
     expected = reference_codes(model_dir, images)
+    reports = {}
     for name, source in (("folder", folder), ("shards", shards), ("parquet", hf)):
         out = tmp_path / f"{name}.parquet"
         result = invoke("encode", source, out, "--model", model_dir, "--num-workers", "1", "--batch-size", "3")
@@ -203,6 +204,12 @@ def test_the_same_images_in_three_forms_give_the_same_codes(model_dir, tmp_path)
         assert sorted(got) == sorted(images), name
         for key, grid in zip(got, codes, strict=True):
             assert np.array_equal(grid, expected[key]), (name, key)
+        report = invoke("eval", model_dir, source, "--json", "--num-workers", "0")
+        assert report.exit_code == 0, report.output
+        reports[name] = json.loads(report.output)
+    assert reports["folder"]["images"] == len(images)
+    for name in ("psnr", "ssim", "usage", "bits_per_code"):  # vqtok eval sees the same images in every form
+        assert reports["folder"][name] == pytest.approx(reports["shards"][name]) == reports["parquet"][name], name
 
 
 def test_a_killed_folder_encode_reruns_to_every_file_once_and_refuses_a_changed_listing(model_dir, tmp_path):

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -261,10 +262,11 @@ class Location:
                 os.makedirs(self.path, exist_ok=True)
 
     def write_bytes(self, data: bytes) -> None:
-        """The whole file or nothing: written under a temporary name, fsynced and renamed on a local disk;
-        uploaded in one request to a store."""
+        """The whole file or nothing: written under a temporary name, fsynced and renamed on a local disk
+        (its folder made if need be); uploaded in one request to a store."""
         with reported(self):
             if self.local:
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
                 write_atomically(self.path, lambda p: p.write_bytes(data))
             else:
                 self.fs.pipe_file(self.path, data)
@@ -273,6 +275,7 @@ class Location:
         """write(a local temporary path), then the file takes this location whole (see `publish`)."""
         if self.local:
             with reported(self):
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
                 write_atomically(self.path, write)
             return
         fd, name = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp")
@@ -295,6 +298,20 @@ class Location:
                 self.fs.put_file(str(temporary), self.path)
                 temporary.unlink()
 
+    def upload(self, path: Path) -> None:
+        """Copy a local file to this location in a store, whole (the local file stays)."""
+        with reported(self):
+            self.fs.put_file(str(path), self.path)
+
+    def download(self, folder: Path) -> None:
+        """Copy this folder of a store, and everything beneath it, into a local folder."""
+        fs, path = self._fresh()
+        with reported(self):
+            for file in fs.find(path):
+                target = folder / file[len(path.rstrip("/")) + 1 :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(file, str(target))
+
     def remove(self, missing_ok: bool = True) -> None:
         with reported(self):
             try:
@@ -305,3 +322,14 @@ class Location:
             except FileNotFoundError:
                 if not missing_ok:
                     raise
+
+    def remove_tree(self) -> None:
+        """Remove a folder and everything beneath it; nothing when there is none."""
+        with reported(self):
+            if self.local:
+                shutil.rmtree(self.path, ignore_errors=True)
+                return
+            fs, path = self._fresh()
+            files = fs.find(path)
+            if files:
+                fs.rm(files)
