@@ -64,7 +64,7 @@ def test_a_folder_is_listed_recursively_in_sorted_slices_keyed_by_relative_path(
     assert samples[4].fields == {"png": images["dog/0"], "cls": 1}
     assert inputs.classes == ("cat", "dog") and inputs.kept_types == ("int64",)
     relative = ["cat/0.png", "cat/1.png", "cat/2.png", "cat/upper.JPEG", "dog/0.png", "dog/1.png", "dog/2.png"]
-    assert inputs.listings == {str(root): listing_record(relative)}
+    assert inputs.listings == {str(root): {**listing_record(relative), "files_per_part": 4}}
     assert inputs.listings[str(root)]["files"] == 7
 
 
@@ -241,6 +241,10 @@ def test_a_killed_folder_encode_reruns_to_every_file_once_and_refuses_a_changed_
     assert f"{40 - done_before} encoded, {done_before} already done" in result.output
     keys, _ = read_codes(out)
     assert sorted(keys) == sorted(images) and len(read_errors(out)) == 0
+    other_cut = invoke("encode", root, out, "--model", model_dir, "--files-per-part", "5")  # other slices, other names
+    assert (
+        other_cut.exit_code == 1 and "was cut into parts of 4 files, not 5: give --files-per-part 4" in other_cut.output
+    )
 
     (root / "c00" / "late.png").write_bytes(image_bytes(random_image(99)))
     result = invoke("encode", root, out, "--model", model_dir, "--files-per-part", "4", "--overwrite")

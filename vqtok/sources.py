@@ -123,7 +123,8 @@ class Inputs:
 
     units: list[Unit]
     classes: tuple[str, ...] = ()  # class_from_folder's names; cls i is classes[i]
-    listings: dict[str, dict] = field(default_factory=dict)  # image folder -> {"files": n, "sha256": digest}
+    # image folder -> {"files": n, "sha256": digest, "files_per_part": n}: what its slices depend on
+    listings: dict[str, dict] = field(default_factory=dict)
     kept_types: tuple[str, ...] = ()  # the type of each carried field: int64, float64, bool or string
 
     @property
@@ -181,7 +182,7 @@ def expand_inputs(
             units.append(ParquetPart(str(place), place, image_column, carried))
         else:
             files = folder_files[str(place)]
-            listings[str(place)] = listing_record(files)
+            listings[str(place)] = {**listing_record(files), "files_per_part": files_per_part}
             width = len(str(len(files)))
             for start in range(0, len(files), files_per_part):
                 end = min(start + files_per_part, len(files))

@@ -363,14 +363,21 @@ def check_listings(recorded: dict[str, dict], listings: dict[str, dict]) -> None
     """StoreError naming the first folder whose listing differs from the one recorded for it."""
     for folder, listing in listings.items():
         before = recorded.get(folder)
-        if before is not None and before != listing:
-            change = f"{before.get('files')} files -> {listing['files']}"
-            if before.get("files") == listing["files"]:
-                change = f"{listing['files']} files, other names"
+        if before is None or before == listing:
+            continue
+        if before.get("files_per_part") != listing.get("files_per_part"):
             raise StoreError(
-                f"{folder} changed since this token dataset was started ({change}): its slices would no longer "
-                "match the parts written; use --overwrite to start again"
+                f"{folder} was cut into parts of {before.get('files_per_part')} files, not "
+                f"{listing.get('files_per_part')}: give --files-per-part {before.get('files_per_part')}, "
+                "or --overwrite to start again"
             )
+        change = f"{before.get('files')} files -> {listing['files']}"
+        if before.get("files") == listing["files"]:
+            change = f"{listing['files']} files, other names"
+        raise StoreError(
+            f"{folder} changed since this token dataset was started ({change}): its slices would no longer "
+            "match the parts written; use --overwrite to start again"
+        )
 
 
 class ShardWriter:
