@@ -63,7 +63,14 @@ def write_image_folder(root, images: dict[str, bytes], extension: str = "png") -
     return root
 
 
-def write_hf_parquet(root, images: dict[str, bytes], files: int = 2, key_column: str | None = "__key__") -> Path:
+def write_hf_parquet(
+    root,
+    images: dict[str, bytes],
+    files: int = 2,
+    key_column: str | None = "__key__",
+    image_column: str = "image",
+    folder: str = "data",
+) -> Path:
     """A Hugging Face style Parquet dataset written by `datasets` itself: root/data/train-0000i-of-0000n.parquet,
     an Image() column, a ClassLabel `label` (the key's first folder) and a text `caption`."""
     import datasets
@@ -71,12 +78,12 @@ def write_hf_parquet(root, images: dict[str, bytes], files: int = 2, key_column:
     keys = list(images)
     names = sorted({key.split("/")[0] for key in keys})
     columns = {
-        "image": [{"bytes": images[key], "path": f"{key}.png"} for key in keys],
+        image_column: [{"bytes": images[key], "path": f"{key}.png"} for key in keys],
         "label": [names.index(key.split("/")[0]) for key in keys],
         "caption": [f"a picture of {key}" for key in keys],
     }
     features = {
-        "image": datasets.Image(),
+        image_column: datasets.Image(),
         "label": datasets.ClassLabel(names=names),
         "caption": datasets.Value("string"),
     }
@@ -84,11 +91,10 @@ def write_hf_parquet(root, images: dict[str, bytes], files: int = 2, key_column:
         columns[key_column] = keys
         features[key_column] = datasets.Value("string")
     dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
-    (Path(root) / "data").mkdir(parents=True, exist_ok=True)
+    (Path(root) / folder).mkdir(parents=True, exist_ok=True)
     for i in range(files):
-        dataset.shard(files, i, contiguous=True).to_parquet(
-            str(Path(root) / "data" / f"train-{i:05d}-of-{files:05d}.parquet")
-        )
+        path = Path(root) / folder / f"train-{i:05d}-of-{files:05d}.parquet"
+        dataset.shard(files, i, contiguous=True).to_parquet(str(path))
     return Path(root)
 
 
