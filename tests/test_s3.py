@@ -15,12 +15,22 @@ import pytest
 import requests
 import torch
 from click.testing import CliRunner
-from conftest import free_port, image_samples, point_at_s3, write_shard
+from conftest import (
+    class_images,
+    free_port,
+    image_bytes,
+    image_samples,
+    point_at_s3,
+    random_image,
+    write_hf_parquet,
+    write_image_folder,
+    write_shard,
+)
 from PIL import Image
 
 from vqtok import VQVAE
 from vqtok.cli import cli
-from vqtok.store import SUCCESS_NAME, read_codes, read_errors
+from vqtok.store import SUCCESS_NAME, read_codes, read_errors, read_metadata
 
 
 def invoke(*args):
@@ -107,6 +117,31 @@ def test_encode_from_a_bucket_into_a_bucket_killed_and_rerun_gives_every_key_onc
 
     seen = [key for batch in DataLoader(TokenDataset(tokens), batch_size=16, num_workers=2) for key in batch["key"]]
     assert sorted(seen) == sorted(inputs)
+
+
+def test_a_folder_and_a_parquet_dataset_in_a_bucket_give_the_codes_of_their_local_copies(
+    bucket, model_dir, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    images = class_images(per_class=3)
+    images["cat/odd[1]"] = image_bytes(random_image(77))  # a name fsspec would take for a glob
+    folder = write_image_folder(tmp_path / "folder", images)
+    hf = write_hf_parquet(tmp_path / "hf", images)
+    for local, name in ((folder, "folder"), (hf, "hf")):
+        bucket.fs.put(f"{local}/", f"{bucket.name}/{name}/", recursive=True)
+    for name, local, options in (("folder", folder, ["--class-from-folder"]), ("hf", hf, ["--keep", "label"])):
+        remote_out, local_out = bucket.url(f"{name}.parquet"), tmp_path / f"{name}.parquet"
+        for source, out in ((bucket.url(f"{name}/"), remote_out), (local, local_out)):
+            result = invoke("encode", source, out, "--model", model_dir, "--num-workers", "1", *options)
+            assert result.exit_code == 0, result.output
+        remote_keys, remote_codes = read_codes(remote_out)
+        local_keys, local_codes = read_codes(local_out)
+        assert sorted(remote_keys) == sorted(images)
+        remote = {key: grid.tolist() for key, grid in zip(remote_keys, remote_codes, strict=True)}
+        assert remote == {key: grid.tolist() for key, grid in zip(local_keys, local_codes, strict=True)}
+    assert read_metadata(bucket.url("folder.parquet"))["classes"] == ["cat", "dog"]
+    assert len(read_errors(bucket.url("folder.parquet"))) == 0
 
 
 def test_a_missing_bucket_is_one_line_and_nothing_is_written(bucket, inputs, model_dir, tmp_path):

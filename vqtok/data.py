@@ -31,7 +31,6 @@ from vqtok.sources import (  # noqa: F401  (BrokenShardError, expand_inputs: par
     expand_inputs,
     iter_samples,
 )
-from vqtok.storage import URL_SCHEME  # noqa: F401
 
 MAX_PIXELS = 100_000_000
 WHITE = (255, 255, 255)

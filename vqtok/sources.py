@@ -151,7 +151,7 @@ def expand_inputs(
         specs = [specs]
     if files_per_part < 1:
         raise DataError(f"files per part must be at least 1, not {files_per_part}")
-    found: list[tuple[str, Location | str, str]] = []  # (kind, where, what the user wrote)
+    found: list[tuple[str, Location | str, str, list[str]]] = []  # (kind, where, what the user wrote, images)
     for spec in specs:
         try:
             expanded = list(braceexpand(spec))
@@ -159,29 +159,27 @@ def expand_inputs(
             raise DataError(f"{spec}: unbalanced braces") from exc
         for url in expanded:
             where = url if url == spec else f"{url} (from {spec})"
-            found += [(kind, place, where) for kind, place in _expand_one(url, where, storage_options)]
+            found += [(kind, place, where, files) for kind, place, files in _expand_one(url, where, storage_options)]
     if not found:
         raise DataError("no inputs given")
-    _check_remote_files_exist([(place, where) for kind, place, where in found if kind != "folder"])
+    _check_remote_files_exist([(place, where) for kind, place, where, _ in found if kind != "folder"])
 
-    folders = [(place, where, _image_files(place, where)) for kind, place, where in found if kind == "folder"]
+    folders = [(place, where, files) for kind, place, where, files in found if kind == "folder"]
     classes = _classes(folders) if class_from_folder else ()
-    parquets = [place for kind, place, _ in found if kind == "parquet"]
-    kinds = {kind for kind, _, _ in found}
+    parquets = [place for kind, place, _, _ in found if kind == "parquet"]
+    kinds = {kind for kind, _, _, _ in found}
     kept_types = tuple(_kept_type(name, kinds, class_from_folder, parquets) for name in keep)
     carried = tuple((name, t) for name, t in zip(keep, kept_types, strict=True))
     image_column = _image_column(parquets[0], image_column) if parquets else ""
 
     units: list[Unit] = []
     listings = {}
-    folder_files = {str(place): files for place, _, files in folders}
-    for kind, place, _ in found:
+    for kind, place, _, files in found:
         if kind == "tar":
             units.append(TarShard(str(place), place if isinstance(place, Location) else None))
         elif kind == "parquet":
             units.append(ParquetPart(str(place), place, image_column, carried))
         else:
-            files = folder_files[str(place)]
             listings[str(place)] = {**listing_record(files), "files_per_part": files_per_part}
             width = len(str(len(files)))
             for start in range(0, len(files), files_per_part):
@@ -198,10 +196,11 @@ def listing_record(files: Sequence[str]) -> dict:
     return {"files": len(files), "sha256": digest}
 
 
-def _expand_one(url: str, where: str, options: dict | None) -> list[tuple[str, Location | str]]:
-    """One expanded spec -> [(kind, location)], kind "tar", "parquet" or "folder"."""
+def _expand_one(url: str, where: str, options: dict | None) -> list[tuple[str, Location | str, list[str]]]:
+    """One expanded spec -> [(kind, location, image files)], kind "tar", "parquet" or "folder" (whose image
+    files, relative to it and sorted, come with it)."""
     if url.startswith(WEBDATASET_SCHEMES):
-        return [("tar", url)]
+        return [("tar", url, [])]
     if glob.has_magic(url):
         matches = Location.of(url, options).glob()
         if not matches:
@@ -214,33 +213,33 @@ def _resolved(place: Location) -> Location:
     return place if is_url(place.url) else Location(os.path.realpath(place.url), place.options)
 
 
-def _classify(place: Location, where: str) -> list[tuple[str, Location]]:
+def _classify(place: Location, where: str) -> list[tuple[str, Location, list[str]]]:
     kind = "parquet" if place.url.lower().endswith(".parquet") else "tar"
     # A store is not asked about each of ten thousand named shards; they are looked up in their folders'
     # listings afterwards (_check_remote_files_exist).
     if not place.local and place.url.lower().endswith((*TAR_SUFFIXES, ".parquet")):
-        return [(kind, place)]
+        return [(kind, place, [])]
     if place.isdir():
         return _folder(place, where)
     if place.local and not place.exists():
         raise DataError(f"{where}: no such file or directory")
-    return [(kind, place)]
+    return [(kind, place, [])]
 
 
-def _folder(place: Location, where: str) -> list[tuple[str, Location]]:
+def _folder(place: Location, where: str) -> list[tuple[str, Location, list[str]]]:
     tars = [name for name in place.names() if name.endswith(".tar")]
     if tars:
-        return [("tar", place.join(name)) for name in tars]
+        return [("tar", place.join(name), []) for name in tars]
     files = place.find()
-    if any(_extension(f) in IMAGE_EXTENSIONS for f in files):
-        if any(f.endswith(".parquet") for f in files if not _underscored(f)):
-            raise DataError(
-                f"{where}: holds both image files and .parquet files; give the folder or a glob of one kind"
-            )
-        return [("folder", place)]
+    images = [f for f in files if _extension(f) in IMAGE_EXTENSIONS]
     parquets = [f for f in files if f.endswith(".parquet") and not _underscored(f)]
+    if images and parquets:
+        raise DataError(f"{where}: holds both image files and .parquet files; give the folder or a glob of one kind")
+    if images:
+        _check_keys(images, where)
+        return [("folder", place, images)]
     if parquets:
-        return [("parquet", place.join(*f.split("/"))) for f in parquets]
+        return [("parquet", place.join(*f.split("/")), []) for f in parquets]
     raise DataError(
         f"{where}: holds no .tar files, no image files ({', '.join(IMAGE_EXTENSIONS)}) and no .parquet files"
     )
@@ -270,15 +269,13 @@ def _check_remote_files_exist(places: list[tuple[Location | str, str]]) -> None:
                 raise DataError(f"{where}: no such file")
 
 
-def _image_files(place: Location, where: str) -> list[str]:
-    files = [f for f in place.find() if _extension(f) in IMAGE_EXTENSIONS]
+def _check_keys(files: list[str], where: str) -> None:
     keys: dict[str, str] = {}
     for f in files:
         key = _file_key(f)
         if key in keys:
             raise DataError(f"{where}: {keys[key]} and {f} would both have the key {key}; rename one")
         keys[key] = f
-    return files
 
 
 def _file_key(relative: str) -> str:
@@ -438,8 +435,16 @@ def _read_files(unit: FileSlice) -> Iterator[tuple[str, bytes | None, str | None
         chunk = unit.files[start : start + REMOTE_FILES_AT_ONCE]
         paths = [f"{base.rstrip('/')}/{relative}" for relative in chunk]
         try:
-            # Fetched concurrently (an async back end gathers them), answered in order.
-            found = fs.cat(paths, on_error="return")
+            # Fetched concurrently (an async back end gathers them), answered in order. fsspec would read a
+            # list's [, * and ? as a glob: such names are fetched one by one.
+            plain = [path for path in paths if not glob.has_magic(path)]
+            found = fs.cat(plain, on_error="return") if plain else {}
+            for path in paths:
+                if glob.has_magic(path):
+                    try:
+                        found[path] = fs.cat_file(path)
+                    except (FileNotFoundError, PermissionError) as exc:
+                        found[path] = exc
         except Exception as exc:
             if not is_storage_error(exc):
                 raise

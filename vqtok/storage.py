@@ -30,8 +30,10 @@ from vqtok.files import sync, sync_folder, write_atomically
 
 # A scheme of two or more letters (s3://, pipe:, file://); one letter is a Windows drive.
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
-# The extra that installs each scheme's back end.
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+# What installs each scheme's back end: vqtok's extras for the clouds.
+INSTALL = {"s3": "pip install 'vqtok[s3]'", "gs": "pip install 'vqtok[gcs]'", "az": "pip install 'vqtok[azure]'"}
+INSTALL |= {"s3a": INSTALL["s3"], "gcs": INSTALL["gs"], "abfs": INSTALL["az"], "abfss": INSTALL["az"]}
+INSTALL |= {"hf": "pip install huggingface_hub"}
 # Packages whose exceptions mean that a store refused or could not be reached; they are not all OSErrors
 # (botocore's EndpointConnectionError, google.auth's errors).
 BACKEND_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "google", "azure", "requests", "urllib3", "huggingface_hub"}
@@ -95,8 +97,7 @@ def filesystem(url: str, options: dict):
     try:
         return fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
-        extra = EXTRAS.get(scheme)
-        install = f"pip install 'vqtok[{extra}]'" if extra else f"install the fsspec back end for {scheme}://"
+        install = INSTALL.get(scheme, f"install the fsspec back end for {scheme}://")
         raise StorageError(f"{url}: reading {scheme}:// needs a package that is not installed: {install}") from exc
     except ValueError as exc:  # an unknown protocol
         raise StorageError(f"{url}: {exc}") from None
@@ -116,7 +117,13 @@ class Location:
     def of(cls, path: str | os.PathLike | Location, storage_options: dict | None = None) -> Location:
         if isinstance(path, Location):
             return path
-        return cls(os.fspath(path), json.dumps(storage_options or {}, sort_keys=True))
+        try:
+            options = json.dumps(storage_options or {}, sort_keys=True)
+        except TypeError as exc:  # they travel to DataLoader workers and are compared as text
+            raise StorageError(
+                f"storage options must be JSON values (strings, numbers, lists, objects): {exc}"
+            ) from None
+        return cls(os.fspath(path), options)
 
     def __str__(self) -> str:
         return self.url
