@@ -230,3 +230,20 @@ def bucket(s3_endpoint, monkeypatch, tmp_path):
     fs.mkdir(name)
     yield Bucket(fs, name)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def kill_when(command: list[str], done, at_least: int, timeout: float = 180) -> int:
+    """Run command and kill it with SIGKILL once done() (say, the markers written so far) reaches at_least;
+    returns done() after the kill."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while done() < at_least and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return done()

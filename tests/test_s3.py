@@ -20,6 +20,7 @@ from conftest import (
     free_port,
     image_bytes,
     image_samples,
+    kill_when,
     point_at_s3,
     random_image,
     write_hf_parquet,
@@ -65,19 +66,14 @@ def test_encode_from_a_bucket_into_a_bucket_killed_and_rerun_gives_every_key_onc
         bucket.url("models/x"),
     ]
     command += ["--num-workers", "0", "--batch-size", "2"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stats = f"{bucket.name}/tokens.parquet/_stats"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
+
+    def markers() -> int:
         bucket.fs.invalidate_cache()
-        if bucket.fs.exists(stats) and len(bucket.fs.ls(stats)) >= 3:
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    bucket.fs.invalidate_cache()
-    done_before = len(bucket.fs.ls(stats))
-    assert 3 <= done_before < 40, f"the run was not killed mid-way: {proc.stderr.read()[-2000:]}"
+        return len(bucket.fs.ls(stats)) if bucket.fs.exists(stats) else 0
+
+    done_before = kill_when(command, markers, 3)
+    assert 3 <= done_before < 40, "the run was not killed mid-way"
     keys, _ = read_codes(tokens)  # what a reader sees after the crash: whole shards only
     assert len(keys) % 6 == 0 and len(keys) == len(set(keys)) and len(keys) >= 6 * done_before
 

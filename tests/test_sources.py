@@ -1,11 +1,7 @@
 """Inputs beside shards: image folders and Parquet datasets, recognised, read, encoded, resumed and refused."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import class_images, image_bytes, random_image, write_hf_parquet, write_image_folder, write_shard
+from conftest import (
+    class_images,
+    image_bytes,
+    kill_when,
+    random_image,
+    write_hf_parquet,
+    write_image_folder,
+    write_shard,
+)
 
 from vqtok import VQVAE
 from vqtok.cli import cli
@@ -218,13 +222,7 @@ def test_a_killed_folder_encode_reruns_to_every_file_once_and_refuses_a_changed_
     out = tmp_path / "tokens.parquet"
     command = [sys.executable, "-m", "vqtok", "encode", str(root), str(out), "--model", model_dir]
     command += ["--num-workers", "0", "--batch-size", "2", "--files-per-part", "4"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(list((out / STATS_DIR).glob("*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = len(list((out / STATS_DIR).glob("*.json")))
+    done_before = kill_when(command, lambda: len(list((out / STATS_DIR).glob("*.json"))), 3)
     assert 3 <= done_before < 40, "the run was not killed mid-way"
     keys, _ = read_codes(out)
     assert len(keys) % 4 == 0 and len(keys) == len(set(keys))  # whole slices only
