@@ -240,3 +240,24 @@ def test_fit_writes_its_run_to_a_bucket_and_resumes_from_it(bucket, make_shard, 
     assert json.loads(bucket.fs.cat(f"{bucket.name}/runs/x/run.json"))["steps"] == 40
     model = VQVAE.from_pretrained(f"{out}/model")
     assert model.config.codebook_size == 8 and model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
+
+
+def test_storage_options_reach_the_back_end_and_bad_ones_are_one_line(
+    bucket, inputs, s3_endpoint, monkeypatch, tmp_path
+):
+    point_at_s3(monkeypatch, f"http://127.0.0.1:{free_port()}", tmp_path)  # the environment points nowhere...
+    options = json.dumps({"endpoint_url": s3_endpoint})  # ...and the option to the server
+    result = invoke("info", bucket.url("models/x"), "--json", "--storage-options", options)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["codebook_size"] == 32
+    monkeypatch.setenv("VQTOK_STORAGE_OPTIONS", options)  # the same, set once for the machine
+    assert invoke("info", bucket.url("models/x")).exit_code == 0
+
+    for text, message in [("{", "--storage-options is not JSON"), ("[1]", "must be a JSON object")]:
+        result = invoke("info", bucket.url("models/x"), "--storage-options", text)
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_decode_writes_into_a_local_folder_only(bucket, inputs, model_dir, tmp_path):
+    result = invoke("decode", tmp_path / "no-tokens", bucket.url("decoded"), "--model", model_dir)
+    assert result.exit_code == 1 and "decode writes images into a local folder" in result.output
