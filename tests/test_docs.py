@@ -95,8 +95,8 @@ def workspace(tmp_path_factory, model_dir):
 
 @pytest.fixture
 def bucket_for_docs(request, workspace, monkeypatch, tmp_path):
-    """s3://my-bucket on the local S3 server, holding what the documented commands read there: shards/,
-    runs/x/model and tokens.parquet."""
+    """s3://my-bucket on the local S3 server, holding what the documented commands read there: shards/ (ten of
+    them), runs/x/model and tokens.parquet."""
     import s3fs
     from conftest import point_at_s3
 
@@ -104,8 +104,9 @@ def bucket_for_docs(request, workspace, monkeypatch, tmp_path):
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     if not fs.exists("my-bucket"):
         fs.mkdir("my-bucket")
-        for name in ("shards", "runs/x/model"):
-            fs.put(f"{workspace / name}/", f"my-bucket/{name}/", recursive=True)
+        fs.put(f"{workspace / 'runs/x/model'}/", "my-bucket/runs/x/model/", recursive=True)
+        for shard in sorted((workspace / "shards").glob("train-00000*.tar")):  # ten: the S3 path, not the count
+            fs.put_file(str(shard), f"my-bucket/shards/{shard.name}")
     if not fs.exists("my-bucket/tokens.parquet/_SUCCESS"):
         fs.put(f"{workspace / 'tokens.parquet'}/", "my-bucket/tokens.parquet/", recursive=True)
     return fs
