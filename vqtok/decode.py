@@ -28,6 +28,7 @@ from vqtok.errors import ConfigError, StoreError
 from vqtok.files import write_atomically
 from vqtok.model import VQVAE, pick_device
 from vqtok.progress import ProgressBar
+from vqtok.storage import is_url
 from vqtok.store import (
     RESERVED_COLUMNS,
     check_grid_type,
@@ -114,15 +115,19 @@ def decode(
     batch_size: int = 256,
     device: str = "auto",
     force: bool = False,
+    storage_options: dict | None = None,
     show_progress: bool = True,
 ) -> DecodeResult:
-    """Decode the code grids of `tokens` into PNGs (or WebDataset shards) under `out`."""
+    """Decode the code grids of `tokens` (a local path or a URL) into PNGs (or WebDataset shards) under the
+    local folder `out`."""
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if is_url(os.fspath(out)):
+        raise ConfigError(f"decode writes images into a local folder; {out} is a URL")
     started = time.perf_counter()
-    model = VQVAE.from_pretrained(model_dir, device=pick_device(device))
+    model = VQVAE.from_pretrained(model_dir, device=pick_device(device), storage_options=storage_options)
     model.to(memory_format=torch.channels_last)
-    units = row_groups(tokens)
+    units = row_groups(tokens, storage_options)
     if not units:
         raise StoreError(f"{tokens}: no Parquet data files")
     schemas = {file: read_schema(file) for file, _ in units}

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vqtok.data import expand_shards, make_loader
+from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import DataError
 from vqtok.model import VQVAE, pick_device
 
@@ -289,15 +289,18 @@ def evaluate_shards(
     out=None,
     num_workers: int = 2,
     device: str = "auto",
+    image_column: str | None = None,
+    storage_options: dict | None = None,
 ) -> Report:
-    """`vqtok eval`: the report card of the model in model_dir on the images of `shards`, centre-cropped to
-    image_size (the model's training size by default). With `out`, writes report.json and
-    reconstructions.png (the worst images over their reconstructions, then typical ones) there.
+    """`vqtok eval`: the report card of the model in model_dir on the images of `shards` (shards, image
+    folders or Parquet files, paths or URLs; see `vqtok.sources`), centre-cropped to image_size (the model's
+    training size by default). With `out`, writes report.json and reconstructions.png (the worst images over
+    their reconstructions, then typical ones) there.
 
-    Under `accelerate launch` or torchrun, shard i goes to process i mod world size, and `limit` is shared
+    Under `accelerate launch` or torchrun, unit i goes to process i mod world size, and `limit` is shared
     out among them.
     """
-    urls = expand_shards(shards)
+    urls = expand_inputs(shards, image_column=image_column, storage_options=storage_options).units
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:  # sums are added up across processes: join the process group the launcher set up
         from accelerate import PartialState
@@ -306,7 +309,7 @@ def evaluate_shards(
         rank, world_size = state.process_index, state.num_processes
     else:
         rank = 0
-    model = VQVAE.from_pretrained(model_dir, device=pick_device(device))
+    model = VQVAE.from_pretrained(model_dir, device=pick_device(device), storage_options=storage_options)
     model.to(memory_format=torch.channels_last)
     image_size = image_size or model.config.image_size
     model.grid_size(image_size)  # a size the model cannot encode is refused before any image is read

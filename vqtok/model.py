@@ -19,6 +19,7 @@ from vqtok.config import ModelConfig
 from vqtok.errors import ConfigError, ModelFormatError
 from vqtok.pretrained import CONFIG_NAME, load_weights, read_header, save_directory, weights_hash
 from vqtok.quantize import VectorQuantizer
+from vqtok.storage import Location
 
 KIND = "tokenizer"  # what config.json's "kind" says of a VQ-VAE's directory
 
@@ -174,20 +175,25 @@ class VQVAE(nn.Module):
         """A hash of the weights: token files carry it so codes are never decoded by another model."""
         return weights_hash(self.state_dict())
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json and model.safetensors into directory (created if needed)."""
-        return save_directory(directory, self, KIND, self.config.to_dict())
+    def save_pretrained(self, directory: str | os.PathLike, storage_options: dict | None = None) -> Path | str:
+        """Write config.json and model.safetensors into directory (created if needed), a local path or a URL
+        that fsspec opens; returns the directory (a Path, or the URL)."""
+        return save_directory(directory, self, KIND, self.config.to_dict(), storage_options)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> VQVAE:
-        """Load a model directory written by save_pretrained, in eval mode. Reads no pickle."""
-        header = read_header(directory, KIND)
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", storage_options: dict | None = None
+    ) -> VQVAE:
+        """Load a model directory written by save_pretrained (a local path or a URL), in eval mode. Reads no
+        pickle."""
+        where = Location.of(directory, storage_options)
+        header = read_header(where, KIND)
         try:
             config = ModelConfig.from_dict(header["config"])
         except (ConfigError, TypeError) as e:
-            raise ModelFormatError(f"{Path(directory) / CONFIG_NAME}: {e}") from None
+            raise ModelFormatError(f"{where.join(CONFIG_NAME)}: {e}") from None
         model = cls(config)
-        load_weights(directory, model, header)
+        load_weights(where, model, header)
         return model.to(device).eval()
 
 

@@ -29,7 +29,8 @@ from vqtok.store import codes_array, read_row_group, row_groups
 
 
 class TokenDataset(IterableDataset):
-    """Rows {"key", "codes": int64 (h, w), and the carried `columns`} of a token dataset or Parquet file.
+    """Rows {"key", "codes": int64 (h, w), and the carried `columns`} of a token dataset or Parquet file, on
+    the local disk or at a URL that fsspec opens (`storage_options` go to it).
 
     With `shuffle`, row groups and the rows inside each come in a random order drawn from `seed` and the
     epoch; call `set_epoch` before each pass for a new order, as with torch's DistributedSampler. The split
@@ -46,8 +47,9 @@ class TokenDataset(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        storage_options: dict | None = None,
     ) -> None:
-        self.units = row_groups(path)[rank::world_size]
+        self.units = row_groups(path, storage_options)[rank::world_size]
         self.columns = tuple(columns)
         self.shuffle = shuffle
         self.seed = seed
