@@ -207,6 +207,13 @@ def override(name: str, config_class, *flags, **kwargs):
     help="l2-normalize vectors and codes before the lookup.",
 )
 @override(
+    "rare_code_share",
+    ModelConfig,
+    "--rare-code-share",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Also restart codes used less than this share of an even share of the data.",
+)
+@override(
     "rotation_trick",
     ModelConfig,
     "--rotation-trick/--straight-through",

@@ -37,6 +37,7 @@ class ModelConfig:
     lookup_dim: int | None = None  # codes looked up in this many dimensions after a projection; None: in code_dim
     normalize_codes: bool = False  # l2-normalize vectors and codes before the lookup: codes are directions
     rotation_trick: bool = False  # the encoder's gradient through the rotation trick instead of straight-through
+    rare_code_share: float = 0.0  # also restart codes used less than this share of an even share over the window
 
     def __post_init__(self) -> None:
         positive = [
@@ -63,6 +64,8 @@ class ModelConfig:
             raise ConfigError("codebook_size must be at least 2")
         if not self.beta >= 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta!r}")
+        if not 0 <= self.rare_code_share < 1:
+            raise ConfigError(f"rare_code_share must be in [0, 1), got {self.rare_code_share!r}")
         if self.decay is not None and not 0 < self.decay < 1:
             raise ConfigError(f"decay must be in (0, 1) or None, got {self.decay!r}")
         if not isinstance(self.dead_code_window, int) or self.dead_code_window < 0:
@@ -90,7 +93,7 @@ NULLABLE = ("res_channels", "decay", "lookup_dim")
 
 # Settings added to ModelConfig after models were first saved, with the value that means "as before they
 # existed". A model directory lacking one was written before it and loads with that value.
-ADDED_SETTINGS = {"lookup_dim": None, "normalize_codes": False, "rotation_trick": False}
+ADDED_SETTINGS = {"lookup_dim": None, "normalize_codes": False, "rotation_trick": False, "rare_code_share": 0.0}
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ class VQVAE(nn.Module):
             lookup_dim=config.lookup_dim,
             normalize=config.normalize_codes,
             rotation_trick=config.rotation_trick,
+            rare_code_share=config.rare_code_share,
         )
         self.decoder = Decoder(config)
 

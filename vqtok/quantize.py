@@ -175,6 +175,7 @@ class VectorQuantizer(nn.Module):
         lookup_dim: int | None = None,
         normalize: bool = False,
         rotation_trick: bool = False,
+        rare_code_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.codebook_size = codebook_size
@@ -182,6 +183,7 @@ class VectorQuantizer(nn.Module):
         self.lookup_dim = lookup_dim or dim
         self.normalize = normalize
         self.rotation_trick = rotation_trick
+        self.rare_code_share = rare_code_share
         # The factorized lookup's projections; None (no weights at all) otherwise, so older models still load.
         self.project_in = nn.Linear(dim, lookup_dim) if lookup_dim is not None else None
         self.project_out = nn.Linear(lookup_dim, dim) if lookup_dim is not None else None
@@ -324,6 +326,12 @@ class VectorQuantizer(nn.Module):
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
         idle = self.step - torch.maximum(self.last_used, self.fresh_since)  # (K,), the same on every rank
         dead = idle >= self.dead_code_window
+        if self.rare_code_share:
+            # Also codes chosen far less often than an even share over the window: alive in training, yet
+            # too rare to be met on other images.
+            settled = self.step - self.fresh_since >= self.dead_code_window
+            even = self.usage_count.sum() / self.codebook_size
+            dead |= settled & (self.usage_count < self.rare_code_share * even)
         num_dead = int(dead.sum())
         if num_dead == 0:
             return
