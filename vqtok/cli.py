@@ -213,12 +213,6 @@ def override(name: str, config_class, *flags, **kwargs):
     type=click.FloatRange(0, 1, max_open=True),
     help="Also restart codes used less than this share of an even share of the data.",
 )
-@override(
-    "rotation_trick",
-    ModelConfig,
-    "--rotation-trick/--straight-through",
-    help="Pass the encoder's gradient through the rotation trick, or copy it straight through.",
-)
 @override("beta", ModelConfig, "--beta", type=click.FloatRange(min=0), help="Commitment loss weight.")
 @override("decay", ModelConfig, "--decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="EMA decay.")
 @click.option("--no-ema", is_flag=True, help="Learn the codebook by the paper's codebook loss instead of EMA.")

@@ -114,7 +114,6 @@ class VQVAE(nn.Module):
             dead_code_window=config.dead_code_window,
             lookup_dim=config.lookup_dim,
             normalize=config.normalize_codes,
-            rotation_trick=config.rotation_trick,
             rare_code_share=config.rare_code_share,
         )
         self.decoder = Decoder(config)

@@ -7,9 +7,7 @@ Beyond the paper, the standard remedies for codebook collapse: k-means
 initialisation from the first batch of encoder outputs, and restarting codes
 left unused for a window of steps from recent encoder outputs. Optionally,
 codes looked up in a lower dimension after a linear projection, with both
-sides l2-normalized (ViT-VQGAN, Yu et al. 2022, section 3.2), and the
-gradient passed through the rotation trick instead of copied straight
-through (Fifty et al. 2024). Under
+sides l2-normalized (ViT-VQGAN, Yu et al. 2022, section 3.2). Under
 `torch.distributed` every process ends each step with the same codebook, bit
 for bit: statistics are summed across processes and random choices are made
 once, on rank 0, and broadcast.
@@ -125,27 +123,11 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.special.xlogy(p, p).sum())
 
 
-def rotate_onto(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x (N, D) carried onto q (N, D) by the rotation and rescaling that take each x to its q (the rotation trick).
-
-    The forward value is q; the gradient reaching x is the decoder's gradient rotated and scaled the same way,
-    lambda R with R = I - 2 w w^T + 2 v u^T (u, v the directions of x and q, w that of u + v, lambda =
-    |q| / |x|), all treated as constants. Straight-through copies the gradient unchanged instead; here vectors
-    that fall in one code cell are pushed apart or together by the angle at which they sit to their code.
-    """
-    x_norm = x.norm(dim=1, keepdim=True).clamp(min=1e-12)  # (N, 1)
-    q_norm = q.norm(dim=1, keepdim=True)
-    u, v = (x / x_norm).detach(), (q / q_norm.clamp(min=1e-12)).detach()  # (N, D) unit vectors
-    w = F.normalize(u + v, dim=1).detach()  # (N, D); 0 when q points away from x, and R is then a reflection
-    rotated = x - 2 * w * (w * x).sum(dim=1, keepdim=True) + 2 * v * (u * x).sum(dim=1, keepdim=True)  # R x
-    return (q_norm / x_norm).detach() * rotated
-
-
 class VectorQuantizer(nn.Module):
     """Replaces each D-vector of an encoder's (B, D, h, w) output by its nearest of K codes.
 
     forward(z) -> (z_q, codes, loss): z_q (B, D, h, w) passes the decoder's
-    gradient straight through to z (or rotated, with `rotation_trick`); codes
+    gradient straight through to z; codes
     (B, h, w) int64; loss is the codebook loss (only when decay is None) plus
     beta times the commitment loss. With `decay`, the codebook follows an
     exponential moving average of the encoder outputs assigned to each code,
@@ -174,7 +156,6 @@ class VectorQuantizer(nn.Module):
         dead_code_window: int = 100,
         lookup_dim: int | None = None,
         normalize: bool = False,
-        rotation_trick: bool = False,
         rare_code_share: float = 0.0,
     ) -> None:
         super().__init__()
@@ -182,7 +163,6 @@ class VectorQuantizer(nn.Module):
         self.dim = dim
         self.lookup_dim = lookup_dim or dim
         self.normalize = normalize
-        self.rotation_trick = rotation_trick
         self.rare_code_share = rare_code_share
         # The factorized lookup's projections; None (no weights at all) otherwise, so older models still load.
         self.project_in = nn.Linear(dim, lookup_dim) if lookup_dim is not None else None
@@ -263,10 +243,7 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 self._update(flat.detach(), codes)
 
-            if self.rotation_trick:
-                z_q = rotate_onto(flat, quantized.detach())
-            else:
-                z_q = flat + (quantized - flat).detach()  # straight-through: forward z_q, backward identity
+            z_q = flat + (quantized - flat).detach()  # straight-through: forward z_q, backward identity
             z_q = self._from_lookup(z_q)  # (B*h*w, D)
         z_q = z_q.view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
         return z_q, codes.view(B, h, w), loss
@@ -364,5 +341,4 @@ class VectorQuantizer(nn.Module):
         mode = "codebook loss" if self.decay is None else f"ema decay={self.decay}"
         lookup = f", lookup in {self.lookup_dim}" if self.project_in is not None else ""
         lookup += ", normalized" if self.normalize else ""
-        lookup += ", rotation trick" if self.rotation_trick else ""
         return f"K={self.codebook_size}, D={self.dim}{lookup}, beta={self.beta}, {mode}"
