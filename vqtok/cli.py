@@ -14,7 +14,7 @@ import json
 import click
 
 from vqtok import __version__
-from vqtok.config import ModelConfig, TrainConfig
+from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, TrainConfig
 from vqtok.errors import VQTokError
 
 
@@ -50,22 +50,28 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 @user_errors
 def info(path, as_json):
-    """What a model directory or a token dataset holds.
+    """What a model directory, a prior or a token dataset holds.
 
     A model: its settings, parameter count, K, D, grid size per image size and
-    model id. Tokens (a folder written by `vqtok encode`, or one Parquet file):
-    rows, shards, errors, grid, K, model id, codebook usage and perplexity,
-    bits per code and bytes on disk per image, and whether the run finished.
+    model id. A prior: its size, the tokens it models (K, grid, classes, the
+    tokenizer's model id) and its model id. Tokens (a folder written by
+    `vqtok encode` or `vqtok prior sample`, or one Parquet file): rows,
+    shards, errors, grid, K, model id, codebook usage and perplexity, bits per
+    code and bytes on disk per image, and whether the run finished.
 
     \b
     Examples:
         vqtok info runs/x/model
+        vqtok info runs/p/model
         vqtok info tokens.parquet --json
     """
     from pathlib import Path
 
-    if (Path(path) / "config.json").exists():
-        summary, rows = model_summary(path)
+    from vqtok.pretrained import CONFIG_NAME, read_header
+
+    if (Path(path) / CONFIG_NAME).exists():
+        kind = read_header(path)["kind"]
+        summary, rows = prior_summary(path) if kind == "prior" else model_summary(path)
     else:
         from vqtok.store import summarize
 
@@ -107,6 +113,37 @@ def model_summary(path: str) -> tuple[dict, list[tuple[str, str]]]:
     for size in sorted({config.image_size, 64, 128, 256}):
         h, w = model.grid_size(size)
         rows.append((f"grid at {size}x{size}", f"{h}x{w} codes"))
+    rows += [(name, str(value)) for name, value in config.to_dict().items()]
+    return summary, rows
+
+
+def prior_summary(path: str) -> tuple[dict, list[tuple[str, str]]]:
+    from vqtok.prior import Prior
+
+    prior = Prior.from_pretrained(path)
+    config = prior.config
+    summary = {
+        "path": path,
+        "kind": "prior",
+        "model_id": prior.model_id,
+        "parameters": sum(p.numel() for p in prior.parameters()),
+        "codebook_size": config.codebook_size,
+        "grid": list(config.grid),
+        "num_classes": config.num_classes,
+        "tokenizer": config.tokenizer,
+        "image_size": config.image_size,
+        "config": config.to_dict(),
+    }
+    h, w = config.grid
+    rows = [
+        ("kind", "prior over token grids"),
+        ("model id", summary["model_id"]),
+        ("parameters", f"{summary['parameters']:,}"),
+        ("transformer", f"{config.layers} layers, width {config.width}, {config.heads} heads"),
+        ("tokens", f"{h}x{w} grids of codes from a codebook of K = {config.codebook_size}"),
+        ("classes", f"{config.num_classes}" if config.num_classes else "none (unconditional)"),
+        ("tokenizer", f"{config.tokenizer} ({config.image_size}x{config.image_size} images)"),
+    ]
     rows += [(name, str(value)) for name, value in config.to_dict().items()]
     return summary, rows
 
@@ -339,6 +376,141 @@ def demo(out, steps):
     console.print(f"held-out photographs at 128x128: PSNR {result.psnr:.2f} dB, codebook usage {result.usage:.1%}")
     for what, where in result.paths.items():
         console.print(f"{what}: {where}")
+
+
+@cli.group()
+def prior():
+    """Train a prior over token grids, and sample grids from it.
+
+    \b
+    The loop, from images to sampled images:
+        vqtok fit shards/ --out runs/x
+        vqtok encode shards/ tokens.parquet --model runs/x/model --keep cls
+        vqtok prior fit tokens.parquet --out runs/p --cond cls
+        vqtok prior sample runs/p/model samples.parquet --per-class 8
+        vqtok decode samples.parquet images/ --model runs/x/model
+    """
+
+
+@prior.command("fit")
+@click.argument("tokens", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoints, model, samples.")
+@click.option("--val", multiple=True, type=click.Path(exists=True), help="Held-out tokens (repeatable).")
+@click.option("--cond", help="The column of class labels to condition on, e.g. cls.")
+@click.option(
+    "--classes", "num_classes", type=click.IntRange(min=1), help="Classes in --cond.  [default: the largest + 1]"
+)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A TOML recipe.")
+@override("layers", PriorConfig, "--layers", type=click.IntRange(min=1), help="Transformer blocks.")
+@override("width", PriorConfig, "--width", type=click.IntRange(min=1), help="Embedding width.")
+@override("heads", PriorConfig, "--heads", type=click.IntRange(min=1), help="Attention heads.")
+@override("dropout", PriorConfig, "--dropout", type=click.FloatRange(0, 1, max_open=True), help="Dropout.")
+@override("steps", PriorTrainConfig, "--steps", type=click.IntRange(min=1), help="Optimizer steps.")
+@override("batch_size", PriorTrainConfig, "--batch-size", type=click.IntRange(min=1), help="Grids per process.")
+@override("lr", PriorTrainConfig, "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
+@override("seed", PriorTrainConfig, "--seed", type=click.IntRange(min=0), help="Random seed.")
+@override("eval_every", PriorTrainConfig, "--eval-every", type=click.IntRange(min=1), help="Steps between evals.")
+@override("save_every", PriorTrainConfig, "--save-every", type=click.IntRange(min=1), help="Steps between saves.")
+@override("num_workers", PriorTrainConfig, "--num-workers", type=click.IntRange(min=0), help="Loader workers.")
+@override(
+    "mixed_precision",
+    PriorTrainConfig,
+    "--mixed-precision",
+    type=click.Choice(["auto", "no", "fp16", "bf16"]),
+    help="Autocast precision; auto: bf16 on a GPU that has it.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False),
+    help="The tokenizer that made the tokens: each evaluation then decodes samples into samples/.",
+)
+@user_errors
+def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, **overrides):
+    """Train a prior (a transformer over the codes in raster order) on token grids.
+
+    TOKENS are token datasets written by `vqtok encode`, Parquet files of
+    them, or several of either, all from one tokenizer. With --cond the prior
+    is class-conditional (the class is its first token) and can be sampled
+    with classifier-free guidance. Held-out --val tokens are scored in bits
+    per code at each evaluation. Runs on one CPU or GPU, or on many under
+    `accelerate launch`.
+
+    \b
+    Examples:
+        vqtok prior fit tokens.parquet --out runs/p --val val.parquet --cond cls
+        vqtok prior fit tokens.parquet --out runs/p --config pipelines/prior-cpu-small.toml
+        accelerate launch --multi_gpu --num_processes 8 -m vqtok prior fit tokens.parquet --out runs/p
+    """
+    from vqtok.config import load_config
+    from vqtok.prior_fit import fit_prior
+
+    model_fields = {f.name for f in dataclasses.fields(PriorConfig)}
+    config, train_config = load_config(
+        config_path,
+        model={k: v for k, v in overrides.items() if k in model_fields},
+        train={k: v for k, v in overrides.items() if k not in model_fields},
+        model_class=PriorConfig,
+        train_class=PriorTrainConfig,
+    )
+    result = fit_prior(
+        list(tokens), out, config, train_config, val=list(val), cond=cond, tokenizer=tokenizer, resume=resume
+    )
+    if result.main_process and "bits_per_code" in result.metrics:
+        click.echo(f"held-out {result.metrics['bits_per_code']:.4f} bits per code")
+
+
+def class_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        labels = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter("classes are integers, one or comma-separated: 3 or 0,1,2") from None
+    return labels[0] if len(labels) == 1 else labels
+
+
+@prior.command("sample")
+@click.argument("prior_dir", metavar="PRIOR", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", type=click.IntRange(min=1), help="Grids to sample.  [default: 64]")
+@click.option("--cls", callback=class_list, help="A class for every grid (3), or classes to cycle through (0,1,2).")
+@click.option("--per-class", type=click.IntRange(min=1), help="N grids of each class of the prior.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0), help="0: greedy.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Draw from the k likeliest codes only.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Draw from the likeliest codes up to p.")
+@click.option("--guidance", default=0.0, show_default=True, type=float, help="Classifier-free guidance w.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Random seed.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Grids per batch.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--overwrite", is_flag=True, help="Replace samples drawn with other settings.")
+@user_errors
+def prior_sample(prior_dir, out, **options):
+    """Sample grids from a prior into a token dataset OUT for `vqtok decode`.
+
+    OUT names the tokenizer the prior's codes came from, so `vqtok decode`
+    takes that tokenizer and refuses others. Guidance w mixes the conditional
+    and unconditional logits, cond + w (cond - uncond): 0 is plain
+    conditional sampling, larger w sticks closer to the class. The same seed
+    gives the same grids; the same command again finishes what an interrupted
+    run left.
+
+    \b
+    Examples:
+        vqtok prior sample runs/p/model samples.parquet --n 64
+        vqtok prior sample runs/p/model samples.parquet --per-class 8 --guidance 2 --top-k 100
+        vqtok decode samples.parquet images/ --model runs/x/model
+    """
+    from vqtok.prior_sample import sample
+
+    result = sample(prior_dir, out, **options)
+    if result.rank == 0:
+        who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
+        click.echo(
+            f"sampled {result.grids:,} grids into {result.out}{who} in {result.seconds:.1f} s "
+            f"({result.codes_per_second:,.0f} codes/s); {result.skipped} shard(s) already done; "
+            f"decode them with the tokenizer whose model id is {result.tokenizer}"
+        )
 
 
 def main():
