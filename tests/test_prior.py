@@ -2,18 +2,15 @@
 kill and resume, refusals, and the loop tokens -> prior -> sampled grids -> `vqtok decode` -> images."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import free_port
+from conftest import free_port, kill_and_resume, read_metrics
 from PIL import Image
 
 from vqtok import VQVAE
@@ -79,10 +76,6 @@ def tokens(model_dir, tmp_path):
     train = write_tokens(tmp_path / "train.parquet", model_dir, *class_grids(48, seed=0))
     val = write_tokens(tmp_path / "val.parquet", model_dir, *class_grids(8, seed=1), shards=1)
     return train, val
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def tiny_prior(num_classes=CLASSES, seed=0, **config) -> Prior:
@@ -210,7 +203,7 @@ def test_fit_one_process_then_sample_and_decode(model_dir, tokens, tmp_path):
     assert summary["num_classes"] == CLASSES and summary["grid"] == [4, 4]
 
     samples = tmp_path / "samples.parquet"
-    sampled = invoke("prior", "sample", out / "model", samples, "--per-class", "2", "--seed", "5")
+    sampled = invoke("prior", "sample", out, samples, "--per-class", "2", "--seed", "5")  # the run folder
     assert sampled.exit_code == 0, sampled.output
     assert "sampled 16 grids" in sampled.output
     keys, codes = read_codes(samples)
@@ -298,26 +291,7 @@ def test_killed_run_resumes_from_its_checkpoint(tokens, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "vqtok", "prior", "fit", str(train), "--out", str(out), *TINY]
     command += ["--steps", "100", "--save-every", "5", "--cond", "cls"]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "step-000010").is_dir():
-        assert first.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    killed_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-??????"))
-    assert 10 <= killed_at < 100
-
-    refused = subprocess.run(command, capture_output=True, text=True)
-    assert refused.returncode == 1 and "--resume" in refused.stderr
-    changed = subprocess.run([*command, "--resume", "--width", "16"], capture_output=True, text=True)
-    assert changed.returncode == 1 and "width changed" in changed.stderr
-
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    metrics = read_metrics(out)
-    assert [m["step"] for m in metrics if "resumed_from" in m] == [0, killed_at]
-    assert [m["step"] for m in metrics if "loss" in m][-1] == 100
+    kill_and_resume(command, out, 100, ["--width", "16"], "width")
     assert Prior.from_pretrained(out / "model").config.num_classes == CLASSES
 
 

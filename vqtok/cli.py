@@ -177,13 +177,54 @@ def override(name: str, config_class, *flags, **kwargs):
     return click.option(*flags, name, default=None, show_default=f"{default} or the config file's", **kwargs)
 
 
+def training_options(train_class, examples: str, workers: str):
+    """The options every trainer takes (`vqtok fit`, `vqtok prior fit`), overriding train_class's fields."""
+    options = [
+        override("steps", train_class, "--steps", type=click.IntRange(min=1), help="Optimizer steps."),
+        override(
+            "batch_size", train_class, "--batch-size", type=click.IntRange(min=1), help=f"{examples} per process."
+        ),
+        override("lr", train_class, "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate."),
+        override("seed", train_class, "--seed", type=click.IntRange(min=0), help="Random seed."),
+        override("eval_every", train_class, "--eval-every", type=click.IntRange(min=1), help="Steps between evals."),
+        override("save_every", train_class, "--save-every", type=click.IntRange(min=1), help="Steps between saves."),
+        override("num_workers", train_class, "--num-workers", type=click.IntRange(min=0), help=workers),
+        override(
+            "mixed_precision",
+            train_class,
+            "--mixed-precision",
+            type=click.Choice(["auto", "no", "fp16", "bf16"]),
+            help="Autocast precision; auto: bf16 on a GPU that has it.",
+        ),
+        click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out."),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def load_recipe(config_path, overrides: dict, model_class, train_class):
+    """The TOML recipe's [model] and [train] tables, with the command line's overrides of either."""
+    from vqtok.config import load_config
+
+    model_fields = {f.name for f in dataclasses.fields(model_class)}
+    return load_config(
+        config_path,
+        model={k: v for k, v in overrides.items() if k in model_fields},
+        train={k: v for k, v in overrides.items() if k not in model_fields},
+        model_class=model_class,
+        train_class=train_class,
+    )
+
+
 @cli.command()
 @click.argument("shards", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoints, model, samples.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A TOML recipe.")
-@override("steps", TrainConfig, "--steps", type=click.IntRange(min=1), help="Optimizer steps.")
-@override("batch_size", TrainConfig, "--batch-size", type=click.IntRange(min=1), help="Images per process per step.")
-@override("lr", TrainConfig, "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (Adam).")
 @override("image_size", ModelConfig, "--image-size", type=click.IntRange(min=1), help="Training crop size.")
 @override("codebook_size", ModelConfig, "--codebook-size", type=click.IntRange(min=2), help="K, codebook entries.")
 @override("code_dim", ModelConfig, "--code-dim", type=click.IntRange(min=1), help="D, code vector size.")
@@ -191,19 +232,8 @@ def override(name: str, config_class, *flags, **kwargs):
 @override("beta", ModelConfig, "--beta", type=click.FloatRange(min=0), help="Commitment loss weight.")
 @override("decay", ModelConfig, "--decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="EMA decay.")
 @click.option("--no-ema", is_flag=True, help="Learn the codebook by the paper's codebook loss instead of EMA.")
-@override("seed", TrainConfig, "--seed", type=click.IntRange(min=0), help="Random seed.")
 @click.option("--val", multiple=True, help="Validation shards (repeatable), evaluated every --eval-every steps.")
-@override("eval_every", TrainConfig, "--eval-every", type=click.IntRange(min=1), help="Steps between evaluations.")
-@override("save_every", TrainConfig, "--save-every", type=click.IntRange(min=1), help="Steps between checkpoints.")
-@override("num_workers", TrainConfig, "--num-workers", type=click.IntRange(min=0), help="Decoding workers/process.")
-@override(
-    "mixed_precision",
-    TrainConfig,
-    "--mixed-precision",
-    type=click.Choice(["auto", "no", "fp16", "bf16"]),
-    help="Autocast precision; auto: bf16 on a GPU that has it.",
-)
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@training_options(TrainConfig, "Images", "Image decoding workers per process.")
 @user_errors
 def fit(shards, out, config_path, no_ema, val, resume, **overrides):
     """Train a VQ-VAE on images in WebDataset tar shards.
@@ -217,15 +247,9 @@ def fit(shards, out, config_path, no_ema, val, resume, **overrides):
         vqtok fit shards/ --out runs/cifar --config pipelines/cifar10.toml --steps 250000
         accelerate launch --multi_gpu --num_processes 8 -m vqtok fit shards/ --out runs/x
     """
-    from vqtok.config import load_config
     from vqtok.train import fit as fit_model
 
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    model_config, train_config = load_config(
-        config_path,
-        model={k: v for k, v in overrides.items() if k in model_fields},
-        train={k: v for k, v in overrides.items() if k not in model_fields},
-    )
+    model_config, train_config = load_recipe(config_path, overrides, ModelConfig, TrainConfig)
     if no_ema:
         if overrides["decay"] is not None:
             raise click.UsageError("--decay and --no-ema exclude each other")
@@ -405,21 +429,7 @@ def prior():
 @override("width", PriorConfig, "--width", type=click.IntRange(min=1), help="Embedding width.")
 @override("heads", PriorConfig, "--heads", type=click.IntRange(min=1), help="Attention heads.")
 @override("dropout", PriorConfig, "--dropout", type=click.FloatRange(0, 1, max_open=True), help="Dropout.")
-@override("steps", PriorTrainConfig, "--steps", type=click.IntRange(min=1), help="Optimizer steps.")
-@override("batch_size", PriorTrainConfig, "--batch-size", type=click.IntRange(min=1), help="Grids per process.")
-@override("lr", PriorTrainConfig, "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
-@override("seed", PriorTrainConfig, "--seed", type=click.IntRange(min=0), help="Random seed.")
-@override("eval_every", PriorTrainConfig, "--eval-every", type=click.IntRange(min=1), help="Steps between evals.")
-@override("save_every", PriorTrainConfig, "--save-every", type=click.IntRange(min=1), help="Steps between saves.")
-@override("num_workers", PriorTrainConfig, "--num-workers", type=click.IntRange(min=0), help="Loader workers.")
-@override(
-    "mixed_precision",
-    PriorTrainConfig,
-    "--mixed-precision",
-    type=click.Choice(["auto", "no", "fp16", "bf16"]),
-    help="Autocast precision; auto: bf16 on a GPU that has it.",
-)
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@training_options(PriorTrainConfig, "Grids", "Token reading workers per process.")
 @click.option(
     "--tokenizer",
     type=click.Path(exists=True, file_okay=False),
@@ -442,17 +452,9 @@ def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, **override
         vqtok prior fit tokens.parquet --out runs/p --config pipelines/prior-cpu-small.toml
         accelerate launch --multi_gpu --num_processes 8 -m vqtok prior fit tokens.parquet --out runs/p
     """
-    from vqtok.config import load_config
     from vqtok.prior_fit import fit_prior
 
-    model_fields = {f.name for f in dataclasses.fields(PriorConfig)}
-    config, train_config = load_config(
-        config_path,
-        model={k: v for k, v in overrides.items() if k in model_fields},
-        train={k: v for k, v in overrides.items() if k not in model_fields},
-        model_class=PriorConfig,
-        train_class=PriorTrainConfig,
-    )
+    config, train_config = load_recipe(config_path, overrides, PriorConfig, PriorTrainConfig)
     result = fit_prior(
         list(tokens), out, config, train_config, val=list(val), cond=cond, tokenizer=tokenizer, resume=resume
     )
@@ -488,6 +490,7 @@ def class_list(ctx, param, value):
 def prior_sample(prior_dir, out, **options):
     """Sample grids from a prior into a token dataset OUT for `vqtok decode`.
 
+    PRIOR is a prior's directory (runs/p/model) or its run folder (runs/p).
     OUT names the tokenizer the prior's codes came from, so `vqtok decode`
     takes that tokenizer and refuses others. Guidance w mixes the conditional
     and unconditional logits, cond + w (cond - uncond): 0 is plain

@@ -8,7 +8,6 @@ with transposed convolutions; and the model directory format
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -16,11 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.config import ModelConfig
-from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.pretrained import CONFIG_NAME, load_weights, read_header, save_directory, weights_hash
+from vqtok.errors import ConfigError
+from vqtok.pretrained import Pretrained
 from vqtok.quantize import VectorQuantizer
-
-KIND = "tokenizer"  # what config.json's "kind" says of a VQ-VAE's directory
 
 
 class ResidualBlock(nn.Module):
@@ -93,12 +90,15 @@ class VQVAEOutput(NamedTuple):
     loss: torch.Tensor  # recon_loss + vq_loss, what training minimises
 
 
-class VQVAE(nn.Module):
-    """Images <-> (h, w) grids of codebook indices.
+class VQVAE(Pretrained, nn.Module):
+    """Images <-> (h, w) grids of codebook indices; saved and loaded as a model directory (`Pretrained`).
 
     >>> codes = model.encode(images)     # float (B, 3, H, W) in [0, 1] -> int64 (B, h, w)
     >>> images = model.decode(codes)     # -> float (B, 3, H, W) in [0, 1]
     """
+
+    KIND = "tokenizer"  # what config.json's "kind" says of a VQ-VAE's directory
+    config_class = ModelConfig
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -163,29 +163,6 @@ class VQVAE(nn.Module):
             raise ValueError(f"codes must lie in [0, {self.codebook_size})")
         out = self.decoder(self.quantizer.lookup(codes))  # (B, C, H, W)
         return ((out.float() + 1) / 2).clamp_(0, 1)
-
-    # -- the model directory (vqtok.pretrained) ---------------------------------
-
-    @property
-    def model_id(self) -> str:
-        """A hash of the weights: token files carry it so codes are never decoded by another model."""
-        return weights_hash(self.state_dict())
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json and model.safetensors into directory (created if needed)."""
-        return save_directory(directory, self, KIND, self.config.to_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> VQVAE:
-        """Load a model directory written by save_pretrained, in eval mode. Reads no pickle."""
-        header = read_header(directory, KIND)
-        try:
-            config = ModelConfig.from_dict(header["config"])
-        except (ConfigError, TypeError) as e:
-            raise ModelFormatError(f"{Path(directory) / CONFIG_NAME}: {e}") from None
-        model = cls(config)
-        load_weights(directory, model, header)
-        return model.to(device).eval()
 
 
 def pick_device(name: str) -> torch.device:

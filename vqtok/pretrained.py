@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from vqtok import __version__
-from vqtok.errors import ModelFormatError
+from vqtok.errors import ConfigError, ModelFormatError
 from vqtok.files import write_atomically
 
 FORMAT_VERSION = 1
@@ -112,3 +112,32 @@ def load_weights(directory: str | os.PathLike, module: torch.nn.Module, header: 
             "the directory was changed or mixed with another model's files"
         )
     module.load_state_dict(state)
+
+
+class Pretrained:
+    """model_id, save_pretrained and from_pretrained for an nn.Module built from one config dataclass (which
+    `config_class.from_dict` reads back) and saved as a directory of kind KIND."""
+
+    KIND: str
+    config_class: type
+
+    @property
+    def model_id(self) -> str:
+        """A hash of the weights: token files and priors carry it, so codes never meet another model."""
+        return weights_hash(self.state_dict())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json and model.safetensors into directory (created if needed)."""
+        return save_directory(directory, self, self.KIND, self.config.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"):
+        """Load a directory written by save_pretrained, in eval mode. Reads no pickle."""
+        header = read_header(directory, cls.KIND)
+        try:
+            config = cls.config_class.from_dict(header["config"])
+        except (ConfigError, TypeError) as e:
+            raise ModelFormatError(f"{Path(directory) / CONFIG_NAME}: {e}") from None
+        model = cls(config)
+        load_weights(directory, model, header)
+        return model.to(device).eval()

@@ -20,19 +20,15 @@ know both row and column. `sample` is a plain loop with a key/value cache: each 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vqtok.config import PriorConfig
-from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.pretrained import CONFIG_NAME, load_weights, read_header, save_directory, weights_hash
-
-KIND = "prior"  # what config.json's "kind" says of a prior's directory
+from vqtok.errors import ConfigError
+from vqtok.pretrained import Pretrained
 
 
 class KVCache:
@@ -108,13 +104,17 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))  # (B, T, C)
 
 
-class Prior(nn.Module):
-    """p(codes | class) over (h, w) grids, one code at a time in raster order.
+class Prior(Pretrained, nn.Module):
+    """p(codes | class) over (h, w) grids, one code at a time in raster order; saved and loaded as a model
+    directory of kind "prior" (`Pretrained`).
 
     >>> logits, loss = prior(codes, cls)                # int (B, h, w), int (B,) or None -> (B, L, K), mean NLL
     >>> prior.log_prob(codes, cls)                       # (B,) natural-log likelihood of each grid
     >>> prior.sample(16, cls=3, temperature=1.0, top_k=100, guidance=2.0)   # int64 (16, h, w)
     """
+
+    KIND = "prior"  # what config.json's "kind" says of a prior's directory
+    config_class = PriorConfig
 
     def __init__(self, config: PriorConfig) -> None:
         super().__init__()
@@ -264,28 +264,6 @@ class Prior(nn.Module):
             return self._run(new[:, None], i, caches)[:, -1].float()  # (n, K)
         x = torch.cat([self.class_emb(cls_index)[:, None], self.code_emb(codes[:, :i])], dim=1)  # (n, i + 1, C)
         return self._run(x, 0)[:, -1].float()  # (n, K)
-
-    # -- the model directory (vqtok.pretrained) ---------------------------------
-
-    @property
-    def model_id(self) -> str:
-        return weights_hash(self.state_dict())
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json (kind "prior") and model.safetensors into directory (created if needed)."""
-        return save_directory(directory, self, KIND, self.config.to_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> Prior:
-        """Load a prior's directory written by save_pretrained, in eval mode. Reads no pickle."""
-        header = read_header(directory, KIND)
-        try:
-            config = PriorConfig.from_dict(header["config"])
-        except (ConfigError, TypeError) as e:
-            raise ModelFormatError(f"{Path(directory) / CONFIG_NAME}: {e}") from None
-        prior = cls(config)
-        load_weights(directory, prior, header)
-        return prior.to(device).eval()
 
 
 def pick(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):

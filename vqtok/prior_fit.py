@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader
 
 from vqtok.config import PriorConfig, PriorTrainConfig
 from vqtok.errors import ConfigError
-from vqtok.pretrained import weights_hash
 from vqtok.prior import Prior
 from vqtok.progress import ProgressBar
 from vqtok.runs import Run, lr_lambda
@@ -112,7 +111,7 @@ def fit_prior(
     resume: bool = False,
     show_progress: bool = True,
 ) -> PriorFitResult:
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import set_seed
 
     out = Path(out)
     cfg = train_config
@@ -219,27 +218,12 @@ def fit_prior(
                 progress.update(status=f"{entry['bits_per_code']:.3f} bits/code  {rate:,.0f} codes/s")
             progress.update(step)
 
-            if step % cfg.save_every == 0 and step < cfg.steps:
-                run.save_checkpoint(step)
-            if step % cfg.eval_every == 0 and step < cfg.steps:
-                last_metrics = evaluate_and_record(step)
-                model.train()
+            last_metrics = run.periodic(step, evaluate_and_record) or last_metrics
 
     elapsed = time.perf_counter() - started
-    run.save_checkpoint(step)
-    last_metrics = evaluate_and_record(step)
-
-    # Every process must hold the same weights; record the evidence.
-    digests = gather_object([weights_hash(raw_model.state_dict())])
-    run.record({"split": "train", "step": step, "processes": world, "weights_digests": digests})
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"processes ended with different weights: {digests}")
-
-    model_dir = out / "model"
-    if accelerator.is_main_process:
-        raw_model.save_pretrained(model_dir)
-        accelerator.print(f"exported prior to {model_dir}")
-    run.end()
+    # Every process must hold the same weights: the run records the evidence.
+    last_metrics = run.finish(step, evaluate_and_record, "weights_digests", raw_model.model_id)
+    model_dir = run.export(raw_model, "prior")
     return PriorFitResult(
         model_dir, step, start_step, codes_seen / max(elapsed, 1e-9), last_metrics, accelerator.is_main_process
     )

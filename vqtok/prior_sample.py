@@ -25,6 +25,7 @@ import torch
 from vqtok.encode import process_rank
 from vqtok.errors import ConfigError
 from vqtok.model import pick_device
+from vqtok.pretrained import CONFIG_NAME
 from vqtok.prior import Prior
 from vqtok.progress import ProgressBar
 from vqtok.store import TokenSettings, TokenStore
@@ -98,9 +99,12 @@ def sample(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> SampleResult:
-    """Sample grids from the prior in prior_dir into the token dataset `out`, skipping shards already done."""
+    """Sample grids from the prior in prior_dir (or in the run folder prior_dir/model) into the token dataset
+    `out`, skipping shards already done."""
     started = time.perf_counter()
     rank, world_size = process_rank()
+    if not (Path(prior_dir) / CONFIG_NAME).exists() and (Path(prior_dir) / "model" / CONFIG_NAME).exists():
+        prior_dir = Path(prior_dir) / "model"  # a run folder of vqtok prior fit: its exported prior
     prior = Prior.from_pretrained(prior_dir, device=pick_device(device))
     config = prior.config
     if config.tokenizer is None or config.image_size is None:

@@ -159,6 +159,38 @@ class Run:
                     shutil.rmtree(path, ignore_errors=True)
         accelerator.wait_for_everyone()
 
+    def periodic(self, step: int, evaluate: Callable[[int], dict]) -> dict | None:
+        """After optimizer step `step`: a checkpoint every save_every steps and an evaluation every eval_every,
+        except at the last step, which `finish` saves and evaluates. Returns the evaluation's metrics, if any."""
+        if step >= self.train.steps:
+            return None
+        if step % self.train.save_every == 0:
+            self.save_checkpoint(step)
+        return evaluate(step) if step % self.train.eval_every == 0 else None
+
+    def finish(self, step: int, evaluate: Callable[[int], dict], name: str, digest: str) -> dict:
+        """The last checkpoint and evaluation, then the evidence that every process ends with the same model:
+        each one's `digest` (a hash of what must agree) recorded under `name`; RuntimeError if they differ.
+        Returns the evaluation's metrics."""
+        from accelerate.utils import gather_object
+
+        self.save_checkpoint(step)
+        metrics = evaluate(step)
+        digests = gather_object([digest])
+        self.record({"split": "train", "step": step, "processes": self.accelerator.num_processes, name: digests})
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"processes ended with different {name}: {digests}")
+        return metrics
+
+    def export(self, model, what: str = "model") -> Path:
+        """The main process saves model (save_pretrained) into OUT/model; then the run ends."""
+        directory = self.out / "model"
+        if self.accelerator.is_main_process:
+            model.save_pretrained(directory)
+            self.accelerator.print(f"exported {what} to {directory}")
+        self.end()
+        return directory
+
     def end(self) -> None:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
