@@ -368,25 +368,31 @@ def decode(tokens, out, model_dir, format_, keys, **options):
 @cli.command()
 @click.option("--out", default="vqtok-demo", show_default=True, type=click.Path(file_okay=False), help="Folder.")
 @click.option("--steps", default=3000, show_default=True, type=click.IntRange(min=1), help="Training steps.")
+@click.option("--prior", is_flag=True, help="Also fit a prior on the training crops' codes and decode its samples.")
+@click.option("--prior-steps", default=1000, show_default=True, type=click.IntRange(min=1), help="The prior's steps.")
 @user_errors
-def demo(out, steps):
+def demo(out, steps, prior, prior_steps):
     """The whole loop on photographs bundled with scikit-image, no download.
 
     Cuts shards of crops from some photographs, fits a small model on them,
     encodes photographs it never saw, decodes them, and prints how close the
-    reconstructions are. Needs the `demo` extra: pip install 'vqtok[demo]'.
-    A few minutes on a laptop CPU; uses a GPU when there is one.
+    reconstructions are. With --prior it also encodes the training crops,
+    fits a prior on their codes (the photograph as the class), samples crops
+    of each photograph from it and decodes them. Needs the `demo` extra: pip
+    install 'vqtok[demo]'. A few minutes on a laptop CPU (a few more with
+    --prior); uses a GPU when there is one.
 
     \b
-    Example:
+    Examples:
         vqtok demo --out vqtok-demo
+        vqtok demo --out vqtok-demo --prior
     """
     from rich.console import Console
     from rich.table import Table
 
     from vqtok.demo import run_demo
 
-    result = run_demo(out, steps)
+    result = run_demo(out, steps, prior_steps=prior_steps if prior else None)
     table = Table(title="vqtok demo")
     table.add_column("stage")
     table.add_column("images", justify="right")
