@@ -1,4 +1,5 @@
-"""Builders shared by the tests: WebDataset shards and encoded images, made on the spot in tmp_path."""
+"""Builders shared by the tests: WebDataset shards, image folders, Parquet datasets and encoded images, made on
+the spot in tmp_path; and a local S3 server (moto) on 127.0.0.1 for the tests of object storage."""
 
 import io
 import json
@@ -45,6 +46,61 @@ def image_samples(keys, seed: int = 0) -> list[dict]:
         {"__key__": key, "png": image_bytes(random_image(seed + i)), "cls": str(i).encode()}
         for i, key in enumerate(keys)
     ]
+
+
+def class_images(classes=("cat", "dog"), per_class: int = 3, seed: int = 0) -> dict[str, bytes]:
+    """{key: PNG bytes} for keys `class/i`, the layout of an ImageNet-style folder."""
+    images, n = {}, 0
+    for name in classes:
+        for i in range(per_class):
+            images[f"{name}/{i}"] = image_bytes(random_image(seed + n))
+            n += 1
+    return images
+
+
+def write_image_folder(root, images: dict[str, bytes], extension: str = "png") -> Path:
+    """Each image as root/KEY.extension."""
+    root = Path(root)
+    for key, data in images.items():
+        path = root / f"{key}.{extension}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def write_hf_parquet(
+    root,
+    images: dict[str, bytes],
+    files: int = 2,
+    key_column: str | None = "__key__",
+    image_column: str = "image",
+    folder: str = "data",
+) -> Path:
+    """A Hugging Face style Parquet dataset written by `datasets` itself: root/data/train-0000i-of-0000n.parquet,
+    an Image() column, a ClassLabel `label` (the key's first folder) and a text `caption`."""
+    import datasets
+
+    keys = list(images)
+    names = sorted({key.split("/")[0] for key in keys})
+    columns = {
+        image_column: [{"bytes": images[key], "path": f"{key}.png"} for key in keys],
+        "label": [names.index(key.split("/")[0]) for key in keys],
+        "caption": [f"a picture of {key}" for key in keys],
+    }
+    features = {
+        image_column: datasets.Image(),
+        "label": datasets.ClassLabel(names=names),
+        "caption": datasets.Value("string"),
+    }
+    if key_column:
+        columns[key_column] = keys
+        features[key_column] = datasets.Value("string")
+    dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    (Path(root) / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        path = Path(root) / folder / f"train-{i:05d}-of-{files:05d}.parquet"
+        dataset.shard(files, i, contiguous=True).to_parquet(str(path))
+    return Path(root)
 
 
 def bomb_png(width: int, height: int) -> bytes:
@@ -148,3 +204,82 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3 server (moto's) on 127.0.0.1 for the whole session; nothing else is reached."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+class Bucket:
+    """A fresh bucket on the local S3 server and an s3fs file system to look into it."""
+
+    def __init__(self, fs, name: str) -> None:
+        self.fs = fs
+        self.name = name
+
+    def url(self, path: str = "") -> str:
+        return f"s3://{self.name}/{path}" if path else f"s3://{self.name}"
+
+    def listing(self) -> list[str]:
+        self.fs.invalidate_cache()
+        return sorted(self.fs.find(self.name))
+
+
+def point_at_s3(monkeypatch, endpoint: str, tmp_path, key: str = "testing") -> None:
+    """The environment a user sets for an S3-compatible store (MinIO, Ceph, this test server): the standard AWS
+    variables, with empty config and credential files so that nobody's own profile is read."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    import s3fs
+
+    # fsspec keeps one file system per set of options, made with the environment of its time.
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch, tmp_path):
+    import uuid
+
+    import s3fs
+
+    point_at_s3(monkeypatch, s3_endpoint, tmp_path)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    name = f"vqtok-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    yield Bucket(fs, name)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def kill_when(command: list[str], done, at_least: int, timeout: float = 180) -> int:
+    """Run command and kill it with SIGKILL once done() (say, the markers written so far) reaches at_least;
+    returns done() after the kill."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while done() < at_least and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return done()

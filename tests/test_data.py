@@ -20,7 +20,7 @@ from vqtok.data import (
     center_crop,
     collate,
     decode_image,
-    expand_shards,
+    expand_inputs,
     iter_samples,
     make_loader,
     random_crop_flip,
@@ -182,6 +182,10 @@ def test_to_tensor_is_uint8_channels_first():
 # ---------------------------------------------------------------------------------------------- shards
 
 
+def expand_shards(specs) -> list[str]:
+    return expand_inputs(specs).names
+
+
 def test_expand_shards(tmp_path):
     for name in ["b.tar", "a.tar", "c.tar", "notes.txt"]:
         (tmp_path / name).write_bytes(b"")
@@ -193,11 +197,8 @@ def test_expand_shards(tmp_path):
     assert expand_shards([str(tmp_path / "{c,a}.tar")]) == [c, a]
     assert expand_shards([c, str(tmp_path), a]) == [c, a, b]
     assert expand_shards(c) == [c]  # a lone string is one spec
-    assert expand_shards(["pipe:cat x-{0..1}.tar", "s3://bucket/y.tar"]) == [
-        "pipe:cat x-0.tar",
-        "pipe:cat x-1.tar",
-        "s3://bucket/y.tar",
-    ]
+    assert expand_shards([f"{tmp_path}/./sub/../a.tar"]) == [a]  # one file, one name
+    assert expand_shards(["pipe:cat x-{0..1}.tar"]) == ["pipe:cat x-0.tar", "pipe:cat x-1.tar"]
 
 
 def test_expand_shards_numbered_pattern(tmp_path):
@@ -214,19 +215,20 @@ def test_expand_shards_numbered_pattern(tmp_path):
     [
         ("missing.tar", "missing.tar: no such file or directory"),
         ("*.tgz", r"\*.tgz: no files match"),
-        ("empty", "empty: directory holds no .tar files"),
+        ("empty", r"empty: holds no .tar files, no image files \(jpg, jpeg, png.*\) and no .parquet files"),
         ("x-{0..1.tar", "unbalanced braces"),
     ],
 )
 def test_expand_shards_names_the_spec_that_matches_nothing(tmp_path, spec, message):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match=message) as caught:
         expand_shards([str(tmp_path / spec)])
     assert isinstance(caught.value, VQTokError) and "\n" not in str(caught.value)
 
 
 def test_expand_shards_refuses_an_empty_list():
-    with pytest.raises(DataError, match="no shards given"):
+    with pytest.raises(DataError, match="no inputs given"):
         expand_shards([])
 
 

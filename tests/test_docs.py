@@ -18,7 +18,7 @@ from vqtok.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMANDS = ("fit", "encode", "prior fit", "prior sample", "decode", "info", "demo")
+COMMANDS = ("fit", "eval", "encode", "prior fit", "prior sample", "decode", "info", "demo")
 # Long runs are not run as written here: training for thousands of steps would take hours on CI. The docs show
 # their output (docs/index.md), and tests/test_fit.py, tests/test_prior.py and tests/test_demo.py run the same
 # commands small.
@@ -62,10 +62,12 @@ def shell_lines(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, model_dir):
-    """What the documented commands expect in their folder: shards/, runs/x/model, tokens.parquet,
-    samples.parquet, and a prior in runs/p/model with its samples in sampled.parquet."""
+    """What the documented commands expect in their folder: shards/ (train and val), runs/x/model, tokens.parquet,
+    samples.parquet, a prior in runs/p/model with its samples in sampled.parquet, an ImageNet-style imagenet/
+    (train/<class>/<file>.JPEG, val/<file>.JPEG) and Hugging Face's CIFAR-10 layout
+    (cifar10/plain_text/train-*.parquet with `img` and `label`)."""
     import torch
-    from conftest import image_samples, write_shard
+    from conftest import class_images, image_bytes, image_samples, random_image, write_hf_parquet, write_shard
 
     from vqtok.config import PriorConfig
     from vqtok.encode import encode
@@ -79,6 +81,8 @@ def workspace(tmp_path_factory, model_dir):
         samples = image_samples([f"img{i:03d}"], seed=i)
         samples[0]["txt"] = f"a caption for image {i}".encode()
         write_shard(root / "shards" / f"train-{i:06d}.tar", samples)
+    for i in range(10):
+        write_shard(root / "shards" / f"val-{i:06d}.tar", image_samples([f"val{i:03d}"], seed=1000 + i))
     shutil.copytree(model_dir, root / "runs" / "x" / "model")
     encode([str(root / "shards")], root / "tokens.parquet", root / "runs/x/model", keep=["cls", "txt"], num_workers=0)
     codes = np.random.default_rng(0).integers(0, 32, (3, 4, 4))
@@ -90,7 +94,34 @@ def workspace(tmp_path_factory, model_dir):
     small = {"layers": 1, "width": 16, "heads": 2, "codebook_size": 32, "grid": (4, 4), "image_size": 16}
     Prior(PriorConfig(num_classes=4, tokenizer=tokenizer["model_id"], **small)).save_pretrained(root / "runs/p/model")
     sample(root / "runs/p/model", root / "sampled.parquet", n=8, show_progress=False)
+    for key in ["n01440764/n01440764_10026", "n01440764/n01440764_10027", "n01443537/n01443537_1000"]:
+        (root / "imagenet" / "train" / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / "imagenet" / "train" / f"{key}.JPEG").write_bytes(image_bytes(random_image(len(key)), "JPEG"))
+    (root / "imagenet" / "val").mkdir()
+    for i in range(3):
+        (root / "imagenet" / "val" / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(image_bytes(random_image(i), "JPEG"))
+    cifar = class_images(("airplane", "cat"), per_class=2, seed=7)
+    write_hf_parquet(root / "cifar10", cifar, files=1, key_column=None, image_column="img", folder="plain_text")
     return root
+
+
+@pytest.fixture
+def bucket_for_docs(request, workspace, monkeypatch, tmp_path):
+    """s3://my-bucket on the local S3 server, holding what the documented commands read there: shards/ (ten of
+    them), runs/x/model and tokens.parquet."""
+    import s3fs
+    from conftest import point_at_s3
+
+    point_at_s3(monkeypatch, request.getfixturevalue("s3_endpoint"), tmp_path)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    if not fs.exists("my-bucket"):
+        fs.mkdir("my-bucket")
+        fs.put(f"{workspace / 'runs/x/model'}/", "my-bucket/runs/x/model/", recursive=True)
+        for shard in sorted((workspace / "shards").glob("train-00000*.tar")):  # ten: the S3 path, not the count
+            fs.put_file(str(shard), f"my-bucket/shards/{shard.name}")
+    if not fs.exists("my-bucket/tokens.parquet/_SUCCESS"):
+        fs.put(f"{workspace / 'tokens.parquet'}/", "my-bucket/tokens.parquet/", recursive=True)
+    return fs
 
 
 def documented(kind: str) -> list:
@@ -111,13 +142,18 @@ def test_long_commands_are_shown_with_their_output():
 
 
 @pytest.mark.parametrize("line", documented("bash"))
-def test_documented_command_runs_as_written(line, workspace, tmp_path, monkeypatch):
+def test_documented_command_runs_as_written(line, workspace, tmp_path, monkeypatch, request):
     run_dir = tmp_path / "run"
     shutil.copytree(workspace, run_dir)
-    if " encode " in f" {line} ":
+    encode = " encode " in f" {line} "
+    if encode:
         shutil.rmtree(run_dir / "tokens.parquet")  # an encode starts a dataset of its own
     if " prior sample " in f" {line} ":
         shutil.rmtree(run_dir / "sampled.parquet")  # and so does a sampling run
+    if "s3://" in line:  # against the local S3 server, as a user with AWS_ENDPOINT_URL set runs it
+        fs = request.getfixturevalue("bucket_for_docs")
+        if encode and fs.exists("my-bucket/tokens.parquet"):
+            fs.rm("my-bucket/tokens.parquet", recursive=True)
     monkeypatch.chdir(run_dir)
     args = shlex.split(line)[1:]
     result = CliRunner().invoke(cli, args, prog_name="vqtok")

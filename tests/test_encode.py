@@ -1,19 +1,16 @@
 """vqtok encode: codes equal to the model's, every sample accounted for, resume, several processes, readers."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import bad_samples, broken_copy, free_port, image_samples
+from conftest import bad_samples, broken_copy, free_port, image_samples, kill_when
 
 from vqtok import VQVAE
 from vqtok.cli import cli
@@ -160,13 +157,7 @@ def test_killed_run_reruns_to_every_key_exactly_once(model_dir, make_shard, tmp_
     out = tmp_path / "tokens.parquet"
     command = [sys.executable, "-m", "vqtok", "encode", *shards, str(out), "--model", model_dir]
     command += ["--num-workers", "0", "--batch-size", "2"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(list((out / STATS_DIR).glob("*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = len(list((out / STATS_DIR).glob("*.json")))
+    done_before = kill_when(command, lambda: len(list((out / STATS_DIR).glob("*.json"))), 3)
     assert 3 <= done_before < 40, "the run was not killed mid-way"
 
     keys, _ = read_codes(out)  # what a reader sees after the crash: whole shards only

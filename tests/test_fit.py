@@ -117,3 +117,21 @@ def test_killed_run_resumes_from_its_checkpoint(shards, tmp_path):
     command += ["--save-every", "5", "--num-workers", "0"]
     kill_and_resume(command, out, 200, ["--code-dim", "4"], "code_dim")
     assert VQVAE.from_pretrained(out / "model").config.codebook_size == 16
+
+
+def test_fit_and_encode_with_a_codebook_of_16384(shards, tmp_path):
+    """Large codebooks work end to end: k-means from fewer vectors than codes, the grouped argmin, uint16."""
+    from vqtok.encode import encode
+    from vqtok.store import read_codes
+
+    train, val = shards
+    out = tmp_path / "run"
+    args = ["fit", *train, "--out", str(out), "--val", val, "--hidden", "8", "--codebook-size", "16384"]
+    args += ["--code-dim", "8", "--image-size", "16", "--batch-size", "8", "--steps", "3", "--num-workers", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    model = VQVAE.from_pretrained(out / "model")
+    assert model.codebook_size == 16384
+    encode([val], tmp_path / "tokens.parquet", out / "model", num_workers=0, show_progress=False)
+    keys, codes = read_codes(tmp_path / "tokens.parquet")
+    assert codes.shape == (10, 4, 4) and codes.max() < 16384

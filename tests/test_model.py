@@ -1,5 +1,7 @@
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -167,3 +169,31 @@ def test_config_validates_settings():
         ModelConfig(decay=1.5)
     with pytest.raises(ConfigError, match="multiple of the model's stride"):
         ModelConfig(image_size=30)
+
+
+def test_a_model_saved_before_the_added_settings_loads_and_encodes_the_same_codes(tmp_path):
+    """tests/fixtures/model-0.1.0 was written by vqtok 0.1.0 before lookup_dim, normalize_codes and
+    rotation_trick existed; the codes are what that version encoded from the images beside it."""
+    fixtures = Path(__file__).parent / "fixtures"
+    header = json.loads((fixtures / "model-0.1.0" / CONFIG_NAME).read_text())
+    assert "lookup_dim" not in header["config"] and "kind" not in header
+    model = VQVAE.from_pretrained(fixtures / "model-0.1.0")
+    assert model.model_id == header["model_id"] == "e2d2e0e7be344ec6"
+    assert (model.config.lookup_dim, model.config.normalize_codes, model.config.rotation_trick) == (None, False, False)
+    images = torch.from_numpy(np.load(fixtures / "model-0.1.0-images.npy")).permute(0, 3, 1, 2).float() / 255
+    assert np.array_equal(model.encode(images).numpy(), np.load(fixtures / "model-0.1.0-codes.npy"))
+
+    saved_again = VQVAE.from_pretrained(model.save_pretrained(tmp_path / "again"))  # now with every setting named
+    assert saved_again.model_id == header["model_id"]
+
+
+def test_the_papers_recipe_loads_as_the_paper_has_it():
+    from vqtok.config import load_config
+
+    model, train = load_config(Path(__file__).parent.parent / "pipelines" / "paper.toml")
+    assert (model.hidden_channels, model.res_channels, model.num_res_blocks) == (256, 256, 2)
+    assert (model.codebook_size, model.code_dim, model.beta) == (512, 64, 0.25)
+    assert model.decay is None and not model.kmeans_init and model.dead_code_window == 0  # the codebook loss
+    assert model.lookup_dim is None and not model.normalize_codes and not model.rotation_trick
+    assert (train.lr, train.batch_size, train.steps) == (2e-4, 128, 250000)
+    assert (train.warmup_steps, train.min_lr_ratio) == (0, 1)  # constant

@@ -31,6 +31,37 @@ def user_errors(command):
     return wrapper
 
 
+# What INPUTS are, in every command that reads images (fit, eval, encode); `{INPUTS}` in a docstring becomes this.
+INPUTS_HELP = """INPUTS are any mix of: WebDataset tar files or folders of them; folders of
+image files (jpg, png, webp...), searched recursively in sorted order, each
+file's key its path in the folder without the extension; Parquet files with
+an image column as Hugging Face datasets writes them (a file, a glob, or a
+folder such as a dataset's data/), each row's key its key, __key__ or id
+column, else FILE-STEM/ROW. Globs and brace patterns expand first. A folder
+is read as shards if it holds .tar files, else as images if it holds image
+files, else as Parquet. Any of them may be a URL fsspec opens (s3://, gs://,
+az://, hf://; the s3, gcs and azure extras install the back ends)."""
+
+
+def inputs_help(command):
+    indented = INPUTS_HELP.replace("\n", "\n    ")  # the docstring's own indentation, which click removes
+    command.__doc__ = command.__doc__.replace("{INPUTS}", indented)
+    return command
+
+
+def storage_options_option(command):
+    """--storage-options: fsspec options for every URL the command opens (credentials and endpoints otherwise
+    come the back end's usual way: AWS variables and files for S3)."""
+    return click.option(
+        "--storage-options",
+        "storage_options",
+        metavar="JSON",
+        envvar="VQTOK_STORAGE_OPTIONS",
+        show_envvar=True,
+        help='fsspec options for URLs, as JSON, e.g. \'{"anon": true}\' or \'{"endpoint_url": "http://minio:9000"}\'.',
+    )(command)
+
+
 def one_line(message: str) -> str:
     """A DataLoader worker's error arrives as "Caught X in DataLoader worker ... Original Traceback ...";
     its last line holds the message."""
@@ -42,14 +73,15 @@ def one_line(message: str) -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vqtok")
 def cli():
-    """VQ-VAE image tokenizers: images in WebDataset shards <-> grids of codebook indices."""
+    """VQ-VAE image tokenizers: images in shards, folders or Parquet files <-> grids of codebook indices."""
 
 
 @cli.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+@storage_options_option
 @user_errors
-def info(path, as_json):
+def info(path, as_json, storage_options):
     """What a model directory, a prior or a token dataset holds.
 
     A model: its settings, parameter count, K, D, grid size per image size and
@@ -57,7 +89,8 @@ def info(path, as_json):
     tokenizer's model id) and its model id. Tokens (a folder written by
     `vqtok encode` or `vqtok prior sample`, or one Parquet file): rows,
     shards, errors, grid, K, model id, codebook usage and perplexity, bits per
-    code and bytes on disk per image, and whether the run finished.
+    code and bytes on disk per image, whether the run finished, and the class
+    names that cls numbers. PATH may be a URL (s3://...).
 
     \b
     Examples:
@@ -65,17 +98,18 @@ def info(path, as_json):
         vqtok info runs/p/model
         vqtok info tokens.parquet --json
     """
-    from pathlib import Path
-
     from vqtok.pretrained import CONFIG_NAME, read_header
+    from vqtok.storage import Location, parse_options
 
-    if (Path(path) / CONFIG_NAME).exists():
-        kind = read_header(path)["kind"]
-        summary, rows = prior_summary(path) if kind == "prior" else model_summary(path)
+    options = parse_options(storage_options)
+    where = Location.of(path, options)
+    if where.join(CONFIG_NAME).exists():
+        kind = read_header(where)["kind"]
+        summary, rows = prior_summary(path, options) if kind == "prior" else model_summary(path, options)
     else:
         from vqtok.store import summarize
 
-        summary = summarize(path)
+        summary = summarize(path, options)
         rows = token_rows(summary)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -90,10 +124,10 @@ def info(path, as_json):
     Console().print(table)
 
 
-def model_summary(path: str) -> tuple[dict, list[tuple[str, str]]]:
+def model_summary(path: str, storage_options: dict) -> tuple[dict, list[tuple[str, str]]]:
     from vqtok.model import VQVAE
 
-    model = VQVAE.from_pretrained(path)
+    model = VQVAE.from_pretrained(path, storage_options=storage_options)
     config = model.config
     summary = {
         "path": path,
@@ -117,10 +151,10 @@ def model_summary(path: str) -> tuple[dict, list[tuple[str, str]]]:
     return summary, rows
 
 
-def prior_summary(path: str) -> tuple[dict, list[tuple[str, str]]]:
+def prior_summary(path: str, storage_options: dict) -> tuple[dict, list[tuple[str, str]]]:
     from vqtok.prior import Prior
 
-    prior = Prior.from_pretrained(path)
+    prior = Prior.from_pretrained(path, storage_options=storage_options)
     config = prior.config
     summary = {
         "path": path,
@@ -166,6 +200,10 @@ def token_rows(s: dict) -> list[tuple[str, str]]:
         ("bytes per image", known("bytes_per_image", lambda b: f"{b:,.1f} on disk")),
         ("complete", known("complete", lambda done: "yes (_SUCCESS)" if done else "no: rerun vqtok encode to finish")),
     ]
+    if s["classes"]:
+        names = s["classes"]
+        shown = ", ".join(f"{i} {name}" for i, name in enumerate(names[:20]))
+        rows.append(("classes", f"{len(names)}: {shown}{', ...' if len(names) > 20 else ''}"))
     if s["failed_shards"]:
         rows.append(("failed shards", ", ".join(s["failed_shards"])))
     return rows
@@ -185,6 +223,9 @@ def training_options(train_class, examples: str, workers: str):
             "batch_size", train_class, "--batch-size", type=click.IntRange(min=1), help=f"{examples} per process."
         ),
         override("lr", train_class, "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate."),
+        override(
+            "warmup_steps", train_class, "--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up steps."
+        ),
         override("seed", train_class, "--seed", type=click.IntRange(min=0), help="Random seed."),
         override("eval_every", train_class, "--eval-every", type=click.IntRange(min=1), help="Steps between evals."),
         override("save_every", train_class, "--save-every", type=click.IntRange(min=1), help="Steps between saves."),
@@ -222,31 +263,67 @@ def load_recipe(config_path, overrides: dict, model_class, train_class):
 
 
 @cli.command()
-@click.argument("shards", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoints, model, samples.")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Run folder (a path or a URL): checkpoints, model, samples.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A TOML recipe.")
 @override("image_size", ModelConfig, "--image-size", type=click.IntRange(min=1), help="Training crop size.")
 @override("codebook_size", ModelConfig, "--codebook-size", type=click.IntRange(min=2), help="K, codebook entries.")
 @override("code_dim", ModelConfig, "--code-dim", type=click.IntRange(min=1), help="D, code vector size.")
 @override("hidden_channels", ModelConfig, "--hidden", type=click.IntRange(min=1), help="Hidden channels.")
+@override(
+    "res_channels", ModelConfig, "--res-channels", type=click.IntRange(min=1), help="Channels inside residual blocks."
+)
+@override("num_res_blocks", ModelConfig, "--res-blocks", type=click.IntRange(min=1), help="Residual blocks per side.")
+@override(
+    "lookup_dim",
+    ModelConfig,
+    "--lookup-dim",
+    type=click.IntRange(min=1),
+    help="Look codes up in this many dimensions, after a linear projection of the D-vectors.",
+)
+@override(
+    "normalize_codes",
+    ModelConfig,
+    "--normalize-codes/--no-normalize-codes",
+    help="l2-normalize vectors and codes before the lookup.",
+)
+@override(
+    "rare_code_share",
+    ModelConfig,
+    "--rare-code-share",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Also restart codes used less than this share of an even share of the data.",
+)
+@override(
+    "rotation_trick",
+    ModelConfig,
+    "--rotation-trick/--straight-through",
+    help="Pass the encoder's gradient through the rotation trick, or copy it straight through.",
+)
 @override("beta", ModelConfig, "--beta", type=click.FloatRange(min=0), help="Commitment loss weight.")
 @override("decay", ModelConfig, "--decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="EMA decay.")
 @click.option("--no-ema", is_flag=True, help="Learn the codebook by the paper's codebook loss instead of EMA.")
-@click.option("--val", multiple=True, help="Validation shards (repeatable), evaluated every --eval-every steps.")
+@click.option("--val", multiple=True, help="Validation inputs (repeatable), evaluated every --eval-every steps.")
 @training_options(TrainConfig, "Images", "Image decoding workers per process.")
+@click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
+@storage_options_option
 @user_errors
-def fit(shards, out, config_path, no_ema, val, resume, **overrides):
-    """Train a VQ-VAE on images in WebDataset tar shards.
+@inputs_help
+def fit(inputs, out, config_path, no_ema, val, resume, image_column, storage_options, **overrides):
+    """Train a VQ-VAE on images in shards, folders or Parquet files.
 
-    SHARDS are tar files, folders of them, globs or brace patterns. Runs on
-    one CPU or GPU, or on many under `accelerate launch`.
+    Runs on one CPU or GPU, or on many under `accelerate launch`.
+
+    {INPUTS}
 
     \b
     Examples:
         vqtok fit shards/train-{000000..000099}.tar --out runs/x --val shards/val.tar
+        vqtok fit imagenet/train/ --out runs/imagenet --val imagenet/val/
         vqtok fit shards/ --out runs/cifar --config pipelines/cifar10.toml --steps 250000
         accelerate launch --multi_gpu --num_processes 8 -m vqtok fit shards/ --out runs/x
     """
+    from vqtok.storage import parse_options
     from vqtok.train import fit as fit_model
 
     model_config, train_config = load_recipe(config_path, overrides, ModelConfig, TrainConfig)
@@ -254,7 +331,16 @@ def fit(shards, out, config_path, no_ema, val, resume, **overrides):
         if overrides["decay"] is not None:
             raise click.UsageError("--decay and --no-ema exclude each other")
         model_config = dataclasses.replace(model_config, decay=None)
-    result = fit_model(list(shards), out, model_config, train_config, val_shards=list(val), resume=resume)
+    result = fit_model(
+        list(inputs),
+        out,
+        model_config,
+        train_config,
+        val_shards=list(val),
+        resume=resume,
+        image_column=image_column,
+        storage_options=parse_options(storage_options),
+    )
     if result.main_process and "psnr" in result.metrics:
         m = result.metrics
         click.echo(
@@ -262,35 +348,124 @@ def fit(shards, out, config_path, no_ema, val, resume, **overrides):
         )
 
 
+@cli.command("eval")
+@click.argument("model_dir", metavar="MODEL")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--image-size", type=click.IntRange(min=1), help="Crop size; the model's training size if not given.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most N images.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Folder for report.json and reconstructions.png (the worst and typical images over their reconstructions).",
+)
+@click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0), help="Decoding workers.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+@click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
+@storage_options_option
+@user_errors
+@inputs_help
+def eval_(model_dir, inputs, as_json, storage_options, **options):
+    """How well a tokenizer (MODEL, a path or a URL) reconstructs the images
+    of INPUTS: its report card.
+
+    The same numbers `vqtok fit` reports on --val: PSNR (the mean of each
+    image's, and over all pixels), SSIM, codebook usage, perplexity, bits per
+    code, and encode and decode images/s. Images are centre-cropped to
+    --image-size, as `vqtok encode` does.
+
+    {INPUTS}
+
+    \b
+    Examples:
+        vqtok eval runs/x/model shards/val-{000000..000009}.tar
+        vqtok eval runs/x/model shards/val.tar --limit 2000 --out report/ --json
+        vqtok eval runs/x/model imagenet/val/ --limit 2000
+    """
+    from vqtok.evaluate import evaluate_shards
+    from vqtok.storage import parse_options
+
+    options["storage_options"] = parse_options(storage_options)
+    report = evaluate_shards(model_dir, list(inputs), **options)
+    if as_json:
+        click.echo(json.dumps(report.metrics(), indent=2))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model_dir} on {report.images:,} images", show_header=False)
+    table.add_row("PSNR", f"{report.psnr_image_mean:.2f} dB mean over images, {report.psnr:.2f} dB over all pixels")
+    table.add_row("SSIM", f"{report.ssim:.4f}")
+    table.add_row("codebook usage", f"{report.codes_used:,} of {report.codebook_size:,} codes, {report.usage:.1%}")
+    table.add_row("perplexity", f"{report.perplexity:,.1f} ({report.bits_per_code:.3f} bits per code)")
+    speed = f"encode {report.encode_images_per_second:,.1f}, decode {report.decode_images_per_second:,.1f}"
+    table.add_row("images/s (model)", speed)
+    table.add_row("worst", ", ".join(f"{e.key} ({e.psnr:.1f} dB)" for e in report.worst[:3]))
+    if report.errors:
+        table.add_row("errors", f"{report.errors:,} samples could not be decoded")
+    if options["out"]:
+        table.add_row("written", f"{options['out']}/report.json, {options['out']}/reconstructions.png")
+    Console().print(table)
+
+
 @cli.command()
-@click.argument("shards", nargs=-1, required=True)
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Model dir.")
+@click.argument("inputs", nargs=-1, required=True)
+@click.argument("out")
+@click.option("--model", "model_dir", required=True, help="Model directory (a path or a URL).")
 @click.option("--image-size", type=click.IntRange(min=1), help="Crop size; the model's training size if not given.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0), help="Decoding workers.")
-@click.option("--keep", default="", show_default=True, help="Sample fields to carry into columns, e.g. cls,txt,json.")
+@click.option(
+    "--keep",
+    default="",
+    show_default=True,
+    help="Fields to carry into columns: a shard's (cls,txt,json) or a Parquet file's columns (label,caption).",
+)
+@click.option(
+    "--class-from-folder", is_flag=True, help="An image folder's first level is the class: an integer column cls."
+)
+@click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
+@click.option(
+    "--files-per-part",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Files of an image folder per part file, the unit that is committed and resumed.",
+)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--overwrite", is_flag=True, help="Replace a token dataset made with other settings.")
+@click.option("--overwrite", is_flag=True, help="Replace a token dataset made with other settings or listings.")
+@storage_options_option
 @user_errors
-def encode(shards, out, model_dir, keep, **options):
-    """Tokenize images in WebDataset shards into a Parquet token dataset OUT.
+@inputs_help
+def encode(inputs, out, model_dir, keep, storage_options, **options):
+    """Tokenize images into a Parquet token dataset OUT (a path or a URL).
 
-    One part file per shard; running the same command again skips the shards
-    already done, so an interrupted run picks up where it stopped. Under
-    `accelerate launch` or torchrun, shard i goes to process i mod world size.
+    One part file per shard, per Parquet file, or per --files-per-part files
+    of an image folder; running the same command again skips the parts
+    already done, so an interrupted run picks up where it stopped. A folder
+    whose listing changed since is refused unless --overwrite. Under
+    `accelerate launch` or torchrun, part i goes to process i mod world size.
+
+    {INPUTS}
 
     \b
     Examples:
         vqtok encode shards/ tokens.parquet --model runs/x/model
         vqtok encode shards/train-{000000..000099}.tar tokens.parquet --model runs/x/model --keep cls,txt
+        vqtok encode imagenet/train/ imagenet.parquet --model runs/x/model --class-from-folder
+        vqtok encode cifar10/plain_text/ cifar.parquet --model runs/x/model --keep label
+        vqtok encode s3://bucket/shards/ s3://bucket/tokens.parquet --model s3://bucket/runs/x/model
         accelerate launch --multi_gpu --num_processes 8 -m vqtok encode shards/ tokens.parquet --model runs/x/model
     """
-    from vqtok.encode import encode as encode_shards
+    from vqtok.encode import encode as encode_inputs
+    from vqtok.storage import parse_options
 
     fields = [name.strip() for name in keep.split(",") if name.strip()]
-    result = encode_shards(list(shards), out, model_dir, keep=fields, **options)
+    options["storage_options"] = parse_options(storage_options)
+    result = encode_inputs(list(inputs), out, model_dir, keep=fields, **options)
     if result.rank == 0:
         print_encode_summary(result)
     if result.failed:
@@ -307,7 +482,7 @@ def print_encode_summary(result) -> None:
 
     who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
     table = Table(title=f"encoded into {result.out}{who}", show_header=False)
-    table.add_row("shards", f"{result.encoded} encoded, {result.skipped} already done, {len(result.failed)} failed")
+    table.add_row("parts", f"{result.encoded} encoded, {result.skipped} already done, {len(result.failed)} failed")
     table.add_row("images", f"{result.images:,} encoded, {result.errors:,} errors")
     table.add_row("speed", f"{result.images_per_second:,.1f} images/s over {result.seconds:.1f} s")
     table.add_row(
@@ -322,9 +497,9 @@ def print_encode_summary(result) -> None:
 
 
 @cli.command()
-@click.argument("tokens", type=click.Path(exists=True))
+@click.argument("tokens")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Model dir.")
+@click.option("--model", "model_dir", required=True, help="Model directory (a path or a URL).")
 @click.option(
     "--format",
     "format_",
@@ -338,14 +513,15 @@ def print_encode_summary(result) -> None:
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Grids per batch.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--force", is_flag=True, help="Decode codes made by another model with the same K and grid.")
+@storage_options_option
 @user_errors
-def decode(tokens, out, model_dir, format_, keys, **options):
+def decode(tokens, out, model_dir, format_, keys, storage_options, **options):
     """Turn code grids back into images.
 
     TOKENS is a token dataset written by `vqtok encode`, one of its Parquet
     files, or any Parquet file with `key` and `codes` columns of (h, w) grids,
-    such as a prior's samples. Keys become file names inside OUT, never
-    outside it.
+    such as a prior's samples; a path or a URL. Keys become file names inside
+    the local folder OUT, never outside it.
 
     \b
     Examples:
@@ -353,8 +529,10 @@ def decode(tokens, out, model_dir, format_, keys, **options):
         vqtok decode samples.parquet decoded/ --model runs/x/model --format wds
     """
     from vqtok.decode import decode as decode_tokens
+    from vqtok.storage import parse_options
 
     wanted = [k for k in keys.split(",") if k] if keys else None
+    options["storage_options"] = parse_options(storage_options)
     result = decode_tokens(tokens, out, model_dir, format=format_, keys=wanted, **options)
     what = f"{result.files} PNG files" if format_ == "png" else f"{result.files} WebDataset shard(s)"
     click.echo(
@@ -424,7 +602,7 @@ def prior():
 
 @prior.command("fit")
 @click.argument("tokens", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: checkpoints, model, samples.")
+@click.option("--out", required=True, help="Run folder (a path or a URL): checkpoints, model, samples.")
 @click.option("--val", multiple=True, type=click.Path(exists=True), help="Held-out tokens (repeatable).")
 @click.option("--cond", help="The column of class labels to condition on, e.g. cls.")
 @click.option(

@@ -4,7 +4,9 @@ A `ModelConfig` (a tokenizer) or a `PriorConfig` (a prior over its codes) is
 everything needed to rebuild a model's modules; it is the `config` object of a
 model directory's `config.json`. A `TrainConfig` holds the training recipe, a
 `PriorTrainConfig` the prior's. A TOML file has a `[model]` and a `[train]`
-table with these fields; command-line options override it (`load_config`).
+table with these fields; command-line options override it (`load_config`). TOML
+has no null, so `false` stands for None where a setting may be None:
+`decay = false` is the paper's codebook loss instead of moving averages.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class ModelConfig:
     kmeans_init: bool = True
     dead_code_window: int = 100  # steps a code may go unused before it is restarted; 0: never
     image_size: int = 32  # the size the model was trained at; it encodes any multiple of its stride
+    lookup_dim: int | None = None  # codes looked up in this many dimensions after a projection; None: in code_dim
+    normalize_codes: bool = False  # l2-normalize vectors and codes before the lookup: codes are directions
+    rotation_trick: bool = False  # the encoder's gradient through the rotation trick instead of straight-through
+    rare_code_share: float = 0.0  # also restart codes used less than this share of an even share over the window
 
     def __post_init__(self) -> None:
         positive = [
@@ -48,12 +54,19 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.res_channels is not None and (not isinstance(self.res_channels, int) or self.res_channels < 1):
-            raise ConfigError(f"res_channels must be a positive integer, got {self.res_channels!r}")
+        for name in ("res_channels", "lookup_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("kmeans_init", "normalize_codes", "rotation_trick"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.codebook_size < 2:
             raise ConfigError("codebook_size must be at least 2")
         if not self.beta >= 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta!r}")
+        if not 0 <= self.rare_code_share < 1:
+            raise ConfigError(f"rare_code_share must be in [0, 1), got {self.rare_code_share!r}")
         if self.decay is not None and not 0 < self.decay < 1:
             raise ConfigError(f"decay must be in (0, 1) or None, got {self.decay!r}")
         if not isinstance(self.dead_code_window, int) or self.dead_code_window < 0:
@@ -71,7 +84,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        return _from_table(cls, values, "model config")
+        """A config.json's config. Settings it lacks were added after it was written: they take the value
+        that reproduces the model it describes, not today's default."""
+        return _from_table(cls, {**ADDED_SETTINGS, **values}, "model config")
+
+
+# The settings that may be None, which a TOML file writes as false.
+NULLABLE = ("res_channels", "decay", "lookup_dim")
+
+# Settings added to ModelConfig after models were first saved, with the value that means "as before they
+# existed". A model directory lacking one was written before it and loads with that value.
+ADDED_SETTINGS = {"lookup_dim": None, "normalize_codes": False, "rotation_trick": False, "rare_code_share": 0.0}
 
 
 @dataclass(frozen=True)
@@ -225,6 +248,10 @@ def load_config(
         if unknown:
             raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [model] and [train]")
     where = str(path) if path else "settings"
+    model_file = tables.get("model", {})
+    for name in NULLABLE:  # TOML has no null: `decay = false` says decay = None (no EMA), and so on
+        if model_file.get(name) is False:
+            model_file[name] = None
     model_table = {**tables.get("model", {}), **{k: v for k, v in (model or {}).items() if v is not None}}
     train_table = {**tables.get("train", {}), **{k: v for k, v in (train or {}).items() if v is not None}}
     return _from_table(model_class, model_table, where), _from_table(train_class, train_table, where)

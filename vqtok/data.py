@@ -1,63 +1,43 @@
-"""WebDataset shards -> images: finding shards, streaming samples, safe decoding, crops, loaders.
+"""Samples -> images: safe decoding, crops, and the datasets and loaders that training and evaluation read.
 
-A shard is a tar file whose members are grouped into samples by key, the
-WebDataset convention (`0001.jpg` and `0001.cls` are fields `jpg` and `cls` of
-sample `0001`). Reading runs over millions of images unattended, so nothing a
-file contains may stop it: an image that cannot be decoded becomes an error
-record (key, shard, reason), a shard that breaks mid-way yields the samples
-before the break and one error record, and the caller decides what to do with
-them (encode writes them to `_errors/`, training drops them).
+Samples come from shards, image folders or Parquet files (`vqtok.sources`, whose names are available here
+too). Reading runs over millions of images unattended, so nothing a file contains may stop it: an image that
+cannot be decoded becomes an error record (key, unit, reason), a unit that breaks mid-way yields the samples
+before the break and one error record, and the caller decides what to do with them (encode writes them to
+`_errors/`, training drops them).
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import io
-import os
 import random
-import re
-import tarfile
 import warnings
-import zlib
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import webdataset
-from braceexpand import UnbalancedBracesError, braceexpand
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vqtok.errors import DataError
+from vqtok.sources import (  # noqa: F401  (BrokenShardError, expand_inputs: part of this module's interface)
+    IMAGE_EXTENSIONS,
+    IMAGE_FIELD,
+    BrokenShardError,
+    Sample,
+    Unit,
+    expand_inputs,
+    iter_samples,
+)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
 MAX_PIXELS = 100_000_000
 WHITE = (255, 255, 255)
-
-# A scheme of two or more letters (pipe:, http://, s3://, file://): webdataset opens it, not the local
-# file system. One letter is a Windows drive.
-URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 
 
 class ImageError(ValueError):
     """An image that cannot be decoded; its message is the short reason that goes into the error record."""
-
-
-class BrokenShardError(DataError):
-    """A shard that cannot be read to its end; `key` is the sample being read when it broke ("" if none)."""
-
-    def __init__(self, message: str, key: str = "") -> None:
-        super().__init__(message)
-        self.key = key
-
-
-class Sample(NamedTuple):
-    key: str
-    shard: str
-    fields: dict[str, bytes]  # extension (lower case, e.g. "jpg", "cls", "seg.png") -> the member's bytes
 
 
 class Batch(NamedTuple):
@@ -65,101 +45,6 @@ class Batch(NamedTuple):
     keys: list[str]  # one per image
     shards: list[str]
     errors: list[tuple[str, str, str]]  # (key, shard, reason) of the records that did not
-
-
-# ---------------------------------------------------------------------------------------------- shards
-
-
-def expand_shards(specs: Sequence[str]) -> list[str]:
-    """Tar files, directories (their `*.tar`), globs, brace patterns and URLs -> shard URLs, in order, once each."""
-    if isinstance(specs, str):  # a lone string would otherwise be read as a list of one-letter specs
-        specs = [specs]
-    urls: list[str] = []
-    for spec in specs:
-        try:
-            expanded = list(braceexpand(spec))
-        except UnbalancedBracesError as exc:
-            raise DataError(f"{spec}: unbalanced braces") from exc
-        for url in expanded:
-            urls += _expand_one(url, spec)
-    if not urls:
-        raise DataError("no shards given")
-    return list(dict.fromkeys(urls))
-
-
-def _expand_one(url: str, spec: str) -> list[str]:
-    where = url if url == spec else f"{url} (from {spec})"
-    if URL_SCHEME.match(url):
-        return [url]
-    if glob.has_magic(url):
-        matches = sorted(glob.glob(url))
-        if not matches:
-            raise DataError(f"{where}: no files match")
-        return matches
-    if os.path.isdir(url):
-        tars = sorted(glob.glob(os.path.join(glob.escape(url), "*.tar")))
-        if not tars:
-            raise DataError(f"{where}: directory holds no .tar files")
-        return tars
-    if not os.path.exists(url):
-        raise DataError(f"{where}: no such file or directory")
-    return [url]
-
-
-class _EndAwareTarInfo(tarfile.TarInfo):
-    """Notes on its TarFile why the last header read failed.
-
-    In stream mode tarfile ends the iteration without a word on a cut or corrupt header, exactly as on the
-    end-of-archive marker; only the kind of failure of the last header tells a whole shard from a broken one.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.HeaderError as exc:
-            tar.vqtok_last_header_error = exc
-            raise
-
-
-def iter_samples(url: str) -> Iterator[Sample]:
-    """Stream one shard's samples; a broken shard yields its complete samples, then raises DataError."""
-    try:
-        raw = webdataset.gopen(url)
-    except Exception as exc:  # each scheme's opener raises its own kind
-        raise DataError(f"{url}: cannot open: {exc}") from exc
-    key, fields, count = "", {}, 0
-    try:
-        tar = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_EndAwareTarInfo)
-        for member in tar:
-            tar.members = []  # stream mode keeps every header otherwise: memory grows with the shard
-            if not member.isfile() or member.name.startswith("__"):  # directories, links, __index__ and such
-                continue
-            folder, _, basename = member.name.rpartition("/")
-            stem, dot, extension = basename.partition(".")
-            if not stem or not dot:  # no key or no extension: not part of any sample, as in webdataset
-                continue
-            member_key = f"{folder}/{stem}" if folder else stem
-            if member_key != key:  # a new key's header: the sample before it is complete
-                if fields:
-                    yield Sample(key, url, fields)
-                    count += 1
-                key, fields = member_key, {}
-            fields[extension.lower()] = tar.extractfile(member).read()
-        end = getattr(tar, "vqtok_last_header_error", None)
-        if not isinstance(end, tarfile.EOFHeaderError):
-            reason = "corrupt tar header" if isinstance(end, tarfile.InvalidHeaderError) else "cut short"
-            raise BrokenShardError(f"{url}: {reason} after {count} complete samples", key)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        # The sample being read when the shard broke is dropped (it may be missing fields); its key is kept.
-        raise BrokenShardError(f"{url}: unreadable after {count} complete samples: {exc}", key) from exc
-    finally:
-        # The end-of-archive check above already tells whether the data is whole; a pipe's exit status
-        # after that, or on an early close by the consumer, has nothing to add.
-        with contextlib.suppress(Exception):
-            raw.close()
-    if fields:
-        yield Sample(key, url, fields)
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -254,9 +139,13 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- datasets
 
 
-def _image_field(fields: dict[str, bytes]) -> bytes | None:
-    # The last part of the extension names the format, as in webdataset's decoders: "seg.png" is a PNG.
-    return next((data for ext, data in fields.items() if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+def _image_field(fields: dict[str, object]) -> bytes | None:
+    # The last part of the extension names the format, as in webdataset's decoders: "seg.png" is a PNG. A
+    # Parquet row's image is IMAGE_FIELD, its format left to the decoder to recognise.
+    for name, data in fields.items():
+        if name == IMAGE_FIELD or name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+            return data
+    return None
 
 
 def sample_image(sample: Sample, image_size: int, train_rng: random.Random | None = None) -> torch.Tensor:
@@ -264,6 +153,8 @@ def sample_image(sample: Sample, image_size: int, train_rng: random.Random | Non
 
     Raises ImageError with the reason when the sample has no image or it cannot be decoded.
     """
+    if sample.error is not None:
+        raise ImageError(sample.error)
     data = _image_field(sample.fields)
     if data is None:
         raise ImageError(f"no image field (fields: {', '.join(sample.fields) or 'none'})")
@@ -273,17 +164,18 @@ def sample_image(sample: Sample, image_size: int, train_rng: random.Random | Non
 
 
 class ImageDataset(IterableDataset):
-    """Shards -> records {"key", "shard", "image": uint8 (3, S, S) or None, "error": reason or None}.
+    """Units of work (`vqtok.sources`; a string is a tar shard) -> records {"key", "shard": the unit's name,
+    "image": uint8 (3, S, S) or None, "error": reason or None}.
 
-    `resample=False` (evaluation): every sample exactly once, shards split across processes
-    (shard i goes to rank i % world_size) and then across DataLoader workers; a broken shard adds one record
+    `resample=False` (evaluation): every sample exactly once, units split across processes
+    (unit i goes to rank i % world_size) and then across DataLoader workers; a broken unit adds one record
     with the key of the sample it broke in ("" before any). `resample=True` (training): an endless, shuffled
-    stream of good images, each (rank, worker) drawing shards at random with its own seed.
+    stream of good images, each (rank, worker) drawing units at random with its own seed.
     """
 
     def __init__(
         self,
-        shards: list[str],
+        shards: Sequence[Unit | str],
         image_size: int,
         *,
         train: bool = False,
@@ -315,14 +207,15 @@ class ImageDataset(IterableDataset):
         if self.resample:
             return self._resampled(rng)
         mine = self.shards[self.rank :: self.world_size][worker::num_workers]
-        return (record for url in mine for record in self._records(url, rng))
+        return (record for unit in mine for record in self._records(unit, rng))
 
-    def _records(self, url: str, rng: random.Random) -> Iterator[dict]:
+    def _records(self, unit: Unit | str, rng: random.Random) -> Iterator[dict]:
         try:
-            for sample in iter_samples(url):
+            for sample in iter_samples(unit):
                 yield self._record(sample, rng)
         except DataError as exc:
-            yield {"key": getattr(exc, "key", ""), "shard": url, "image": None, "error": str(exc)}
+            name = unit if isinstance(unit, str) else unit.name
+            yield {"key": getattr(exc, "key", ""), "shard": name, "image": None, "error": str(exc)}
 
     def _record(self, sample: Sample, rng: random.Random) -> dict:
         record = {"key": sample.key, "shard": sample.shard, "image": None, "error": None}
@@ -334,11 +227,11 @@ class ImageDataset(IterableDataset):
 
     def _resampled(self, rng: random.Random) -> Iterator[dict]:
         buffer: list[dict] = []
-        barren: set[str] = set()  # shards whose last reading gave no image
+        barren: set[int] = set()  # units whose last reading gave no image
         while True:
-            url = rng.choice(self.shards)
+            index = rng.randrange(len(self.shards))
             found = False
-            for record in self._records(url, rng):
+            for record in self._records(self.shards[index], rng):
                 if record["image"] is None:
                     continue
                 found = True
@@ -348,11 +241,11 @@ class ImageDataset(IterableDataset):
                     buffer[i], buffer[-1] = buffer[-1], buffer[i]
                     yield buffer.pop()
             if found:
-                barren.discard(url)
+                barren.discard(index)
                 continue
-            barren.add(url)
-            # Random draws reach every shard eventually; once each has given nothing, more draws never will.
-            if len(barren) == len(set(self.shards)):
+            barren.add(index)
+            # Random draws reach every unit eventually; once each has given nothing, more draws never will.
+            if len(barren) == len(self.shards):
                 raise DataError(f"none of the {len(barren)} shard(s) holds an image that can be decoded")
 
 
@@ -369,7 +262,7 @@ def collate(records: list[dict], image_size: int | None = None) -> Batch:
 
 
 def make_loader(
-    shards: list[str],
+    shards: Sequence[Unit | str],
     image_size: int,
     batch_size: int,
     *,

@@ -27,6 +27,7 @@ from vqtok.errors import ConfigError, StoreError
 from vqtok.files import write_atomically
 from vqtok.model import VQVAE, pick_device
 from vqtok.progress import ProgressBar
+from vqtok.storage import is_url
 from vqtok.store import RESERVED_COLUMNS, TokenSet, check_code_range, codes_array
 
 FORMATS = ("png", "wds")
@@ -104,15 +105,19 @@ def decode(
     batch_size: int = 256,
     device: str = "auto",
     force: bool = False,
+    storage_options: dict | None = None,
     show_progress: bool = True,
 ) -> DecodeResult:
-    """Decode the code grids of `tokens` into PNGs (or WebDataset shards) under `out`."""
+    """Decode the code grids of `tokens` (a local path or a URL) into PNGs (or WebDataset shards) under the
+    local folder `out`."""
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if is_url(os.fspath(out)):
+        raise ConfigError(f"decode writes images into a local folder; {out} is a URL")
     started = time.perf_counter()
-    model = VQVAE.from_pretrained(model_dir, device=pick_device(device))
+    model = VQVAE.from_pretrained(model_dir, device=pick_device(device), storage_options=storage_options)
     model.to(memory_format=torch.channels_last)
-    token_set = TokenSet(tokens)  # every file's columns checked, and that one tokenizer made them all
+    token_set = TokenSet(tokens, storage_options=storage_options)  # every file's columns, and one tokenizer
     token_set.check_tokenizer(model.model_id, model.codebook_size, model.grid_size, force)
     first = next(iter(token_set.schemas.values()))
     carried = [name for name in first.names if name not in RESERVED_COLUMNS] if format == "wds" else []

@@ -1,6 +1,7 @@
-"""Shards -> token dataset: the batch tokenizer behind `vqtok encode`.
+"""Images -> token dataset: the batch tokenizer behind `vqtok encode`.
 
-The unit of work is a shard: it becomes one part file, committed whole (see `vqtok.store`). Under torchrun or
+The unit of work is a shard, a slice of an image folder's listing or a Parquet file (`vqtok.sources`; all
+called shards here): it becomes one part file, committed whole (see `vqtok.store`). Under torchrun or
 `accelerate launch` (RANK, WORLD_SIZE), shard i goes to process i % WORLD_SIZE, and within a process to one
 DataLoader worker, so processes never talk and no sample is padded or read twice. Workers read, decode and
 crop; each batch they hand over belongs to one shard, and the last batch of a shard says so, which lets the
@@ -18,10 +19,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vqtok.data import URL_SCHEME, expand_shards, iter_samples, sample_image
+from vqtok.data import sample_image
 from vqtok.errors import ConfigError, DataError
 from vqtok.model import VQVAE, pick_device
 from vqtok.progress import ProgressBar
+from vqtok.sources import FILES_PER_PART, Unit, expand_inputs, iter_samples
 from vqtok.store import TokenSettings, TokenStore, check_keep, parse_kept
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,7 +35,7 @@ PREPROCESSING = "RGB, alpha over white; shorter side resized to image_size (bicu
 
 @dataclass
 class EncodeResult:
-    out: Path
+    out: Path | str  # a URL when the dataset is in a store
     rank: int = 0
     world_size: int = 1
     shards: int = 0  # given to this process
@@ -55,31 +57,44 @@ class EncodeResult:
 
 
 class ShardBatches(IterableDataset):
-    """Shards -> batches of one shard each: {"shard", "images" uint8 (B, 3, S, S), "keys", "kept", "errors",
-    "last", and on the last batch "samples", "failure", "read_seconds"}."""
+    """Units -> batches of one unit each: {"shard" (its name), "images" uint8 (B, 3, S, S), "keys", "kept",
+    "errors", "last", and on the last batch "samples", "failure", "read_seconds"}. `keep` is the carried
+    fields, `keep_types` their column types."""
 
-    def __init__(self, shards: Sequence[str], image_size: int, batch_size: int, keep: Sequence[str] = ()) -> None:
-        self.shards = list(shards)
+    def __init__(
+        self,
+        units: Sequence[Unit | str],
+        image_size: int,
+        batch_size: int,
+        keep: Sequence[str] = (),
+        keep_types: Sequence[str] = (),
+    ) -> None:
+        self.units = list(units)
         self.image_size = image_size
         self.batch_size = batch_size
         self.keep = tuple(keep)
+        self.keep_types = tuple(keep_types) or ("",) * len(self.keep)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for shard in self.shards[worker::num_workers]:
-            yield from self._batches(shard)
+        for unit in self.units[worker::num_workers]:
+            yield from self._batches(unit)
 
-    def _batches(self, shard: str) -> Iterator[dict]:
+    def _batches(self, unit: Unit | str) -> Iterator[dict]:
+        shard = unit if isinstance(unit, str) else unit.name
         batch = self._empty(shard)
         samples, failure, busy = 0, None, 0.0
         resumed = time.perf_counter()
         try:
-            for sample in iter_samples(shard):
+            for sample in iter_samples(unit):
                 samples += 1
                 try:
                     image = sample_image(sample, self.image_size)
-                    kept = {name: parse_kept(name, sample.fields.get(name)) for name in self.keep}
+                    kept = {
+                        name: parse_kept(name, sample.fields.get(name), column_type)
+                        for name, column_type in zip(self.keep, self.keep_types, strict=True)
+                    }
                 except ValueError as exc:  # ImageError, or a carried field that does not fit its column
                     batch["errors"].append((sample.key, str(exc)))
                     continue
@@ -92,7 +107,7 @@ class ShardBatches(IterableDataset):
                     yield self._stack(batch)
                     resumed = time.perf_counter()
                     batch = self._empty(shard)
-        except DataError as exc:  # cut or corrupt tar, or a shard that cannot be opened
+        except DataError as exc:  # cut or corrupt tar, a unit that cannot be opened or read to its end
             failure = str(exc)
             batch["errors"].append((getattr(exc, "key", ""), failure))  # the sample it broke in, if any
         busy += time.perf_counter() - resumed
@@ -108,7 +123,7 @@ class ShardBatches(IterableDataset):
 
 
 def encode(
-    shards: Sequence[str],
+    inputs: Sequence[str],
     out: str | os.PathLike,
     model_dir: str | os.PathLike,
     *,
@@ -116,19 +131,34 @@ def encode(
     batch_size: int = 256,
     num_workers: int = 2,
     keep: Sequence[str] = (),
+    class_from_folder: bool = False,
+    image_column: str | None = None,
+    files_per_part: int = FILES_PER_PART,
     device: str = "auto",
     precision: str = "fp32",
     overwrite: bool = False,
+    storage_options: dict | None = None,
     show_progress: bool = True,
 ) -> EncodeResult:
-    """Tokenize shards into the token dataset `out`, skipping shards an earlier run finished."""
+    """Tokenize the images of `inputs` (shards, image folders, Parquet files; paths or URLs) into the token
+    dataset `out`, skipping the units an earlier run finished. With `class_from_folder`, an image folder's
+    first level becomes the carried integer `cls`."""
     started = time.perf_counter()
-    # One shard, one name: `shards/x.tar`, `./shards/x.tar` and a symlink to it must not become two parts.
-    urls = [url if URL_SCHEME.match(url) else os.path.realpath(url) for url in expand_shards(shards)]
+    keep = check_keep([*keep, *(["cls"] if class_from_folder else [])])
+    # One shard, one name: expand_inputs resolves `shards/x.tar`, `./shards/x.tar` and a link to it alike.
+    found = expand_inputs(
+        inputs,
+        files_per_part=files_per_part,
+        class_from_folder=class_from_folder,
+        image_column=image_column,
+        keep=keep,
+        storage_options=storage_options,
+    )
+    urls = found.names
     rank, world_size = process_rank()
     torch_device = pick_device(device)
     autocast_dtype = pick_precision(precision, torch_device)
-    model = VQVAE.from_pretrained(model_dir, device=torch_device).eval()
+    model = VQVAE.from_pretrained(model_dir, device=torch_device, storage_options=storage_options).eval()
     model.to(memory_format=torch.channels_last)  # the layout CPU (oneDNN) and GPU convolutions run fastest in
     image_size = image_size or model.config.image_size
     settings = TokenSettings(
@@ -137,19 +167,22 @@ def encode(
         grid=model.grid_size(image_size),
         image_size=image_size,
         preprocessing=PREPROCESSING,
-        keep=check_keep(keep),
+        keep=keep,
         precision=precision,
+        keep_types=found.kept_types,
+        classes=found.classes,
     )
-    store = TokenStore(out, settings)
+    store = TokenStore(out, settings, storage_options)
     mine = urls[rank::world_size]
-    store.open(urls, mine, overwrite=overwrite, tidy=rank == 0)
-    todo = [shard for shard in mine if not store.done(shard)]
+    store.open(urls, mine, overwrite=overwrite, tidy=rank == 0, listings=found.listings)
+    pending = set(store.pending(mine))
+    todo = [unit for unit in found.units[rank::world_size] if unit.name in pending]
 
     result = EncodeResult(store.path, rank, world_size, shards=len(mine), skipped=len(mine) - len(todo))
     progress = ProgressBar("encode shards", len(mine), len(mine) - len(todo), enabled=show_progress and rank == 0)
     if todo:
         loader = DataLoader(
-            ShardBatches(todo, image_size, batch_size, settings.keep),
+            ShardBatches(todo, image_size, batch_size, settings.keep, settings.keep_types),
             batch_size=None,  # batches are made in the workers, one shard each
             num_workers=min(num_workers, len(todo)),
             pin_memory=torch_device.type == "cuda",

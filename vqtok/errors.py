@@ -25,3 +25,8 @@ class DataError(VQTokError):
 
 class StoreError(VQTokError):
     """A token dataset cannot be written or read: other settings than the run's, a malformed codes column."""
+
+
+class StorageError(VQTokError):
+    """Files cannot be reached where they are kept: a storage back end that is not installed, credentials the
+    store refuses, a missing bucket, an endpoint that does not answer, a full disk."""

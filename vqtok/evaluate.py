@@ -17,22 +17,28 @@ process evaluates its own part of the data and the sums are added up across proc
 from __future__ import annotations
 
 import heapq
+import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import DataError
+from vqtok.model import VQVAE, pick_device
 
 SSIM_SIGMA, SSIM_WINDOW = 1.5, 11  # Wang et al.'s window: 11 taps, as scikit-image's gaussian_weights=True
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (K1 * L)^2, (K2 * L)^2 for a data range L of 1
 MAX_PSNR = 100.0  # a perfect reconstruction's PSNR, instead of infinity
 EXAMPLES = 8  # images in each row of the picture: the worst, and typical ones
+PICTURE_NAME = "reconstructions.png"
 RESERVOIR = 64  # images kept at random, from which the typical ones are picked once the median is known
 
 
@@ -115,7 +121,7 @@ class Report:
         rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
         return np.concatenate(rows, axis=0)
 
-    def save_picture(self, path) -> bool:
+    def save_picture(self, path: Path) -> bool:
         from PIL import Image
 
         picture = self.picture()
@@ -270,4 +276,51 @@ def check_images(report: Report, where: str) -> Report:
     if report.images == 0:
         detail = f" ({report.errors} sample(s) could not be decoded)" if report.errors else ""
         raise DataError(f"{where}: no image to evaluate{detail}")
+    return report
+
+
+def evaluate_shards(
+    model_dir,
+    shards,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    limit: int | None = None,
+    out=None,
+    num_workers: int = 2,
+    device: str = "auto",
+    image_column: str | None = None,
+    storage_options: dict | None = None,
+) -> Report:
+    """`vqtok eval`: the report card of the model in model_dir on the images of `shards` (shards, image
+    folders or Parquet files, paths or URLs; see `vqtok.sources`), centre-cropped to image_size (the model's
+    training size by default). With `out`, writes report.json and reconstructions.png (the worst images over
+    their reconstructions, then typical ones) there.
+
+    Under `accelerate launch` or torchrun, unit i goes to process i mod world size, and `limit` is shared
+    out among them.
+    """
+    urls = expand_inputs(shards, image_column=image_column, storage_options=storage_options).units
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:  # sums are added up across processes: join the process group the launcher set up
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        rank, world_size = state.process_index, state.num_processes
+    else:
+        rank = 0
+    model = VQVAE.from_pretrained(model_dir, device=pick_device(device), storage_options=storage_options)
+    model.to(memory_format=torch.channels_last)
+    image_size = image_size or model.config.image_size
+    model.grid_size(image_size)  # a size the model cannot encode is refused before any image is read
+    loader = make_loader(
+        urls, image_size, batch_size, num_workers=min(num_workers, len(urls)), rank=rank, world_size=world_size
+    )
+    share = None if limit is None else -(-limit // world_size)
+    report = check_images(evaluate(model, loader, limit=share), " ".join(shards))
+    if out is not None and rank == 0:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        report.save_picture(out / PICTURE_NAME)
+        (out / "report.json").write_text(json.dumps({"model": str(model_dir), **report.metrics()}, indent=2) + "\n")
     return report

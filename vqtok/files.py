@@ -21,8 +21,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], d
     """write(temporary path) in path's folder, then rename it to path: readers see the whole file or none.
 
     The temporary name, `.NAME.XXXX.tmp`, is skipped by dataset readers and globs of `*.parquet` alike.
-    With durable, the data reaches the disk before the rename, so a power cut cannot leave an empty file
-    under the real name either.
+    With durable, the data reaches the disk before the rename and the rename before this returns, so a power
+    cut can neither leave an empty file under the real name nor undo a file that a later one depends on.
     """
     path = Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -37,8 +37,20 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], d
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    if durable:
+        sync_folder(path.parent)
 
 
 def sync(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def sync_folder(path: str | os.PathLike) -> None:
+    """fsync a folder: the names created or renamed in it survive a power cut (a file's own fsync keeps only
+    its data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -111,6 +111,10 @@ class VQVAE(Pretrained, nn.Module):
             decay=config.decay,
             kmeans_init=config.kmeans_init,
             dead_code_window=config.dead_code_window,
+            lookup_dim=config.lookup_dim,
+            normalize=config.normalize_codes,
+            rotation_trick=config.rotation_trick,
+            rare_code_share=config.rare_code_share,
         )
         self.decoder = Decoder(config)
 

@@ -4,7 +4,8 @@
     DIR/model.safetensors    the weights; safetensors holds tensors only, so loading runs no code (no pickle)
 
 The model id is a hash of the weights: token files carry their tokenizer's id, so codes are never decoded
-by another model, and a directory whose weights do not match its config.json is refused.
+by another model, and a directory whose weights do not match its config.json is refused. DIR may be a local
+path or a URL that fsspec opens (`vqtok.storage`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from vqtok import __version__
 from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.files import write_atomically
+from vqtok.storage import Location
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -35,12 +36,19 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_directory(directory: str | os.PathLike, module: torch.nn.Module, kind: str, config: dict) -> Path:
-    """Write module's weights and config.json into directory (created if needed); returns the directory."""
+def save_directory(
+    directory: str | os.PathLike,
+    module: torch.nn.Module,
+    kind: str,
+    config: dict,
+    storage_options: dict | None = None,
+) -> Path | str:
+    """Write module's weights and config.json into directory (created if needed), a local path or a URL;
+    returns the directory (a Path, or the URL)."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    where = Location.of(directory, storage_options)
+    where.makedirs()
     state = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
     header = {
         "format_version": FORMAT_VERSION,
@@ -49,28 +57,32 @@ def save_directory(directory: str | os.PathLike, module: torch.nn.Module, kind: 
         "model_id": weights_hash(state),
         "config": config,
     }
-    # Written under temporary names and renamed, so a crash never leaves half a model.
-    write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-    write_atomically(directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(header, indent=2) + "\n"))
-    return directory
+    # Each file whole or not at all (renamed into place, or uploaded in one piece), the weights before the
+    # config.json that names them, so a crash never leaves half a model.
+    where.join(WEIGHTS_NAME).write_with(lambda path: save_file(state, path, metadata={"format": "pt"}))
+    where.join(CONFIG_NAME).write_bytes((json.dumps(header, indent=2) + "\n").encode())
+    return Path(where.path) if where.local else where.url
 
 
-def read_header(directory: str | os.PathLike, kind: str | None = None) -> dict:
+def read_header(directory: str | os.PathLike | Location, kind: str | None = None) -> dict:
     """config.json of a model directory, checked: format version, model id and config are there, and with
     `kind` the directory holds that kind of model (directories saved before kinds were recorded are
     tokenizers)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ModelFormatError(f"{directory} is not a model directory (expected a folder with {CONFIG_NAME})")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise ModelFormatError(f"{directory} is not a vqtok model directory: {name} is missing")
+    directory = Location.of(directory)
+    config_file = directory.join(CONFIG_NAME)
+    text = config_file.read_text(missing_ok=True)
+    if text is None:
+        if not directory.isdir():
+            raise ModelFormatError(f"{directory} is not a model directory (expected a folder with {CONFIG_NAME})")
+        raise ModelFormatError(f"{directory} is not a vqtok model directory: {CONFIG_NAME} is missing")
+    if not directory.join(WEIGHTS_NAME).isfile():
+        raise ModelFormatError(f"{directory} is not a vqtok model directory: {WEIGHTS_NAME} is missing")
     try:
-        header = json.loads((directory / CONFIG_NAME).read_text())
+        header = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{directory / CONFIG_NAME} is not valid JSON: {e}") from None
+        raise ModelFormatError(f"{config_file} is not valid JSON: {e}") from None
     if not isinstance(header, dict) or not {"format_version", "model_id", "config"} <= set(header):
-        raise ModelFormatError(f"{directory / CONFIG_NAME} is not a vqtok model config")
+        raise ModelFormatError(f"{config_file} is not a vqtok model config")
     version = header["format_version"]
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelFormatError(
@@ -78,23 +90,24 @@ def read_header(directory: str | os.PathLike, kind: str | None = None) -> dict:
             f"{__version__} reads format {FORMAT_VERSION}): upgrade vqtok to load it"
         )
     if not isinstance(header["config"], dict):
-        raise ModelFormatError(f"{directory / CONFIG_NAME}: 'config' must be an object")
+        raise ModelFormatError(f"{config_file}: 'config' must be an object")
     found = header.setdefault("kind", "tokenizer")
     if kind is not None and found != kind:
         raise ModelFormatError(f"{directory} holds a {found}, not a {kind}")
     return header
 
 
-def load_weights(directory: str | os.PathLike, module: torch.nn.Module, header: dict) -> None:
+def load_weights(directory: str | os.PathLike | Location, module: torch.nn.Module, header: dict) -> None:
     """Load DIR/model.safetensors into module, refusing weights that do not fit it or its model id."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
-    directory = Path(directory)
+    weights = Location.of(directory).join(WEIGHTS_NAME)
     try:
-        state = load_file(directory / WEIGHTS_NAME)
+        # A local file is mapped, not read; from a store the bytes come whole.
+        state = load_file(weights.path) if weights.local else load(weights.read_bytes())
     except (SafetensorError, OSError) as e:
-        raise ModelFormatError(f"{directory / WEIGHTS_NAME} cannot be read: {e}") from None
+        raise ModelFormatError(f"{weights} cannot be read: {e}") from None
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -105,10 +118,10 @@ def load_weights(directory: str | os.PathLike, module: torch.nn.Module, header: 
             for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
             if names
         ]
-        raise ModelFormatError(f"{directory / WEIGHTS_NAME} does not match its config.json ({'; '.join(problems)})")
+        raise ModelFormatError(f"{weights} does not match its config.json ({'; '.join(problems)})")
     if weights_hash(state) != header["model_id"]:
         raise ModelFormatError(
-            f"{directory / WEIGHTS_NAME} is not the weights config.json describes (model_id differs): "
+            f"{weights} is not the weights config.json describes (model_id differs): "
             "the directory was changed or mixed with another model's files"
         )
     module.load_state_dict(state)
@@ -126,18 +139,22 @@ class Pretrained:
         """A hash of the weights: token files and priors carry it, so codes never meet another model."""
         return weights_hash(self.state_dict())
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json and model.safetensors into directory (created if needed)."""
-        return save_directory(directory, self, self.KIND, self.config.to_dict())
+    def save_pretrained(self, directory: str | os.PathLike, storage_options: dict | None = None) -> Path | str:
+        """Write config.json and model.safetensors into directory (created if needed), a local path or a URL
+        that fsspec opens; returns the directory (a Path, or the URL)."""
+        return save_directory(directory, self, self.KIND, self.config.to_dict(), storage_options)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"):
-        """Load a directory written by save_pretrained, in eval mode. Reads no pickle."""
-        header = read_header(directory, cls.KIND)
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", storage_options: dict | None = None
+    ):
+        """Load a directory written by save_pretrained (a local path or a URL), in eval mode. Reads no pickle."""
+        where = Location.of(directory, storage_options)
+        header = read_header(where, cls.KIND)
         try:
             config = cls.config_class.from_dict(header["config"])
         except (ConfigError, TypeError) as e:
-            raise ModelFormatError(f"{Path(directory) / CONFIG_NAME}: {e}") from None
+            raise ModelFormatError(f"{where.join(CONFIG_NAME)}: {e}") from None
         model = cls(config)
-        load_weights(directory, model, header)
+        load_weights(where, model, header)
         return model.to(device).eval()

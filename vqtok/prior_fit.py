@@ -37,7 +37,7 @@ PICTURE_CLASSES, PICTURE_SAMPLES = 8, 8  # the evaluation picture: up to 8 class
 
 @dataclass
 class PriorFitResult:
-    model_dir: Path
+    model_dir: Path | str  # a URL when OUT is in a store
     steps: int
     resumed_from: int
     codes_per_second: float
@@ -113,7 +113,6 @@ def fit_prior(
 ) -> PriorFitResult:
     from accelerate.utils import set_seed
 
-    out = Path(out)
     cfg = train_config
     data = open_tokens(tokens, val, config, cond)
     config = data.config
@@ -169,7 +168,8 @@ def fit_prior(
         metrics = {"grids": int(grids), "nll": nats / codes, "bits_per_code": nats / codes / math.log(2)}
         if decoder is not None and accelerator.is_main_process:
             with accelerator.autocast():
-                save_sample_picture(raw_model, decoder, out / "samples" / f"step-{step:06d}.png", seed=cfg.seed)
+                picture = f"samples/step-{step:06d}.png"
+                run.save(picture, lambda path: save_sample_picture(raw_model, decoder, path, seed=cfg.seed))
         run.record({"split": "val", "step": step, **metrics})
         return metrics
 

@@ -5,7 +5,11 @@ A.1 for the exponential-moving-average codebook update.
 
 Beyond the paper, the standard remedies for codebook collapse: k-means
 initialisation from the first batch of encoder outputs, and restarting codes
-left unused for a window of steps from recent encoder outputs. Under
+left unused for a window of steps from recent encoder outputs. Optionally,
+codes looked up in a lower dimension after a linear projection, with both
+sides l2-normalized (ViT-VQGAN, Yu et al. 2022, section 3.2), and the
+gradient passed through the rotation trick instead of copied straight
+through (Fifty et al. 2024). Under
 `torch.distributed` every process ends each step with the same codebook, bit
 for bit: statistics are summed across processes and random choices are made
 once, on rank 0, and broadcast.
@@ -78,12 +82,13 @@ KMEANS_PLUS_PLUS_MAX_K = 2048
 
 
 @torch.no_grad()
-def kmeans(x: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, spherical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on rows of x (N, D): (centers (k, D), cluster sizes (k,)).
 
     Seeds by k-means++ for small k and by random rows otherwise (with
     replacement when N < k); an empty cluster keeps its center, and dead-code
-    restarts deal with it later.
+    restarts deal with it later. `spherical`: rows of x are unit vectors, and
+    so is every center (each cluster's mean direction).
     """
     n = x.shape[0]
     if n < k:
@@ -97,7 +102,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tensor, torc
         codes = nearest_codes(x, centers)
         sizes = torch.bincount(codes, minlength=k).to(x.dtype)
         sums = torch.zeros_like(centers).index_add_(0, codes, x)
-        centers = torch.where(sizes[:, None] > 0, sums / sizes.clamp(min=1)[:, None], centers)
+        means = F.normalize(sums, dim=1) if spherical else sums / sizes.clamp(min=1)[:, None]
+        centers = torch.where(sizes[:, None] > 0, means, centers)
     return centers, sizes
 
 
@@ -119,14 +125,37 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.special.xlogy(p, p).sum())
 
 
+def rotate_onto(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x (N, D) carried onto q (N, D) by the rotation and rescaling that take each x to its q (the rotation trick).
+
+    The forward value is q; the gradient reaching x is the decoder's gradient rotated and scaled the same way,
+    lambda R with R = I - 2 w w^T + 2 v u^T (u, v the directions of x and q, w that of u + v, lambda =
+    |q| / |x|), all treated as constants. Straight-through copies the gradient unchanged instead; here vectors
+    that fall in one code cell are pushed apart or together by the angle at which they sit to their code.
+    """
+    x_norm = x.norm(dim=1, keepdim=True).clamp(min=1e-12)  # (N, 1)
+    q_norm = q.norm(dim=1, keepdim=True)
+    u, v = (x / x_norm).detach(), (q / q_norm.clamp(min=1e-12)).detach()  # (N, D) unit vectors
+    w = F.normalize(u + v, dim=1).detach()  # (N, D); 0 when q points away from x, and R is then a reflection
+    rotated = x - 2 * w * (w * x).sum(dim=1, keepdim=True) + 2 * v * (u * x).sum(dim=1, keepdim=True)  # R x
+    return (q_norm / x_norm).detach() * rotated
+
+
 class VectorQuantizer(nn.Module):
     """Replaces each D-vector of an encoder's (B, D, h, w) output by its nearest of K codes.
 
     forward(z) -> (z_q, codes, loss): z_q (B, D, h, w) passes the decoder's
-    gradient straight through to z; codes (B, h, w) int64; loss is the
-    codebook loss (only when decay is None) plus beta times the commitment loss.
-    With `decay`, the codebook follows an exponential moving average of the
-    encoder outputs assigned to each code, with Laplace-smoothed counts.
+    gradient straight through to z (or rotated, with `rotation_trick`); codes
+    (B, h, w) int64; loss is the codebook loss (only when decay is None) plus
+    beta times the commitment loss. With `decay`, the codebook follows an
+    exponential moving average of the encoder outputs assigned to each code,
+    with Laplace-smoothed counts.
+
+    With `lookup_dim`, each D-vector is first projected linearly to
+    lookup_dim dimensions, looked up there among codes of that size, and the
+    code projected back to D for the decoder. With `normalize`, vectors and
+    codes are l2-normalized before the lookup, so codes are directions: the
+    nearest code is the one at the smallest angle.
 
     In training mode, each forward also updates usage statistics and, when
     enabled, initialises the codebook by k-means on the first call (then
@@ -143,10 +172,21 @@ class VectorQuantizer(nn.Module):
         eps: float = 1e-5,
         kmeans_init: bool = True,
         dead_code_window: int = 100,
+        lookup_dim: int | None = None,
+        normalize: bool = False,
+        rotation_trick: bool = False,
+        rare_code_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.codebook_size = codebook_size
         self.dim = dim
+        self.lookup_dim = lookup_dim or dim
+        self.normalize = normalize
+        self.rotation_trick = rotation_trick
+        self.rare_code_share = rare_code_share
+        # The factorized lookup's projections; None (no weights at all) otherwise, so older models still load.
+        self.project_in = nn.Linear(dim, lookup_dim) if lookup_dim is not None else None
+        self.project_out = nn.Linear(lookup_dim, dim) if lookup_dim is not None else None
         self.beta = beta
         self.decay = decay
         self.eps = eps
@@ -155,7 +195,9 @@ class VectorQuantizer(nn.Module):
         # usage and perplexity look at the same window; without restarts, a default one
         self.usage_window = dead_code_window or 100
 
-        codebook = torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size)
+        codebook = torch.empty(codebook_size, self.lookup_dim).uniform_(-1 / codebook_size, 1 / codebook_size)
+        if normalize:
+            codebook = F.normalize(codebook, dim=1)
         if decay is None:
             self.codebook = nn.Parameter(codebook)
         else:
@@ -178,23 +220,40 @@ class VectorQuantizer(nn.Module):
         """Codes of the nearest entries: (B, D, h, w) -> (B, h, w) int64, no gradient."""
         B, D, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):  # bf16 distances would pick other codes on near ties
-            flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
-            return nearest_codes(flat, self.codebook).view(B, h, w)
+            flat = self._to_lookup(z.detach().float().permute(0, 2, 3, 1).reshape(-1, D))  # (B*h*w, d)
+            return nearest_codes(flat, self.table()).view(B, h, w)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codebook vectors for codes: (B, h, w) -> (B, D, h, w)."""
-        return F.embedding(codes, self.codebook).permute(0, 3, 1, 2)  # (B, D, h, w)
+        """Codebook vectors for codes, as the decoder takes them: (B, h, w) -> (B, D, h, w)."""
+        return self._from_lookup(F.embedding(codes, self.table())).permute(0, 3, 1, 2)  # (B, D, h, w)
+
+    def table(self) -> torch.Tensor:
+        """The codes as looked up: (K, d). A learned codebook is normalized on the fly; an EMA one stays so."""
+        if self.normalize and self.decay is None:
+            return F.normalize(self.codebook, dim=1)
+        return self.codebook
+
+    def _to_lookup(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, D) encoder vectors -> (N, d) vectors in the space codes are looked up in."""
+        if self.project_in is not None:
+            flat = self.project_in(flat)
+        return F.normalize(flat, dim=1) if self.normalize else flat
+
+    def _from_lookup(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(..., d) codes -> (..., D) decoder inputs."""
+        return self.project_out(vectors) if self.project_out is not None else vectors
 
     # -- training --------------------------------------------------------------
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, D, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):  # distances and EMA need float32
-            flat = z.float().permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
+            flat = self._to_lookup(z.float().permute(0, 2, 3, 1).reshape(-1, D))  # (B*h*w, d)
             if self.training and not self._initialized_seen:
                 self._initialize(flat.detach())
-            codes = nearest_codes(flat.detach(), self.codebook)  # (B*h*w,)
-            quantized = F.embedding(codes, self.codebook)  # (B*h*w, D)
+            table = self.table()  # (K, d)
+            codes = nearest_codes(flat.detach(), table)  # (B*h*w,)
+            quantized = F.embedding(codes, table)  # (B*h*w, d)
 
             commitment = F.mse_loss(flat, quantized.detach())
             if self.decay is None:
@@ -204,7 +263,11 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 self._update(flat.detach(), codes)
 
-            z_q = flat + (quantized - flat).detach()  # straight-through: forward z_q, backward identity
+            if self.rotation_trick:
+                z_q = rotate_onto(flat, quantized.detach())
+            else:
+                z_q = flat + (quantized - flat).detach()  # straight-through: forward z_q, backward identity
+            z_q = self._from_lookup(z_q)  # (B*h*w, D)
         z_q = z_q.view(B, h, w, D).permute(0, 3, 1, 2)  # (B, D, h, w)
         return z_q, codes.view(B, h, w), loss
 
@@ -215,7 +278,7 @@ class VectorQuantizer(nn.Module):
         distributed = _distributed()
         if not bool(self.initialized):  # one host sync, on the first training step only
             if not distributed or dist.get_rank() == 0:  # rank 0's batch decides; the broadcast below shares it
-                centers, sizes = kmeans(flat, self.codebook_size)
+                centers, sizes = kmeans(flat, self.codebook_size, spherical=self.normalize)
                 self.codebook.data.copy_(centers)
                 if self.decay is not None:
                     # later EMA updates add counts summed over processes: start on the same scale
@@ -244,7 +307,8 @@ class VectorQuantizer(nn.Module):
             self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
             total = self.ema_count.sum()
             smoothed = (self.ema_count + self.eps) / (total + self.codebook_size * self.eps) * total
-            self.codebook.copy_(self.ema_sum / smoothed[:, None])
+            means = self.ema_sum / smoothed[:, None]  # (K, d)
+            self.codebook.copy_(F.normalize(means, dim=1) if self.normalize else means)
         elif _distributed():
             dist.all_reduce(counts)
 
@@ -262,6 +326,12 @@ class VectorQuantizer(nn.Module):
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
         idle = self.step - torch.maximum(self.last_used, self.fresh_since)  # (K,), the same on every rank
         dead = idle >= self.dead_code_window
+        if self.rare_code_share:
+            # Also codes chosen far less often than an even share over the window: alive in training, yet
+            # too rare to be met on other images.
+            settled = self.step - self.fresh_since >= self.dead_code_window
+            even = self.usage_count.sum() / self.codebook_size
+            dead |= settled & (self.usage_count < self.rare_code_share * even)
         num_dead = int(dead.sum())
         if num_dead == 0:
             return
@@ -292,4 +362,7 @@ class VectorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "codebook loss" if self.decay is None else f"ema decay={self.decay}"
-        return f"K={self.codebook_size}, D={self.dim}, beta={self.beta}, {mode}"
+        lookup = f", lookup in {self.lookup_dim}" if self.project_in is not None else ""
+        lookup += ", normalized" if self.normalize else ""
+        lookup += ", rotation trick" if self.rotation_trick else ""
+        return f"K={self.codebook_size}, D={self.dim}{lookup}, beta={self.beta}, {mode}"

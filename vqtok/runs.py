@@ -8,6 +8,13 @@ A run folder OUT holds:
 A `Run` makes the accelerator the way accelerate's examples do (one CPU, one GPU, or many processes under
 `accelerate launch`), checks OUT before anything is trained, restores the latest checkpoint on `--resume`,
 saves checkpoints so that a resumed run never sees half of one, and records metrics from the main process.
+
+OUT may be a URL that fsspec opens (`s3://bucket/runs/x`). accelerate saves its state into a local folder, so
+the run is staged in a local temporary folder (under TMPDIR, one per process: machines need not share a disk)
+and each file uploaded once written: a checkpoint's files by the process that wrote them, then, when every
+process is done, `checkpoints/step-N/_COMPLETE` by the main process. A checkpoint without that object is
+half-uploaded and never resumed from; `--resume` downloads the latest complete one. metrics.jsonl is kept in
+the stage and uploaded whole after each record (an object cannot be appended to).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +32,10 @@ import torch
 
 from vqtok.config import TrainConfig
 from vqtok.errors import ConfigError
+from vqtok.storage import Location
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+COMPLETE_NAME = "_COMPLETE"  # in a store: written last into a checkpoint whose every file is uploaded
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -54,10 +64,25 @@ def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
     return path, step
 
 
-def check_run_settings(path: Path, settings: dict, resuming: bool) -> None:
+def latest_complete_checkpoint(out: Location) -> tuple[Location, int] | None:
+    """The latest checkpoint of a run in a store that has its _COMPLETE marker."""
+    checkpoints = out.join("checkpoints")
+    steps = sorted(
+        ((int(m.group(1)), name) for name in checkpoints.names() if (m := CHECKPOINT_PATTERN.match(name))),
+        reverse=True,
+    )
+    for step, name in steps:
+        if checkpoints.join(name, COMPLETE_NAME).exists():
+            return checkpoints.join(name), step
+    return None
+
+
+def check_run_settings(path: Path | Location, settings: dict, resuming: bool) -> None:
     """A resumed run must be the run it resumes: `settings` ({"model": {...}, "steps": N, ...}) decide that."""
-    if resuming and path.is_file():
-        saved = json.loads(path.read_text())
+    path = Location.of(path)
+    saved_text = path.read_text(missing_ok=True) if resuming else None
+    if saved_text is not None:
+        saved = json.loads(saved_text)
         changed = []
         for name, value in settings.items():
             if isinstance(value, dict):
@@ -68,28 +93,40 @@ def check_run_settings(path: Path, settings: dict, resuming: bool) -> None:
         if changed:
             raise ConfigError(f"--resume with other settings than {path} records: {', '.join(changed)} changed")
     if int(os.environ.get("RANK", "0")) == 0:  # other processes may be reading it: replace it whole
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(partial, path)
+        path.write_bytes((json.dumps(settings, indent=2) + "\n").encode())
 
 
 class Run:
     """One training run in OUT: its accelerator, where it starts, its checkpoints and its metrics."""
 
-    def __init__(self, out: str | Path, settings: dict, train: TrainConfig, resume: bool = False) -> None:
+    def __init__(
+        self,
+        out: str | Path,
+        settings: dict,
+        train: TrainConfig,
+        resume: bool = False,
+        storage_options: dict | None = None,
+    ) -> None:
         from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
         from accelerate.utils import ProjectConfiguration
 
-        self.out = Path(out)
+        self.location = Location.of(out, storage_options)
+        self.remote = not self.location.local
+        # Where accelerate writes: OUT itself on a local disk, a local stage for a run in a store.
+        self.out = Path(tempfile.mkdtemp(prefix="vqtok-run-")) if self.remote else Path(self.location.path)
         self.train = train
-        self.checkpoint = latest_checkpoint(self.out) if resume else None
-        checkpoints = self.out / "checkpoints"
-        if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        if self.remote:
+            self.checkpoint = latest_complete_checkpoint(self.location) if resume else None
+            started = bool(self.location.join("checkpoints").names())
+        else:
+            self.checkpoint = latest_checkpoint(self.out) if resume else None
+            checkpoints = self.out / "checkpoints"
+            started = checkpoints.is_dir() and any(checkpoints.iterdir())
+        if not resume and started:
             raise ConfigError(
-                f"{self.out} already holds checkpoints: pass --resume to continue, or choose another --out"
+                f"{self.location} already holds checkpoints: pass --resume to continue, or choose another --out"
             )
-        check_run_settings(self.out / "run.json", settings, resuming=self.checkpoint is not None)
+        check_run_settings(self.location.join("run.json"), settings, resuming=self.checkpoint is not None)
         self.start_step = self.checkpoint[1] if self.checkpoint else 0
 
         # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine):
@@ -113,6 +150,10 @@ class Run:
         if train.report_to:
             self.accelerator.init_trackers("vqtok", config={**settings, **train.to_dict()})
         self.metrics_path = self.out / "metrics.jsonl"  # out exists: check_run_settings wrote run.json into it
+        if self.remote and self.is_main_process:  # records are appended to what the run's earlier legs wrote
+            earlier = self.location.join("metrics.jsonl").read_bytes(missing_ok=True)
+            if earlier is not None:
+                self.metrics_path.write_bytes(earlier)
 
     @property
     def is_main_process(self) -> bool:
@@ -120,7 +161,12 @@ class Run:
 
     def restore(self) -> None:
         """After `prepare` (and registering anything else to checkpoint): load the checkpoint resumed from."""
-        if self.checkpoint:
+        if self.checkpoint and self.remote:
+            staged = self.out / "checkpoints" / self.checkpoint[0].name
+            self.checkpoint[0].download(staged)
+            self.accelerator.load_state(str(staged))
+            shutil.rmtree(staged, ignore_errors=True)
+        elif self.checkpoint:
             self.accelerator.load_state(str(self.checkpoint[0]))
         self.record({"split": "train", "step": self.start_step, "resumed_from": self.resumed_from})
 
@@ -133,11 +179,26 @@ class Run:
         if self.accelerator.is_main_process:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if self.remote:
+                self.location.join("metrics.jsonl").upload(self.metrics_path)
         scalars = {f"{entry['split']}/{k}": v for k, v in entry.items() if isinstance(v, int | float)}
         self.accelerator.log(scalars, step=entry["step"])
 
+    def save(self, name: str, write: Callable[[Path], object]) -> None:
+        """A file of the run (`samples/step-000500.png`) that write(path) makes, in OUT; from the main process."""
+        path = self.out.joinpath(*name.split("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        if self.remote and path.exists():
+            self.location.join(name).upload(path)
+            path.unlink()
+
     def save_checkpoint(self, step: int) -> None:
-        """save_state into a temporary folder, renamed when every process is done: resume never sees half of one."""
+        """save_state into a temporary folder, renamed when every process is done: resume never sees half of one.
+        In a store: uploaded, then marked complete by the main process once every process has uploaded."""
+        if self.remote:
+            self._save_remote_checkpoint(step)
+            return
         accelerator = self.accelerator
         final = self.out / "checkpoints" / f"step-{step:06d}"
         if final.exists():
@@ -182,15 +243,44 @@ class Run:
             raise RuntimeError(f"processes ended with different {name}: {digests}")
         return metrics
 
-    def export(self, model, what: str = "model") -> Path:
-        """The main process saves model (save_pretrained) into OUT/model; then the run ends."""
-        directory = self.out / "model"
+    def export(self, model, what: str = "model") -> Path | str:
+        """The main process saves model (save_pretrained) into OUT/model; then the run ends. Returns the model
+        directory: a Path, or the URL for a run in a store."""
+        directory = self.location.join("model")
         if self.accelerator.is_main_process:
             model.save_pretrained(directory)
             self.accelerator.print(f"exported {what} to {directory}")
         self.end()
-        return directory
+        return Path(directory.path) if directory.local else directory.url
+
+    def _save_remote_checkpoint(self, step: int) -> None:
+        accelerator = self.accelerator
+        checkpoints = self.location.join("checkpoints")
+        final = checkpoints.join(f"step-{step:06d}")
+        if final.join(COMPLETE_NAME).exists():
+            return
+        staged = self.out / "checkpoints" / final.name
+        staged.mkdir(parents=True, exist_ok=True)  # on every process: each stages its own RNG state
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staged))
+        for file in sorted(p for p in staged.rglob("*") if p.is_file()):  # what this process wrote
+            final.join(*file.relative_to(staged).parts).upload(file)
+        shutil.rmtree(staged, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final.join(COMPLETE_NAME).write_bytes(json.dumps({"step": step}).encode())
+            keep = self.train.keep_checkpoints
+            if keep:
+                found = sorted(
+                    (int(m.group(1)), name) for name in checkpoints.names() if (m := CHECKPOINT_PATTERN.match(name))
+                )
+                for _, name in found[:-keep]:
+                    checkpoints.join(name, COMPLETE_NAME).remove()  # no longer resumed from, then removed
+                    checkpoints.join(name).remove_tree()
+        accelerator.wait_for_everyone()
 
     def end(self) -> None:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if self.remote:
+            shutil.rmtree(self.out, ignore_errors=True)

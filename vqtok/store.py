@@ -10,9 +10,13 @@ or `.`), and polars, DuckDB and Hugging Face `datasets` read through the glob `o
         _vqtok.json                   the run's settings; a later run with other settings is refused
         _SUCCESS                      every shard of the last run is done
 
-Every file is written under a temporary name (`.part-...tmp`, which readers skip) and renamed when complete,
-so a reader never sees half a file and a crash at any moment leaves at most a shard to do again. A shard is
-done when its marker says so; a rerun skips done shards and does the others again, replacing what they left.
+The directory may be a local path or any URL fsspec opens (`vqtok.storage`). On a local disk every file is
+written under a temporary name (`.part-...tmp`, which readers skip), fsynced and renamed, and its folder
+fsynced, before the next file of the commit; in an object store, which has no rename, every file is uploaded
+whole under its final name (an object is invisible until its upload completes). Either way a reader never
+sees half a file, a shard's marker is written only after its data, and a crash at any moment leaves at most
+a shard to do again. A shard is done when its marker says so; a rerun skips done shards and does the others
+again, replacing what they left under the same names. docs/token-format.md states the guarantee.
 
 `codes` is `fixed_size_list<fixed_size_list<uint16>[w]>[h]` (int32 when K > 65536). Every part file's
 metadata holds the settings under the key `vqtok` as JSON: K, grid, image size, preprocessing, model id and
@@ -26,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +42,7 @@ import pyarrow.parquet as pq
 
 from vqtok import __version__
 from vqtok.errors import StoreError
-from vqtok.files import sync, write_atomically
+from vqtok.storage import Location, reported
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"vqtok"
@@ -49,6 +54,7 @@ ROW_GROUP_ROWS = 4096  # the unit a prior's data loader reads at once: ~8 MB of 
 RESERVED_COLUMNS = ("key", "shard", "codes")
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": True}
+CARRIED_TYPES = ("int64", "float64", "bool", "string")
 
 
 @dataclass(frozen=True)
@@ -62,9 +68,24 @@ class TokenSettings:
     preprocessing: str
     keep: tuple[str, ...] = ()  # sample fields carried into columns
     precision: str = "fp32"  # the encoder's: bf16 or fp16 pick other codes for about 1% of vectors
+    keep_types: tuple[str, ...] = ()  # each carried column's type; by default cls int64 and the others string
+    classes: tuple[str, ...] = ()  # the class names that cls numbers (--class-from-folder), if any
+
+    def __post_init__(self) -> None:
+        if not self.keep_types:  # what datasets written before the types were recorded hold
+            object.__setattr__(self, "keep_types", tuple(default_kept_type(name) for name in self.keep))
+        if len(self.keep_types) != len(self.keep) or not set(self.keep_types) <= set(CARRIED_TYPES):
+            raise StoreError(f"carried types {self.keep_types} do not fit the carried fields {self.keep}")
 
     def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, **asdict(self), "grid": list(self.grid), "keep": list(self.keep)}
+        return {
+            "format_version": FORMAT_VERSION,
+            **asdict(self),
+            "grid": list(self.grid),
+            "keep": list(self.keep),
+            "keep_types": list(self.keep_types),
+            "classes": list(self.classes),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> TokenSettings:
@@ -80,6 +101,8 @@ class TokenSettings:
                 preprocessing=str(data["preprocessing"]),
                 keep=tuple(data.get("keep", ())),
                 precision=str(data.get("precision", "fp32")),
+                keep_types=tuple(data.get("keep_types", ())),
+                classes=tuple(data.get("classes", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed token settings: {exc!r}") from exc
@@ -96,24 +119,27 @@ def code_type(codebook_size: int) -> pa.DataType:
     return pa.uint16() if codebook_size <= 2**16 else pa.int32()
 
 
-def kept_type(field: str) -> pa.DataType:
-    """A carried field's column type: `cls` is an integer class label (WebDataset's convention), others text."""
-    return pa.int64() if field == "cls" else pa.string()
+def default_kept_type(field: str) -> str:
+    """A carried shard field's column type: `cls` is an integer class label (WebDataset's convention), others
+    text."""
+    return "int64" if field == "cls" else "string"
 
 
-def parse_kept(field: str, data: bytes | None) -> int | str | None:
-    """A sample field's bytes -> its column value; ValueError when they do not fit the column's type."""
-    if data is None:
-        return None
+def parse_kept(field: str, data: object, column_type: str = "") -> object:
+    """A sample field -> its column value. A tar member's bytes are text, or an integer in an int64 column
+    (a shard's `cls`); a value that comes typed (a Parquet column, a folder's class) is kept as it is.
+    ValueError when bytes do not fit the column's type."""
+    if not isinstance(data, bytes):
+        return data
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"field {field} is not UTF-8 text") from exc
-    if field == "cls":
+    if (column_type or default_kept_type(field)) == "int64":
         try:
             return int(text.strip())
         except ValueError:
-            raise ValueError(f"field cls is not an integer: {text[:40]!r}") from None
+            raise ValueError(f"field {field} is not an integer: {text[:40]!r}") from None
     return text
 
 
@@ -130,7 +156,7 @@ def token_schema(settings: TokenSettings) -> pa.Schema:
     h, w = settings.grid
     codes = pa.list_(pa.list_(code_type(settings.codebook_size), w), h)
     fields = [("key", pa.string()), ("shard", pa.string()), ("codes", codes)]
-    fields += [(name, kept_type(name)) for name in settings.keep]
+    fields += [(name, pa.type_for_alias(t)) for name, t in zip(settings.keep, settings.keep_types, strict=True)]
     metadata = {METADATA_KEY: json.dumps({**settings.to_dict(), "vqtok_version": __version__}).encode()}
     return pa.schema(fields, metadata=metadata)
 
@@ -185,7 +211,7 @@ def codes_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def part_name(shard: str) -> str:
     """The stem of a shard's files: its file name for a reader, a hash of its whole URL to make it unique."""
-    stem = re.sub(r"\.tar(\.\w+)?$", "", shard.rstrip("/").rsplit("/", 1)[-1])
+    stem = re.sub(r"(\.tar(\.\w+)?|\.parquet)$", "", shard.rstrip("/").rsplit("/", 1)[-1])
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "shard"
     return f"part-{stem}-{hashlib.sha256(shard.encode()).hexdigest()[:12]}"
 
@@ -196,81 +222,131 @@ def _ours(name: str) -> bool:
     return name.startswith(".") or name in (ERRORS_DIR, STATS_DIR)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    write_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+def _write_json(place: Location, data: dict) -> None:
+    place.write_bytes((json.dumps(data, indent=2) + "\n").encode())
+
+
+def read_markers(path: str | os.PathLike | Location, names: Sequence[str] | None = None) -> dict[str, dict]:
+    """Part name -> its commit marker, for the markers in `_stats/` (those of `names` only, if given). A
+    store's markers are fetched concurrently, not one request after another: a rerun of ten thousand shards
+    asks for ten thousand markers."""
+    stats = Location.of(path).join(STATS_DIR)
+    present = [n.removesuffix(".json") for n in stats.names() if n.startswith("part-") and n.endswith(".json")]
+    wanted = [n for n in present if names is None or n in set(names)]
+    if stats.local:
+        contents = {n: stats.join(f"{n}.json").read_bytes(missing_ok=True) for n in wanted}
+    else:
+        fs, base = stats.fs_and_path()
+        paths = {n: f"{base.rstrip('/')}/{n}.json" for n in wanted}
+        with reported(stats):
+            found = fs.cat(list(paths.values()), on_error="return") if paths else {}
+        contents = {n: found.get(path) for n, path in paths.items()}
+    markers = {}
+    for name, data in contents.items():
+        with contextlib.suppress(TypeError, json.JSONDecodeError, UnicodeDecodeError):  # a missing or torn one
+            marker = json.loads(data)
+            if isinstance(marker, dict):
+                markers[name] = marker
+    return markers
 
 
 class TokenStore:
     """The writing side of a token dataset directory, shared by independent processes without talking.
 
     Each process writes only the shards it was given; every file it writes is complete before it has its
-    name, and the settings file is the same from every process, so concurrent writers never conflict.
+    name, and the settings file is the same from every process, so concurrent writers never conflict. The
+    directory may be a local path or a URL (`storage_options` go to fsspec); `path` is then the URL.
     """
 
-    def __init__(self, path: str | os.PathLike, settings: TokenSettings) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, settings: TokenSettings, storage_options: dict | None = None) -> None:
+        self.location = Location.of(path, storage_options)
+        self.path = Path(self.location.path) if self.location.local else self.location.url
         self.settings = settings
         self.schema = token_schema(settings)
 
-    def open(self, shards: Sequence[str], mine: Sequence[str], overwrite: bool = False, tidy: bool = False) -> None:
+    def open(
+        self,
+        shards: Sequence[str],
+        mine: Sequence[str],
+        overwrite: bool = False,
+        tidy: bool = False,
+        listings: dict[str, dict] | None = None,
+    ) -> None:
         """Check or record the settings. With overwrite, first remove this process's shards' files, and with
-        tidy (asked by one process) also the files of shards not in `shards`, never another process's."""
-        if self.path.exists() and not self.path.is_dir():
-            raise StoreError(f"{self.path} exists and is not a directory")
-        settings_file = self.path / SETTINGS_NAME
-        foreign = self.path.exists() and any(not _ours(entry.name) for entry in self.path.iterdir())
-        if foreign and not settings_file.exists():  # even with --overwrite: its files are somebody else's
-            raise StoreError(f"{self.path} is not empty and is not a vqtok token dataset: choose another folder")
+        tidy (asked by one process) also the files of shards not in `shards`, never another process's.
+
+        `listings` (image folder -> its count and digest) are recorded too: a folder whose listing changed
+        since they were recorded would cut its slices elsewhere, so a rerun on it is refused."""
+        here = self.location
+        if here.isfile():
+            raise StoreError(f"{here} exists and is not a directory")
+        settings_text = here.join(SETTINGS_NAME).read_text(missing_ok=True)
+        foreign = any(not _ours(name) for name in here.names())
+        if foreign and settings_text is None:  # even with --overwrite: its files are somebody else's
+            raise StoreError(f"{here} is not empty and is not a vqtok token dataset: choose another folder")
+        recorded: dict = {}
         if overwrite:
             everyone, own = {part_name(s) for s in shards}, {part_name(s) for s in mine}
             self._remove_files(lambda name: name in own or (tidy and name not in everyone))
-        elif settings_file.exists():
+        elif settings_text is not None:
             try:
-                existing = TokenSettings.from_dict(json.loads(settings_file.read_text()))
+                saved = json.loads(settings_text)
+                existing = TokenSettings.from_dict(saved)
             except (json.JSONDecodeError, AttributeError) as exc:
-                raise StoreError(f"{settings_file} is not vqtok's settings ({exc}); use --overwrite") from exc
+                raise StoreError(f"{here / SETTINGS_NAME}: not vqtok's settings ({exc}); use --overwrite") from exc
             changes = self.settings.differences(existing)
             if changes:
                 raise StoreError(
-                    f"{self.path} holds tokens made with other settings ({'; '.join(changes)}); "
+                    f"{here} holds tokens made with other settings ({'; '.join(changes)}); "
                     "use --overwrite to replace them"
                 )
-        (self.path / ERRORS_DIR).mkdir(parents=True, exist_ok=True)
-        (self.path / STATS_DIR).mkdir(exist_ok=True)
-        _write_json(settings_file, self.settings.to_dict())
-        if not all(self.done(shard) for shard in shards):
-            with contextlib.suppress(FileNotFoundError):
-                (self.path / SUCCESS_NAME).unlink()
+            recorded = saved.get("listings") or {}
+            check_listings(recorded, listings or {})
+        here.join(ERRORS_DIR).makedirs()
+        here.join(STATS_DIR).makedirs()
+        _write_json(here.join(SETTINGS_NAME), {**self.settings.to_dict(), "listings": {**recorded, **(listings or {})}})
+        if self.pending(shards):
+            here.join(SUCCESS_NAME).remove()
 
     def _remove_files(self, remove) -> None:
         """Remove the files of the part names `remove(name)` is true for: markers first, so that a crash
         half-way never leaves a shard marked done without its data."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.path / SUCCESS_NAME).unlink()
-        patterns = [(self.path / STATS_DIR, ".json"), (self.path / ERRORS_DIR, ".parquet"), (self.path, ".parquet")]
-        for folder, suffix in patterns:
-            for file in folder.glob(f"part-*{suffix}") if folder.is_dir() else ():
-                if remove(file.name.removesuffix(suffix)):
-                    file.unlink(missing_ok=True)
+        here = self.location
+        here.join(SUCCESS_NAME).remove()
+        kinds = [(here.join(STATS_DIR), ".json"), (here.join(ERRORS_DIR), ".parquet"), (here, ".parquet")]
+        for folder, suffix in kinds:
+            for name in folder.names():
+                if name.startswith("part-") and name.endswith(suffix) and remove(name.removesuffix(suffix)):
+                    folder.join(name).remove()
 
     def marker(self, shard: str) -> dict | None:
-        try:
-            return json.loads((self.path / STATS_DIR / f"{part_name(shard)}.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return read_markers(self.location, [part_name(shard)]).get(part_name(shard))
 
     def done(self, shard: str) -> bool:
-        marker = self.marker(shard)
-        if marker is None or marker.get("status") != "done" or marker.get("shard") != shard:
-            return False
-        return (self.path / f"{part_name(shard)}.parquet").exists()
+        return not self.pending([shard])
+
+    def pending(self, shards: Sequence[str]) -> list[str]:
+        """The shards not done: no marker that says done and names the shard, or no data file beside it.
+        Looked up with one listing of each folder and, in a store, the markers fetched together."""
+        names = {shard: part_name(shard) for shard in shards}
+        markers = read_markers(self.location, list(names.values()))
+        parts = set(self.location.names()) if markers else set()
+
+        def done(shard: str) -> bool:
+            marker = markers.get(names[shard])
+            if marker is None or marker.get("status") != "done" or marker.get("shard") != shard:
+                return False
+            return f"{names[shard]}.parquet" in parts
+
+        return [shard for shard in shards if not done(shard)]
 
     def writer(self, shard: str) -> ShardWriter:
         return ShardWriter(self, shard)
 
     def finish(self, shards: Sequence[str]) -> dict | None:
         """Write _SUCCESS with the totals if every shard is done (whichever process gets here last does)."""
-        markers = [self.marker(shard) for shard in shards]
+        found = read_markers(self.location, [part_name(shard) for shard in shards])
+        markers = [found.get(part_name(shard)) for shard in shards]
         if not all(m is not None and m.get("status") == "done" for m in markers):
             return None
         totals = {
@@ -279,12 +355,36 @@ class TokenStore:
             "errors": sum(m["errors"] for m in markers),
             "settings": self.settings.to_dict(),
         }
-        _write_json(self.path / SUCCESS_NAME, totals)
+        _write_json(self.location.join(SUCCESS_NAME), totals)
         return totals
 
 
+def check_listings(recorded: dict[str, dict], listings: dict[str, dict]) -> None:
+    """StoreError naming the first folder whose listing differs from the one recorded for it."""
+    for folder, listing in listings.items():
+        before = recorded.get(folder)
+        if before is None or before == listing:
+            continue
+        if before.get("files_per_part") != listing.get("files_per_part"):
+            raise StoreError(
+                f"{folder} was cut into parts of {before.get('files_per_part')} files, not "
+                f"{listing.get('files_per_part')}: give --files-per-part {before.get('files_per_part')}, "
+                "or --overwrite to start again"
+            )
+        change = f"{before.get('files')} files -> {listing['files']}"
+        if before.get("files") == listing["files"]:
+            change = f"{listing['files']} files, other names"
+        raise StoreError(
+            f"{folder} changed since this token dataset was started ({change}): its slices would no longer "
+            "match the parts written; use --overwrite to start again"
+        )
+
+
 class ShardWriter:
-    """One shard's rows, streamed into a temporary part file and committed as a whole by `commit`."""
+    """One shard's rows, streamed into a temporary part file and committed as a whole by `commit`.
+
+    The temporary file is local: beside the part on a local disk (renamed into place), in the temporary
+    folder when the dataset is in a store (uploaded whole)."""
 
     def __init__(self, store: TokenStore, shard: str) -> None:
         self.store = store
@@ -295,12 +395,23 @@ class ShardWriter:
         self._errors: list[tuple[str, str]] = []
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
-        self._part = store.path / f"{self.name}.parquet"
-        for folder in (store.path, store.path / ERRORS_DIR, store.path / STATS_DIR):  # what a killed run left
-            for stale in folder.glob(f".{self.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
-        self._temporary = self._part.with_name(f".{self._part.name}.{os.getpid()}.tmp")
-        self._writer = pq.ParquetWriter(self._temporary, store.schema, **WRITE_OPTIONS)
+        here = store.location
+        self._part = here.join(f"{self.name}.parquet")
+        if here.local:
+            root = Path(here.path)
+            for folder in (root, root / ERRORS_DIR, root / STATS_DIR):  # what a killed run left
+                for stale in folder.glob(f".{self.name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+            self._temporary = root / f".{self.name}.parquet.{os.getpid()}.tmp"
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".parquet.tmp")
+            os.close(fd)
+            self._temporary = Path(name)
+        try:
+            self._writer = pq.ParquetWriter(self._temporary, store.schema, **WRITE_OPTIONS)
+        except OSError as exc:
+            self._temporary.unlink(missing_ok=True)
+            raise StoreError(f"{self._part}: cannot write: {exc}") from exc
 
     def add(self, keys: Sequence[str], codes: np.ndarray, kept: dict[str, list] | None = None) -> None:
         """Rows of keys, (N, h, w) codes and the carried fields' values."""
@@ -329,20 +440,18 @@ class ShardWriter:
             self._pending, self._pending_rows = [], 0
 
     def commit(self, stats: dict) -> dict:
-        """Make the shard visible: its errors, then its part, then the marker that says it is done."""
+        """Make the shard visible: its errors, then its part, then the marker that says it is done. Each is
+        whole and durable (fsynced with its folder, or uploaded) before the next is written."""
         started = time.perf_counter()
         self._flush()
         self._writer.close()
-        sync(self._temporary)
         errors = pa.table(
             [[k for k, _ in self._errors], [self.shard] * len(self._errors), [r for _, r in self._errors]],
             schema=ERRORS_SCHEMA,
         )
-        store = self.store
-        write_atomically(
-            store.path / ERRORS_DIR / f"{self.name}.parquet", lambda p: pq.write_table(errors, p, **WRITE_OPTIONS)
-        )
-        os.replace(self._temporary, self._part)
+        here = self.store.location
+        here.join(ERRORS_DIR, f"{self.name}.parquet").write_with(lambda p: pq.write_table(errors, p, **WRITE_OPTIONS))
+        self._part.publish(self._temporary)
         self.write_seconds += time.perf_counter() - started
         marker = {
             "shard": self.shard,
@@ -351,11 +460,11 @@ class ShardWriter:
             "rows": self.rows,
             "errors": len(self._errors),
             "seconds": {**stats.get("seconds", {}), "write": round(self.write_seconds, 4)},
-            "settings": store.settings.to_dict(),
+            "settings": self.store.settings.to_dict(),
             "vqtok_version": __version__,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_json(store.path / STATS_DIR / f"{self.name}.json", marker)
+        _write_json(here.join(STATS_DIR, f"{self.name}.json"), marker)
         return marker
 
     def abort(self) -> None:
@@ -367,38 +476,51 @@ class ShardWriter:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def part_files(path: str | os.PathLike) -> list[Path]:
+def part_files(path: str | os.PathLike | Location, storage_options: dict | None = None) -> list[Location]:
     """The data files of a token dataset directory (in name order), or [path] for a single Parquet file."""
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path}: no such file or directory")
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.glob("*.parquet") if p.is_file() and not p.name.startswith(("_", ".")))
+    here = Location.of(path, storage_options)
+    if here.isfile():
+        return [here]
+    if not here.isdir():
+        raise StoreError(f"{here}: no such file or directory")
+    names = [n for n in here.names() if n.endswith(".parquet") and not n.startswith(("_", "."))]
+    return [here.join(n) for n in names if not here.local or os.path.isfile(os.path.join(here.path, n))]
 
 
-def read_metadata(path: str | os.PathLike) -> dict | None:
+@contextlib.contextmanager
+def open_parquet(file: Location) -> Iterator[pq.ParquetFile]:
+    """A Parquet file on the local disk or in a store; StoreError when it is not one or cannot be reached."""
+    with contextlib.ExitStack() as stack:
+        try:
+            with reported(file):
+                source = file.path if file.local else stack.enter_context(file.open("rb"))
+                parquet = stack.enter_context(pq.ParquetFile(source))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise StoreError(f"{file}: not a Parquet file ({exc})") from exc
+        with reported(file):
+            yield parquet
+
+
+def read_metadata(path: str | os.PathLike | Location, storage_options: dict | None = None) -> dict | None:
     """The vqtok settings stored in a token file's metadata (the first part of a directory); None if absent."""
-    files = part_files(path)
+    files = part_files(path, storage_options)
     if not files:
-        settings = Path(path) / SETTINGS_NAME
-        return json.loads(settings.read_text()) if settings.exists() else None
+        settings = Location.of(path, storage_options).join(SETTINGS_NAME).read_text(missing_ok=True)
+        return json.loads(settings) if settings is not None else None
     return file_metadata(files[0])
 
 
-def file_metadata(file: Path) -> dict | None:
+def file_metadata(file: Location) -> dict | None:
     """One Parquet file's vqtok metadata; None when it has none (written by another tool)."""
     return schema_metadata(read_schema(file), file)
 
 
-def read_schema(file: Path) -> pa.Schema:
-    try:
-        return pq.read_schema(file)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise StoreError(f"{file}: not a Parquet file ({exc})") from exc
+def read_schema(file: str | os.PathLike | Location) -> pa.Schema:
+    with open_parquet(Location.of(file)) as parquet:
+        return parquet.schema_arrow
 
 
-def schema_metadata(schema: pa.Schema, file: Path) -> dict | None:
+def schema_metadata(schema: pa.Schema, file: object) -> dict | None:
     """The vqtok metadata of a file's schema; None when it has none."""
     metadata = schema.metadata or {}
     if METADATA_KEY not in metadata:
@@ -412,11 +534,11 @@ def schema_metadata(schema: pa.Schema, file: Path) -> dict | None:
     return meta
 
 
-def read_codes(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+def read_codes(path: str | os.PathLike, storage_options: dict | None = None) -> tuple[list[str], np.ndarray]:
     """A token dataset (directory) or one Parquet file -> (keys, int64 codes (N, h, w)), rows in file order."""
     keys: list[str] = []
     grids: list[np.ndarray] = []
-    for file, group in row_groups(path):
+    for file, group in row_groups(path, storage_options):
         table = read_row_group(file, group)
         keys += table.column("key").to_pylist()
         grids.append(codes_array(table.column("codes")))
@@ -425,35 +547,32 @@ def read_codes(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     return keys, np.concatenate(grids)
 
 
-def row_groups(path: str | os.PathLike) -> list[tuple[Path, int]]:
+def row_groups(path: str | os.PathLike, storage_options: dict | None = None) -> list[tuple[Location, int]]:
     """(file, row group index) of every row group: the units that readers split across workers."""
     units = []
-    for file in part_files(path):
-        try:
-            count = pq.ParquetFile(file).num_row_groups
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise StoreError(f"{file}: not a Parquet file ({exc})") from exc
-        units += [(file, i) for i in range(count)]
+    for file in part_files(path, storage_options):
+        with open_parquet(file) as parquet:
+            units += [(file, i) for i in range(parquet.num_row_groups)]
     return units
 
 
-def read_row_group(file: Path, index: int, columns: Sequence[str] = ()) -> pa.Table:
+def read_row_group(file: str | os.PathLike | Location, index: int, columns: Sequence[str] = ()) -> pa.Table:
     """One row group's `key` and `codes` columns, and the carried columns asked for."""
-    parquet = pq.ParquetFile(file)
-    names = parquet.schema_arrow.names
-    for needed in ("key", "codes", *columns):
-        if needed not in names:
-            raise StoreError(f"{file}: no {needed!r} column (columns: {', '.join(names)})")
-    return parquet.read_row_group(index, columns=["key", "codes", *columns])
+    with open_parquet(Location.of(file)) as parquet:
+        names = parquet.schema_arrow.names
+        for needed in ("key", "codes", *columns):
+            if needed not in names:
+                raise StoreError(f"{file}: no {needed!r} column (columns: {', '.join(names)})")
+        return parquet.read_row_group(index, columns=["key", "codes", *columns])
 
 
-def group_code_range(file: Path, index: int) -> tuple[int, int | None, int | None]:
+def group_code_range(file: str | os.PathLike | Location, index: int) -> tuple[int, int | None, int | None]:
     """(rows, smallest code, largest code) of a row group of vqtok's own grids, from the file's statistics
     without reading the data; the range is (None, None) unless the codes are fixed-size grids (never ragged)
     with statistics and no nulls."""
-    parquet = pq.ParquetFile(file)
-    group = parquet.metadata.row_group(index)
-    codes_type = parquet.schema_arrow.field("codes").type if "codes" in parquet.schema_arrow.names else None
+    with open_parquet(Location.of(file)) as parquet:
+        group = parquet.metadata.row_group(index)
+        codes_type = parquet.schema_arrow.field("codes").type if "codes" in parquet.schema_arrow.names else None
     fixed = codes_type is not None and pa.types.is_fixed_size_list(codes_type)
     fixed = fixed and pa.types.is_fixed_size_list(codes_type.value_type)
     if fixed:
@@ -467,10 +586,14 @@ def group_code_range(file: Path, index: int) -> tuple[int, int | None, int | Non
     return group.num_rows, None, None
 
 
-def read_errors(path: str | os.PathLike) -> pa.Table:
+def read_errors(path: str | os.PathLike, storage_options: dict | None = None) -> pa.Table:
     """The `_errors` rows of a token dataset: key, shard, reason."""
-    files = sorted((Path(path) / ERRORS_DIR).glob("part-*.parquet"))
-    tables = [pq.read_table(f, schema=ERRORS_SCHEMA) for f in files]
+    folder = Location.of(path, storage_options).join(ERRORS_DIR)
+    tables = []
+    for name in folder.names():
+        if name.startswith("part-") and name.endswith(".parquet"):
+            with open_parquet(folder.join(name)) as parquet:
+                tables.append(parquet.read().cast(ERRORS_SCHEMA))
     return pa.concat_tables(tables) if tables else ERRORS_SCHEMA.empty_table()
 
 
@@ -480,19 +603,21 @@ def code_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum()) if len(p) else 0.0
 
 
-def summarize(path: str | os.PathLike) -> dict:
+def summarize(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
     """What a token dataset or Parquet file of codes holds: rows, shards, errors, grid, K, model id, codebook
-    usage and perplexity, bits per code (order-0 entropy), bytes on disk per image, whether it is complete."""
-    path = Path(path)
-    files = part_files(path)
-    if path.is_dir() and not files and not (path / SETTINGS_NAME).exists():
+    usage and perplexity, bits per code (order-0 entropy), bytes on disk per image, whether it is complete,
+    and the class names that `cls` numbers."""
+    here = Location.of(path, storage_options)
+    files = part_files(here)
+    folder = not (len(files) == 1 and files[0] == here)
+    if folder and not files and not here.join(SETTINGS_NAME).exists():
         raise StoreError(
-            f"{path} is neither a model directory (no config.json) nor a token dataset (no .parquet files)"
+            f"{here} is neither a model directory (no config.json) nor a token dataset (no .parquet files)"
         )
-    meta = read_metadata(path) or {}
+    meta = read_metadata(here) or {}
     counts = np.zeros(meta.get("codebook_size", 0), dtype=np.int64)
     rows, grid, shards = 0, None, set()
-    token_set = TokenSet(path) if files else None  # checks every file's columns, and one tokenizer for all
+    token_set = TokenSet(here) if files else None  # checks every file's columns, and one tokenizer for all
     has_shard_column = {file: "shard" in schema.names for file, schema in token_set.schemas.items()} if files else {}
     for file, group in token_set.units if token_set else []:
         has_shard = has_shard_column[file]
@@ -511,13 +636,13 @@ def summarize(path: str | os.PathLike) -> dict:
             shards.update(table.column("shard").unique().to_pylist())
     K = meta.get("codebook_size") or len(counts)
     entropy = code_entropy(counts)
-    markers = [json.loads(p.read_text()) for p in (path / STATS_DIR).glob("part-*.json")] if path.is_dir() else []
+    markers = list(read_markers(here).values()) if folder else []
     return {
-        "path": str(path),
+        "path": str(here),
         "rows": rows,
         "files": len(files),
         "shards": len(markers) if markers else len(shards) if shards else None,
-        "errors": len(read_errors(path)) if path.is_dir() else None,
+        "errors": len(read_errors(here)) if folder else None,
         "failed_shards": [m["shard"] for m in markers if m.get("status") == "failed"],
         "grid": grid or meta.get("grid"),
         "codebook_size": K,
@@ -527,8 +652,9 @@ def summarize(path: str | os.PathLike) -> dict:
         "usage": float((counts[:K] > 0).sum() / K) if K else None,
         "perplexity": float(2**entropy),
         "bits_per_code": entropy,
-        "bytes_per_image": sum(f.stat().st_size for f in files) / rows if rows else None,
-        "complete": (path / SUCCESS_NAME).exists() if path.is_dir() else None,
+        "bytes_per_image": sum(f.size() for f in files) / rows if rows else None,
+        "complete": here.join(SUCCESS_NAME).exists() if folder else None,
+        "classes": meta.get("classes") or None,
         "vqtok_version": meta.get("vqtok_version"),
     }
 
@@ -536,7 +662,7 @@ def summarize(path: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------------------------------- a token set
 
 
-def check_columns(schema: pa.Schema, file: Path, columns: Sequence[str] = ()) -> None:
+def check_columns(schema: pa.Schema, file: Location, columns: Sequence[str] = ()) -> None:
     """StoreError unless the file has a string `key` column, a `codes` column of grids and `columns`."""
     for name in ("key", "codes", *columns):
         if name not in schema.names:
@@ -561,43 +687,48 @@ TOKENIZER_FIELDS = ("model_id", "codebook_size", "grid")  # what says which toke
 class TokenSet:
     """One or several token datasets or Parquet files of grids, read as one, with the checks every reader needs.
 
-    The one reader behind `vqtok decode`, `vqtok info`, `TokenDataset` and the prior. Opening checks that every
-    file has a string `key` column, a `codes` column of (h, w) integer grids and the `columns` asked for, and
-    that the files carrying vqtok's metadata were all made by one tokenizer (model id, K, grid). Then:
-    `tokenizer()` says which, `check_tokenizer` compares it with a model, `select` and `check_codes` find codes
-    outside [0, K), `class_count` checks a column of class labels, and `read` streams the rows.
+    The one reader behind `vqtok decode`, `vqtok info`, `TokenDataset` and the prior. Each path may be local or
+    a URL that fsspec opens (`storage_options` go to it). Opening checks that every file has a string `key`
+    column, a `codes` column of (h, w) integer grids and the `columns` asked for, and that the files carrying
+    vqtok's metadata were all made by one tokenizer (model id, K, grid). Then: `tokenizer()` says which,
+    `check_tokenizer` compares it with a model, `select` and `check_codes` find codes outside [0, K),
+    `class_count` checks a column of class labels, and `read` streams the rows.
     """
 
-    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], columns: Sequence[str] = ()) -> None:
-        paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    def __init__(
+        self,
+        paths: str | os.PathLike | Location | Sequence[str | os.PathLike | Location],
+        columns: Sequence[str] = (),
+        storage_options: dict | None = None,
+    ) -> None:
+        paths = [paths] if isinstance(paths, str | os.PathLike | Location) else list(paths)
         if not paths:
             raise StoreError("no token datasets or Parquet files given")
         self.paths = [str(p) for p in paths]
         self.columns = tuple(columns)
-        self.schemas: dict[Path, pa.Schema] = {}
-        self.metadata: dict[Path, dict | None] = {}
-        self.units: list[tuple[Path, int]] = []  # (file, row group): the unit readers split across workers
+        self.schemas: dict[Location, pa.Schema] = {}
+        self.metadata: dict[Location, dict | None] = {}
+        self.units: list[tuple[Location, int]] = []  # (file, row group): the unit readers split across workers
         self.unit_rows: list[int] = []
         seen = set()
         for path in paths:
-            files = part_files(path)
+            files = part_files(path, storage_options)
             if not files:
                 raise StoreError(f"{path}: no Parquet data files")
             for file in files:
-                if file.resolve() in seen:  # one file named twice (a folder and one of its parts) is read once
+                # One file named twice (a folder and one of its parts) is read once.
+                identity = os.path.realpath(file.path) if file.local else file.url
+                if identity in seen:
                     continue
-                seen.add(file.resolve())
-                try:
-                    parquet = pq.ParquetFile(file)
-                except (OSError, pa.ArrowInvalid) as exc:
-                    raise StoreError(f"{file}: not a Parquet file ({exc})") from exc
-                schema = parquet.schema_arrow
+                seen.add(identity)
+                with open_parquet(file) as parquet:
+                    schema = parquet.schema_arrow
+                    row_group_rows = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
                 check_columns(schema, file, self.columns)
                 self.schemas[file] = schema
                 self.metadata[file] = schema_metadata(schema, file)
-                for i in range(parquet.metadata.num_row_groups):
-                    self.units.append((file, i))
-                    self.unit_rows.append(parquet.metadata.row_group(i).num_rows)
+                self.units += [(file, i) for i in range(len(row_group_rows))]
+                self.unit_rows += row_group_rows
         self._check_one_tokenizer()
 
     @property
@@ -605,7 +736,7 @@ class TokenSet:
         return sum(self.unit_rows)
 
     def _check_one_tokenizer(self) -> None:
-        first: tuple[Path, dict] | None = None
+        first: tuple[Location, dict] | None = None
         for file, meta in self.metadata.items():
             if meta is None:
                 continue
@@ -705,7 +836,8 @@ class TokenSet:
                 raise StoreError(f"{file}: no {column!r} column (columns: {', '.join(schema.names)})")
             if not pa.types.is_integer(schema.field(column).type):
                 raise StoreError(f"{file}: column {column!r} holds {schema.field(column).type}, not integer classes")
-            values = pq.read_table(file, columns=[column]).column(column)
+            with open_parquet(file) as parquet:
+                values = parquet.read(columns=[column]).column(column)
             if values.null_count:
                 raise StoreError(f"{file}: column {column!r} has {values.null_count} row(s) without a class")
             labels[file] = values.to_numpy()

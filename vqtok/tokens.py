@@ -43,7 +43,8 @@ def split_units(tokens: TokenSet, rank: int, world_size: int) -> list[tuple[int,
 
 class TokenDataset(IterableDataset):
     """Rows {"key", "codes": int64 (h, w), and the carried `columns`} of one or several token datasets or
-    Parquet files (paths, or a `vqtok.store.TokenSet` already opened and checked).
+    Parquet files (paths, local or URLs that fsspec opens with `storage_options`, or a `vqtok.store.TokenSet`
+    already opened and checked).
 
     With `shuffle`, row groups and the rows inside each come in a random order drawn from `seed` and the
     epoch; call `set_epoch` before each pass for a new order, as with torch's DistributedSampler, or ask for
@@ -63,8 +64,9 @@ class TokenDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         repeat: bool = False,
+        storage_options: dict | None = None,
     ) -> None:
-        self.tokens = tokens if isinstance(tokens, TokenSet) else TokenSet(tokens, columns)
+        self.tokens = tokens if isinstance(tokens, TokenSet) else TokenSet(tokens, columns, storage_options)
         self.pieces = split_units(self.tokens, rank, world_size)
         self.rows = sum(end - start for _, start, end in self.pieces)  # this process's
         self.columns = tuple(columns)

@@ -22,7 +22,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from vqtok.config import ModelConfig, TrainConfig
-from vqtok.data import expand_shards, make_loader
+from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import ConfigError
 from vqtok.evaluate import evaluate
 from vqtok.model import VQVAE
@@ -32,7 +32,7 @@ from vqtok.runs import Run, lr_lambda
 
 @dataclass
 class FitResult:
-    model_dir: Path
+    model_dir: Path | str  # a URL when OUT is in a store
     steps: int
     resumed_from: int
     images_per_second: float
@@ -52,16 +52,20 @@ def fit(
     val_shards: list[str] | None = None,
     resume: bool = False,
     show_progress: bool = True,
+    image_column: str | None = None,
+    storage_options: dict | None = None,
 ) -> FitResult:
     from accelerate.utils import set_seed
 
-    out = Path(out)
     cfg = train_config
-    train_shards = expand_shards(shards)
-    val_shards = expand_shards(val_shards) if val_shards else []
+    # Shards, image folders and Parquet files alike: units of work that the loaders split and draw from.
+    sources = {"image_column": image_column, "storage_options": storage_options}
+    train_shards = expand_inputs(shards, **sources).units
+    val_shards = expand_inputs(val_shards, **sources).units if val_shards else []
     if model_config.in_channels != 3:
         raise ConfigError("fit reads RGB images: in_channels must be 3")
-    run = Run(out, {"model": model_config.to_dict(), "steps": cfg.steps}, cfg, resume=resume)
+    settings = {"model": model_config.to_dict(), "steps": cfg.steps}
+    run = Run(out, settings, cfg, resume=resume, storage_options=storage_options)
     accelerator = run.accelerator
     start_step = run.start_step
     # The same seed on every process gives the same initial weights; load_state restores the RNGs of a resumed run.
@@ -104,7 +108,7 @@ def fit(
         )
         report = evaluate(raw_model, loader)
         if accelerator.is_main_process:
-            report.save_picture(out / "samples" / f"step-{step:06d}.png")
+            run.save(f"samples/step-{step:06d}.png", report.save_picture)
         metrics = report.metrics()
         record({"split": "val", "step": step, **metrics})
         return metrics

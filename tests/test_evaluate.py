@@ -1,0 +1,127 @@
+"""vqtok eval and the report card fit shares with it: checked against numbers computed here from scratch."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import image_samples
+from PIL import Image
+from skimage.metrics import structural_similarity
+
+from vqtok import VQVAE
+from vqtok.cli import cli
+from vqtok.data import iter_samples, sample_image
+from vqtok.evaluate import ssim
+
+
+@pytest.fixture
+def shards(make_shard):
+    return [
+        make_shard("a.tar", image_samples([f"a{i}" for i in range(7)], seed=0)),
+        make_shard("b.tar", image_samples([f"b{i}" for i in range(6)], seed=50)),
+    ]
+
+
+def by_hand(model_dir, shards, image_size=16):
+    """PSNR, SSIM (scikit-image), usage and perplexity of model.decode(model.encode(x)) over the shards."""
+    model = VQVAE.from_pretrained(model_dir)
+    images = torch.stack([sample_image(s, image_size) for shard in shards for s in iter_samples(shard)])
+    x = images.float() / 255  # (N, 3, S, S)
+    codes = model.encode(x)
+    recon = model.decode(codes)
+    per_image_mse = (recon - x).pow(2).flatten(1).mean(dim=1).double()
+    a, b = x.permute(0, 2, 3, 1).double().numpy(), recon.permute(0, 2, 3, 1).double().numpy()
+    ssims = [
+        structural_similarity(
+            a[i], b[i], channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+        )
+        for i in range(len(a))
+    ]
+    counts = np.bincount(codes.flatten().numpy(), minlength=model.codebook_size)
+    p = counts[counts > 0] / counts.sum()
+    return {
+        "images": len(x),
+        "psnr": 10 * math.log10(1 / per_image_mse.mean().item()),
+        "psnr_image_mean": (10 * torch.log10(1 / per_image_mse)).mean().item(),
+        "ssim": float(np.mean(ssims)),
+        "usage": (counts > 0).mean(),
+        "codes_used": int((counts > 0).sum()),
+        "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+    }
+
+
+def test_eval_reports_what_a_count_by_hand_gives(model_dir, shards, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["eval", model_dir, *shards, "--json", "--out", str(out), "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    expected = by_hand(model_dir, shards)
+    assert report["images"] == expected["images"] == 13 and report["errors"] == 0
+    assert report["psnr"] == pytest.approx(expected["psnr"], abs=1e-4)
+    assert report["psnr_image_mean"] == pytest.approx(expected["psnr_image_mean"], abs=1e-4)
+    assert abs(report["ssim"] - expected["ssim"]) < 1e-3
+    assert report["codes_used"] == expected["codes_used"] and report["usage"] == pytest.approx(expected["usage"])
+    assert report["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-9)
+    assert report["bits_per_code"] == pytest.approx(math.log2(expected["perplexity"]), rel=1e-9)
+    assert report["encode_images_per_second"] > 0 and report["decode_images_per_second"] > 0
+    worst = [entry["psnr"] for entry in report["worst"]]
+    assert len(worst) == 8 and worst == sorted(worst)
+
+    with Image.open(out / "reconstructions.png") as picture:  # 8 worst over theirs, 8 typical over theirs
+        assert picture.size == (8 * 16, 4 * 16) and picture.mode == "RGB"
+    assert json.loads((out / "report.json").read_text())["images"] == 13
+
+
+def test_eval_table_and_limit(model_dir, shards):
+    result = CliRunner().invoke(cli, ["eval", model_dir, *shards, "--limit", "5", "--num-workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "on 5 images" in result.output and "PSNR" in result.output and "SSIM" in result.output
+
+
+def test_fit_reports_what_eval_reports(shards, tmp_path, fresh_accelerate_state):
+    run = tmp_path / "run"
+    args = ["fit", shards[0], "--out", str(run), "--val", shards[1], "--steps", "3", "--hidden", "8"]
+    args += ["--codebook-size", "16", "--code-dim", "4", "--image-size", "16", "--batch-size", "4"]
+    assert CliRunner().invoke(cli, [*args, "--num-workers", "0"]).exit_code == 0
+    fitted = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fitted = [m for m in fitted if m["split"] == "val"][-1]
+    result = CliRunner().invoke(cli, ["eval", str(run / "model"), shards[1], "--json", "--num-workers", "0"])
+    evaluated = json.loads(result.output)
+    for name in ("images", "psnr", "psnr_image_mean", "ssim", "usage", "perplexity", "bits_per_code"):
+        assert fitted[name] == pytest.approx(evaluated[name], rel=1e-6), name
+    assert (run / "samples" / "step-000003.png").is_file()
+
+
+def test_eval_refuses_what_it_cannot_evaluate(model_dir, make_shard, tmp_path):
+    runner = CliRunner()
+    cases = [
+        ([model_dir, str(tmp_path / "missing.tar")], "missing.tar: no such file or directory"),
+        ([model_dir, make_shard("bad.tar", [{"__key__": "x", "png": b"not a png"}])], "no image to evaluate"),
+        ([model_dir, make_shard("labels.tar", [{"__key__": "y", "cls": b"1"}])], "no image to evaluate"),
+        ([model_dir, make_shard("empty.tar", [])], "no image to evaluate"),
+        ([str(tmp_path), make_shard("ok.tar", image_samples(["k"]))], "is not a vqtok model directory"),
+        ([model_dir, make_shard("ok2.tar", image_samples(["k"])), "--image-size", "18"], "not a positive multiple"),
+        ([str(tmp_path / "nope"), make_shard("ok3.tar", image_samples(["k"]))], "nope is not a model directory"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(cli, ["eval", *args])
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_ssim_agrees_with_scikit_image():
+    rng = np.random.default_rng(0)
+    for height, width in [(32, 32), (16, 24), (48, 40)]:
+        a = rng.random((height, width, 3))
+        b = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
+        expected = structural_similarity(
+            a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+        )
+        tensors = [torch.from_numpy(v).permute(2, 0, 1)[None].float() for v in (a, b)]
+        assert abs(ssim(*tensors).item() - expected) < 1e-5
+    same = torch.rand(2, 3, 16, 16)
+    assert torch.allclose(ssim(same, same), torch.ones(2))
