@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -204,7 +205,11 @@ def test_without_s3fs_an_s3_url_names_the_extra(model_dir, make_shard, tmp_path)
     )
 
 
-def test_fit_writes_its_run_to_a_bucket_and_resumes_from_it(bucket, make_shard, tmp_path):
+def test_fit_writes_its_run_to_a_bucket_and_resumes_from_it(bucket, make_shard, tmp_path, monkeypatch):
+    stages = tmp_path / "tmp"  # where the runs stage their checkpoints, this process's and the commands'
+    stages.mkdir()
+    monkeypatch.setenv("TMPDIR", str(stages))
+    monkeypatch.setattr(tempfile, "tempdir", str(stages))  # this process read TMPDIR already
     train = [make_shard(f"t-{i}.tar", image_samples([f"t{i}-{j}" for j in range(12)], seed=i)) for i in range(2)]
     val = make_shard("val.tar", image_samples([f"v{j}" for j in range(6)], seed=50))
     out = bucket.url("runs/x")
@@ -224,13 +229,17 @@ def test_fit_writes_its_run_to_a_bucket_and_resumes_from_it(bucket, make_shard, 
     complete = [int(c.rsplit("-", 1)[1]) for c in checkpoints if bucket.fs.exists(f"{c}/_COMPLETE")]
     killed_at = max(complete)
     assert 10 <= killed_at < 40 and len(complete) <= 2  # the last two kept
+    killed_stage = list(stages.glob("vqtok-run-*"))  # kill -9 gives no chance to remove it
+    assert len(killed_stage) == 1
 
     refused = invoke("fit", *command[4:])
     assert refused.exit_code == 1 and "already holds checkpoints: pass --resume" in refused.output
+    assert list(stages.glob("vqtok-run-*")) == killed_stage  # refused before it staged anything
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"exported model to {out}/model" in resumed.stdout + resumed.stderr
+    assert list(stages.glob("vqtok-run-*")) == killed_stage  # the finished run removed its stage
     metrics = [json.loads(line) for line in bucket.fs.cat(f"{bucket.name}/runs/x/metrics.jsonl").splitlines()]
     starts = [m for m in metrics if "resumed_from" in m]
     assert [m["step"] for m in starts] == [0, killed_at]  # resumed from the bucket, not from step 0
