@@ -2,8 +2,13 @@
 the spot in tmp_path; and a local S3 server (moto) on 127.0.0.1 for the tests of object storage."""
 
 import io
+import json
+import os
+import signal
 import socket
 import struct
+import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -132,6 +137,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """A run folder's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_and_resume(command: list[str], out: Path, steps: int, change: list[str], changed: str) -> None:
+    """Run a training command of `steps` steps that saves a checkpoint every 5, kill it (SIGKILL, its whole
+    process group) after its second checkpoint, and check that it resumes from the last one: the same command
+    without --resume and with --resume plus the `change` option are refused, with --resume it finishes."""
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "step-000010").is_dir():
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    killed_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-??????"))
+    assert 10 <= killed_at < steps
+
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 1 and "--resume" in refused.stderr
+    other = subprocess.run([*command, "--resume", *change], capture_output=True, text=True)
+    assert other.returncode == 1 and f"{changed} changed" in other.stderr
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics if "resumed_from" in m] == [0, killed_at]  # not from step 0 again
+    assert [m["step"] for m in metrics if "loss" in m][-1] == steps
 
 
 @pytest.fixture

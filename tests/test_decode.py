@@ -253,8 +253,11 @@ def test_every_file_of_a_folder_is_checked_against_the_model(model_dir, tokens, 
     foreign = next(samples.glob("part-*.parquet"))
     (tokens / "part-zzz.parquet").write_bytes(foreign.read_bytes())  # sorts last: the first file is fine
     result = invoke("decode", tokens, tmp_path / "out", "--model", model_dir)
-    assert result.exit_code == 1 and "were made by model" in result.output
+    assert result.exit_code == 1 and "hold codes of different tokenizers (model_id" in result.output
     assert not (tmp_path / "out").exists()
+    (tokens / "part-zzz.parquet").unlink()
+    result = invoke("decode", samples, tmp_path / "out", "--model", model_dir)  # the other model's alone
+    assert result.exit_code == 1 and "were made by model" in result.output
 
 
 def test_wds_keys_with_dots_read_back_whole(model_dir, tmp_path):

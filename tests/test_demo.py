@@ -36,3 +36,19 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--steps", "2"])
     assert result.exit_code == 1 and "not made by vqtok demo" in result.output
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_demo_with_a_prior_decodes_samples_of_each_photograph(tmp_path, monkeypatch):
+    from vqtok.demo import CROP, PRIOR_SAMPLES, TRAIN_PHOTOS
+    from vqtok.prior import Prior
+
+    monkeypatch.setattr("vqtok.demo.CROPS_PER_PHOTO", 16)  # the loop as it is, on fewer crops
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--steps", "3", "--prior", "--prior-steps", "3"])
+    assert result.exit_code == 0, result.output
+    for stage in ("encode crops", "prior fit", "prior sample"):
+        assert stage in result.output
+    prior = Prior.from_pretrained(out / "prior" / "model")
+    assert prior.config.num_classes == len(TRAIN_PHOTOS) and prior.config.grid == (8, 8)
+    picture = np.asarray(Image.open(out / "samples.png"))
+    assert picture.shape == (len(TRAIN_PHOTOS) * CROP, PRIOR_SAMPLES * CROP, 3)

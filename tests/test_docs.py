@@ -18,14 +18,15 @@ from vqtok.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMANDS = ("fit", "eval", "encode", "decode", "info", "demo")
+COMMANDS = ("fit", "eval", "encode", "prior fit", "prior sample", "decode", "info", "demo")
 # Long runs are not run as written here: training for thousands of steps would take hours on CI. The docs show
-# their output (docs/index.md), and tests/test_fit.py and tests/test_demo.py run the same commands small.
-LONG = ("vqtok fit", "vqtok demo")
+# their output (docs/index.md), and tests/test_fit.py, tests/test_prior.py and tests/test_demo.py run the same
+# commands small.
+LONG = ("vqtok fit", "vqtok demo", "vqtok prior fit")
 
 
 def help_text(command: str) -> str:
-    result = CliRunner().invoke(cli, [command, "--help"], prog_name="vqtok", terminal_width=100)
+    result = CliRunner().invoke(cli, [*command.split(), "--help"], prog_name="vqtok", terminal_width=100)
     assert result.exit_code == 0, result.output
     return result.output.rstrip()
 
@@ -61,12 +62,18 @@ def shell_lines(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, model_dir):
-    """What the documented commands expect in their folder: shards/ (train and val), runs/x/model, samples.parquet,
-    an ImageNet-style imagenet/ (train/<class>/<file>.JPEG, val/<file>.JPEG) and Hugging Face's CIFAR-10 layout
+    """What the documented commands expect in their folder: shards/ (train and val), runs/x/model, tokens.parquet,
+    samples.parquet, a prior in runs/p/model with its samples in sampled.parquet, an ImageNet-style imagenet/
+    (train/<class>/<file>.JPEG, val/<file>.JPEG) and Hugging Face's CIFAR-10 layout
     (cifar10/plain_text/train-*.parquet with `img` and `label`)."""
+    import torch
     from conftest import class_images, image_bytes, image_samples, random_image, write_hf_parquet, write_shard
 
+    from vqtok.config import PriorConfig
     from vqtok.encode import encode
+    from vqtok.pretrained import read_header
+    from vqtok.prior import Prior
+    from vqtok.prior_sample import sample
 
     root = tmp_path_factory.mktemp("docs")
     (root / "shards").mkdir()
@@ -82,6 +89,11 @@ def workspace(tmp_path_factory, model_dir):
     pd.DataFrame({"key": ["s0", "s1", "s2"], "codes": [[list(r) for r in g] for g in codes]}).to_parquet(
         root / "samples.parquet"
     )
+    torch.manual_seed(0)
+    tokenizer = read_header(model_dir)
+    small = {"layers": 1, "width": 16, "heads": 2, "codebook_size": 32, "grid": (4, 4), "image_size": 16}
+    Prior(PriorConfig(num_classes=4, tokenizer=tokenizer["model_id"], **small)).save_pretrained(root / "runs/p/model")
+    sample(root / "runs/p/model", root / "sampled.parquet", n=8, show_progress=False)
     for key in ["n01440764/n01440764_10026", "n01440764/n01440764_10027", "n01443537/n01443537_1000"]:
         (root / "imagenet" / "train" / key).parent.mkdir(parents=True, exist_ok=True)
         (root / "imagenet" / "train" / f"{key}.JPEG").write_bytes(image_bytes(random_image(len(key)), "JPEG"))
@@ -136,6 +148,8 @@ def test_documented_command_runs_as_written(line, workspace, tmp_path, monkeypat
     encode = " encode " in f" {line} "
     if encode:
         shutil.rmtree(run_dir / "tokens.parquet")  # an encode starts a dataset of its own
+    if " prior sample " in f" {line} ":
+        shutil.rmtree(run_dir / "sampled.parquet")  # and so does a sampling run
     if "s3://" in line:  # against the local S3 server, as a user with AWS_ENDPOINT_URL set runs it
         fs = request.getfixturevalue("bucket_for_docs")
         if encode and fs.exists("my-bucket/tokens.parquet"):

@@ -1,16 +1,12 @@
 """vqtok fit: one process, two processes, kill and resume, and clear errors."""
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import free_port, image_samples
+from conftest import free_port, image_samples, kill_and_resume, read_metrics
 
 from vqtok import VQVAE
 from vqtok.cli import cli
@@ -27,10 +23,6 @@ def shards(make_shard):
     ]
     val = make_shard("val.tar", image_samples([f"v{j}" for j in range(10)], seed=100))
     return train, val
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_fit_one_process(shards, tmp_path):
@@ -123,27 +115,7 @@ def test_killed_run_resumes_from_its_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "vqtok", "fit", *train, "--out", str(out), *TINY, "--steps", "200"]
     command += ["--save-every", "5", "--num-workers", "0"]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "step-000010").is_dir():
-        assert first.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    killed_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-??????"))
-    assert 10 <= killed_at < 200
-
-    refused = subprocess.run(command, capture_output=True, text=True)
-    assert refused.returncode == 1 and "--resume" in refused.stderr
-
-    changed = subprocess.run([*command, "--resume", "--code-dim", "4"], capture_output=True, text=True)
-    assert changed.returncode == 1 and "code_dim changed" in changed.stderr
-
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    metrics = read_metrics(out)
-    assert [m["step"] for m in metrics if "resumed_from" in m] == [0, killed_at]  # not from step 0 again
-    assert [m["step"] for m in metrics if "loss" in m][-1] == 200
+    kill_and_resume(command, out, 200, ["--code-dim", "4"], "code_dim")
     assert VQVAE.from_pretrained(out / "model").config.codebook_size == 16
 
 

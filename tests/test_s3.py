@@ -1,13 +1,14 @@
 """Object storage, tested for real against a local S3 server (moto) on 127.0.0.1: encode from a bucket into a
 bucket, killed and rerun; decode, info, read_codes and TokenDataset reading it; fit writing its run there and
-resuming from it; and the failures a user meets (credentials, a missing bucket, an unreachable endpoint, no
-s3fs), each one line with nothing written."""
+resuming from it, and prior fit writing its run there; and the failures a user meets (credentials, a missing
+bucket, an unreachable endpoint, no s3fs), each one line with nothing written."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -31,6 +32,7 @@ from PIL import Image
 
 from vqtok import VQVAE
 from vqtok.cli import cli
+from vqtok.prior import Prior
 from vqtok.store import SUCCESS_NAME, read_codes, read_errors, read_metadata
 
 
@@ -203,7 +205,11 @@ def test_without_s3fs_an_s3_url_names_the_extra(model_dir, make_shard, tmp_path)
     )
 
 
-def test_fit_writes_its_run_to_a_bucket_and_resumes_from_it(bucket, make_shard, tmp_path):
+def test_fit_writes_its_run_to_a_bucket_and_resumes_from_it(bucket, make_shard, tmp_path, monkeypatch):
+    stages = tmp_path / "tmp"  # where the runs stage their checkpoints, this process's and the commands'
+    stages.mkdir()
+    monkeypatch.setenv("TMPDIR", str(stages))
+    monkeypatch.setattr(tempfile, "tempdir", str(stages))  # this process read TMPDIR already
     train = [make_shard(f"t-{i}.tar", image_samples([f"t{i}-{j}" for j in range(12)], seed=i)) for i in range(2)]
     val = make_shard("val.tar", image_samples([f"v{j}" for j in range(6)], seed=50))
     out = bucket.url("runs/x")
@@ -223,13 +229,17 @@ def test_fit_writes_its_run_to_a_bucket_and_resumes_from_it(bucket, make_shard, 
     complete = [int(c.rsplit("-", 1)[1]) for c in checkpoints if bucket.fs.exists(f"{c}/_COMPLETE")]
     killed_at = max(complete)
     assert 10 <= killed_at < 40 and len(complete) <= 2  # the last two kept
+    killed_stage = list(stages.glob("vqtok-run-*"))  # kill -9 gives no chance to remove it
+    assert len(killed_stage) == 1
 
     refused = invoke("fit", *command[4:])
     assert refused.exit_code == 1 and "already holds checkpoints: pass --resume" in refused.output
+    assert list(stages.glob("vqtok-run-*")) == killed_stage  # refused before it staged anything
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"exported model to {out}/model" in resumed.stdout + resumed.stderr
+    assert list(stages.glob("vqtok-run-*")) == killed_stage  # the finished run removed its stage
     metrics = [json.loads(line) for line in bucket.fs.cat(f"{bucket.name}/runs/x/metrics.jsonl").splitlines()]
     starts = [m for m in metrics if "resumed_from" in m]
     assert [m["step"] for m in starts] == [0, killed_at]  # resumed from the bucket, not from step 0
@@ -240,6 +250,23 @@ def test_fit_writes_its_run_to_a_bucket_and_resumes_from_it(bucket, make_shard, 
     assert json.loads(bucket.fs.cat(f"{bucket.name}/runs/x/run.json"))["steps"] == 40
     model = VQVAE.from_pretrained(f"{out}/model")
     assert model.config.codebook_size == 8 and model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_prior_fit_writes_its_run_to_a_bucket(bucket, model_dir, make_shard, tmp_path):
+    shard = make_shard("t.tar", image_samples([f"t{j}" for j in range(8)], seed=3))
+    tokens = tmp_path / "tokens.parquet"
+    assert invoke("encode", shard, tokens, "--model", model_dir, "--keep", "cls", "--num-workers", "0").exit_code == 0
+    out = bucket.url("runs/p")
+    tiny = ["--layers", "1", "--width", "16", "--heads", "2", "--batch-size", "4", "--num-workers", "0"]
+    args = ["prior", "fit", tokens, "--out", out, "--val", tokens, "--cond", "cls", *tiny, "--steps", "4"]
+    result = invoke(*args, "--tokenizer", model_dir)
+    assert result.exit_code == 0, result.output
+    assert bucket.fs.exists(f"{bucket.name}/runs/p/checkpoints/step-000004/_COMPLETE")
+    assert bucket.fs.exists(f"{bucket.name}/runs/p/samples/step-000004.png")
+    assert Prior.from_pretrained(f"{out}/model").config.num_classes == 8
+    info = invoke("info", f"{out}/model", "--json")
+    assert info.exit_code == 0 and json.loads(info.output)["kind"] == "prior"
 
 
 def test_storage_options_reach_the_back_end_and_bad_ones_are_one_line(

@@ -203,3 +203,45 @@ def test_token_dataset_shuffles_anew_each_epoch(tmp_path):
     second = [row["key"] for row in dataset]
     assert first == again and first != second and sorted(first) == sorted(second) == sorted(read_codes(out)[0])
     assert [row["key"] for row in TokenDataset(out)] == read_codes(out)[0]  # no shuffle: file order
+
+
+def test_token_dataset_gives_every_process_rows_of_a_single_row_group_and_repeats(tmp_path):
+    from vqtok.tokens import TokenDataset
+
+    out = tmp_path / "t"
+    write(out, ["only.tar"], settings(keep=("txt",)), rows=7)
+    seen = []
+    for rank in range(3):  # one row group, three processes: each gets a slice of it
+        dataset = TokenDataset(out, columns=["txt"], rank=rank, world_size=3)
+        rows = list(dataset)
+        assert len(rows) == dataset.rows in (2, 3)
+        seen += [row["key"] for row in rows]
+    assert sorted(seen) == sorted(read_codes(out)[0])
+    endless = iter(TokenDataset(out, shuffle=True, repeat=True))
+    first, second = [next(endless)["key"] for _ in range(7)], [next(endless)["key"] for _ in range(7)]
+    assert sorted(first) == sorted(second) == sorted(seen) and first != second  # a new order each pass
+
+
+def test_token_set_reads_several_datasets_as_one_and_refuses_two_tokenizers(tmp_path):
+    from vqtok.store import TokenSet
+
+    write(tmp_path / "a", ["1.tar", "2.tar"])
+    write(tmp_path / "b", ["3.tar"], seed=1)
+    part = next((tmp_path / "a").glob("part-*.parquet"))
+    tokens = TokenSet([tmp_path / "a", tmp_path / "b", part])  # a part of a named folder is read once
+    assert tokens.rows == 15 and len(tokens.units) == 3
+    assert tokens.tokenizer()["model_id"] == "abc"
+    with pytest.raises(StoreError, match="outside"):
+        tokens.check_codes(100)
+    with pytest.raises(StoreError, match="the codes were made by model abc, not by this one"):
+        tokens.check_tokenizer("xyz", 512, lambda size: (4, 3))
+
+    write(tmp_path / "c", ["4.tar"], settings(model_id="other"))
+    with pytest.raises(StoreError, match=r"hold codes of different tokenizers \(model_id abc vs other\)"):
+        TokenSet([tmp_path / "a", tmp_path / "c"])
+    pd.DataFrame({"key": ["x"], "codes": [[[1, 2, 3]] * 4]}).to_parquet(tmp_path / "plain.parquet")
+    assert TokenSet([tmp_path / "a", tmp_path / "plain.parquet"]).rows == 11  # grids without metadata pass
+    with pytest.raises(StoreError, match="no vqtok metadata says which tokenizer"):
+        TokenSet(tmp_path / "plain.parquet").tokenizer()
+    with pytest.raises(StoreError, match="no 'cls' column"):
+        TokenSet(tmp_path / "a", columns=["cls"])

@@ -14,7 +14,7 @@ import json
 import click
 
 from vqtok import __version__
-from vqtok.config import ModelConfig, TrainConfig
+from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, TrainConfig
 from vqtok.errors import VQTokError
 
 
@@ -82,24 +82,30 @@ def cli():
 @storage_options_option
 @user_errors
 def info(path, as_json, storage_options):
-    """What a model directory or a token dataset holds.
+    """What a model directory, a prior or a token dataset holds.
 
     A model: its settings, parameter count, K, D, grid size per image size and
-    model id. Tokens (a folder written by `vqtok encode`, or one Parquet file):
-    rows, shards, errors, grid, K, model id, codebook usage and perplexity,
-    bits per code and bytes on disk per image, whether the run finished, and
-    the class names that cls numbers. PATH may be a URL (s3://...).
+    model id. A prior: its size, the tokens it models (K, grid, classes, the
+    tokenizer's model id) and its model id. Tokens (a folder written by
+    `vqtok encode` or `vqtok prior sample`, or one Parquet file): rows,
+    shards, errors, grid, K, model id, codebook usage and perplexity, bits per
+    code and bytes on disk per image, whether the run finished, and the class
+    names that cls numbers. PATH may be a URL (s3://...).
 
     \b
     Examples:
         vqtok info runs/x/model
+        vqtok info runs/p/model
         vqtok info tokens.parquet --json
     """
+    from vqtok.pretrained import CONFIG_NAME, read_header
     from vqtok.storage import Location, parse_options
 
     options = parse_options(storage_options)
-    if Location.of(path, options).join("config.json").exists():
-        summary, rows = model_summary(path, options)
+    where = Location.of(path, options)
+    if where.join(CONFIG_NAME).exists():
+        kind = read_header(where)["kind"]
+        summary, rows = prior_summary(path, options) if kind == "prior" else model_summary(path, options)
     else:
         from vqtok.store import summarize
 
@@ -145,6 +151,37 @@ def model_summary(path: str, storage_options: dict) -> tuple[dict, list[tuple[st
     return summary, rows
 
 
+def prior_summary(path: str, storage_options: dict) -> tuple[dict, list[tuple[str, str]]]:
+    from vqtok.prior import Prior
+
+    prior = Prior.from_pretrained(path, storage_options=storage_options)
+    config = prior.config
+    summary = {
+        "path": path,
+        "kind": "prior",
+        "model_id": prior.model_id,
+        "parameters": sum(p.numel() for p in prior.parameters()),
+        "codebook_size": config.codebook_size,
+        "grid": list(config.grid),
+        "num_classes": config.num_classes,
+        "tokenizer": config.tokenizer,
+        "image_size": config.image_size,
+        "config": config.to_dict(),
+    }
+    h, w = config.grid
+    rows = [
+        ("kind", "prior over token grids"),
+        ("model id", summary["model_id"]),
+        ("parameters", f"{summary['parameters']:,}"),
+        ("transformer", f"{config.layers} layers, width {config.width}, {config.heads} heads"),
+        ("tokens", f"{h}x{w} grids of codes from a codebook of K = {config.codebook_size}"),
+        ("classes", f"{config.num_classes}" if config.num_classes else "none (unconditional)"),
+        ("tokenizer", f"{config.tokenizer} ({config.image_size}x{config.image_size} images)"),
+    ]
+    rows += [(name, str(value)) for name, value in config.to_dict().items()]
+    return summary, rows
+
+
 def token_rows(s: dict) -> list[tuple[str, str]]:
     def known(name: str, render) -> str:
         return "unknown" if s[name] is None else render(s[name])
@@ -178,13 +215,57 @@ def override(name: str, config_class, *flags, **kwargs):
     return click.option(*flags, name, default=None, show_default=f"{default} or the config file's", **kwargs)
 
 
+def training_options(train_class, examples: str, workers: str):
+    """The options every trainer takes (`vqtok fit`, `vqtok prior fit`), overriding train_class's fields."""
+    options = [
+        override("steps", train_class, "--steps", type=click.IntRange(min=1), help="Optimizer steps."),
+        override(
+            "batch_size", train_class, "--batch-size", type=click.IntRange(min=1), help=f"{examples} per process."
+        ),
+        override("lr", train_class, "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate."),
+        override(
+            "warmup_steps", train_class, "--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up steps."
+        ),
+        override("seed", train_class, "--seed", type=click.IntRange(min=0), help="Random seed."),
+        override("eval_every", train_class, "--eval-every", type=click.IntRange(min=1), help="Steps between evals."),
+        override("save_every", train_class, "--save-every", type=click.IntRange(min=1), help="Steps between saves."),
+        override("num_workers", train_class, "--num-workers", type=click.IntRange(min=0), help=workers),
+        override(
+            "mixed_precision",
+            train_class,
+            "--mixed-precision",
+            type=click.Choice(["auto", "no", "fp16", "bf16"]),
+            help="Autocast precision; auto: bf16 on a GPU that has it.",
+        ),
+        click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out."),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def load_recipe(config_path, overrides: dict, model_class, train_class):
+    """The TOML recipe's [model] and [train] tables, with the command line's overrides of either."""
+    from vqtok.config import load_config
+
+    model_fields = {f.name for f in dataclasses.fields(model_class)}
+    return load_config(
+        config_path,
+        model={k: v for k, v in overrides.items() if k in model_fields},
+        train={k: v for k, v in overrides.items() if k not in model_fields},
+        model_class=model_class,
+        train_class=train_class,
+    )
+
+
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Run folder (a path or a URL): checkpoints, model, samples.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A TOML recipe.")
-@override("steps", TrainConfig, "--steps", type=click.IntRange(min=1), help="Optimizer steps.")
-@override("batch_size", TrainConfig, "--batch-size", type=click.IntRange(min=1), help="Images per process per step.")
-@override("lr", TrainConfig, "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (Adam).")
 @override("image_size", ModelConfig, "--image-size", type=click.IntRange(min=1), help="Training crop size.")
 @override("codebook_size", ModelConfig, "--codebook-size", type=click.IntRange(min=2), help="K, codebook entries.")
 @override("code_dim", ModelConfig, "--code-dim", type=click.IntRange(min=1), help="D, code vector size.")
@@ -216,20 +297,8 @@ def override(name: str, config_class, *flags, **kwargs):
 @override("beta", ModelConfig, "--beta", type=click.FloatRange(min=0), help="Commitment loss weight.")
 @override("decay", ModelConfig, "--decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="EMA decay.")
 @click.option("--no-ema", is_flag=True, help="Learn the codebook by the paper's codebook loss instead of EMA.")
-@override("warmup_steps", TrainConfig, "--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up steps.")
-@override("seed", TrainConfig, "--seed", type=click.IntRange(min=0), help="Random seed.")
 @click.option("--val", multiple=True, help="Validation inputs (repeatable), evaluated every --eval-every steps.")
-@override("eval_every", TrainConfig, "--eval-every", type=click.IntRange(min=1), help="Steps between evaluations.")
-@override("save_every", TrainConfig, "--save-every", type=click.IntRange(min=1), help="Steps between checkpoints.")
-@override("num_workers", TrainConfig, "--num-workers", type=click.IntRange(min=0), help="Decoding workers/process.")
-@override(
-    "mixed_precision",
-    TrainConfig,
-    "--mixed-precision",
-    type=click.Choice(["auto", "no", "fp16", "bf16"]),
-    help="Autocast precision; auto: bf16 on a GPU that has it.",
-)
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@training_options(TrainConfig, "Images", "Image decoding workers per process.")
 @click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
 @storage_options_option
 @user_errors
@@ -248,16 +317,10 @@ def fit(inputs, out, config_path, no_ema, val, resume, image_column, storage_opt
         vqtok fit shards/ --out runs/cifar --config pipelines/cifar10.toml --steps 250000
         accelerate launch --multi_gpu --num_processes 8 -m vqtok fit shards/ --out runs/x
     """
-    from vqtok.config import load_config
     from vqtok.storage import parse_options
     from vqtok.train import fit as fit_model
 
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    model_config, train_config = load_config(
-        config_path,
-        model={k: v for k, v in overrides.items() if k in model_fields},
-        train={k: v for k, v in overrides.items() if k not in model_fields},
-    )
+    model_config, train_config = load_recipe(config_path, overrides, ModelConfig, TrainConfig)
     if no_ema:
         if overrides["decay"] is not None:
             raise click.UsageError("--decay and --no-ema exclude each other")
@@ -477,25 +540,31 @@ def decode(tokens, out, model_dir, format_, keys, storage_options, **options):
 @cli.command()
 @click.option("--out", default="vqtok-demo", show_default=True, type=click.Path(file_okay=False), help="Folder.")
 @click.option("--steps", default=3000, show_default=True, type=click.IntRange(min=1), help="Training steps.")
+@click.option("--prior", is_flag=True, help="Also fit a prior on the training crops' codes and decode its samples.")
+@click.option("--prior-steps", default=1000, show_default=True, type=click.IntRange(min=1), help="The prior's steps.")
 @user_errors
-def demo(out, steps):
+def demo(out, steps, prior, prior_steps):
     """The whole loop on photographs bundled with scikit-image, no download.
 
     Cuts shards of crops from some photographs, fits a small model on them,
     encodes photographs it never saw, decodes them, and prints how close the
-    reconstructions are. Needs the `demo` extra: pip install 'vqtok[demo]'.
-    A few minutes on a laptop CPU; uses a GPU when there is one.
+    reconstructions are. With --prior it also encodes the training crops,
+    fits a prior on their codes (the photograph as the class), samples crops
+    of each photograph from it and decodes them. Needs the `demo` extra: pip
+    install 'vqtok[demo]'. A few minutes on a laptop CPU (a few more with
+    --prior); uses a GPU when there is one.
 
     \b
-    Example:
+    Examples:
         vqtok demo --out vqtok-demo
+        vqtok demo --out vqtok-demo --prior
     """
     from rich.console import Console
     from rich.table import Table
 
     from vqtok.demo import run_demo
 
-    result = run_demo(out, steps)
+    result = run_demo(out, steps, prior_steps=prior_steps if prior else None)
     table = Table(title="vqtok demo")
     table.add_column("stage")
     table.add_column("images", justify="right")
@@ -509,6 +578,120 @@ def demo(out, steps):
     console.print(f"held-out photographs at 128x128: PSNR {result.psnr:.2f} dB, codebook usage {result.usage:.1%}")
     for what, where in result.paths.items():
         console.print(f"{what}: {where}")
+
+
+@cli.group()
+def prior():
+    """Train a prior over token grids, and sample grids from it.
+
+    \b
+    The loop, from images to sampled images:
+        vqtok fit shards/ --out runs/x
+        vqtok encode shards/ tokens.parquet --model runs/x/model --keep cls
+        vqtok prior fit tokens.parquet --out runs/p --cond cls
+        vqtok prior sample runs/p/model samples.parquet --per-class 8
+        vqtok decode samples.parquet images/ --model runs/x/model
+    """
+
+
+@prior.command("fit")
+@click.argument("tokens", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, help="Run folder (a path or a URL): checkpoints, model, samples.")
+@click.option("--val", multiple=True, type=click.Path(exists=True), help="Held-out tokens (repeatable).")
+@click.option("--cond", help="The column of class labels to condition on, e.g. cls.")
+@click.option(
+    "--classes", "num_classes", type=click.IntRange(min=1), help="Classes in --cond.  [default: the largest + 1]"
+)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A TOML recipe.")
+@override("layers", PriorConfig, "--layers", type=click.IntRange(min=1), help="Transformer blocks.")
+@override("width", PriorConfig, "--width", type=click.IntRange(min=1), help="Embedding width.")
+@override("heads", PriorConfig, "--heads", type=click.IntRange(min=1), help="Attention heads.")
+@override("dropout", PriorConfig, "--dropout", type=click.FloatRange(0, 1, max_open=True), help="Dropout.")
+@training_options(PriorTrainConfig, "Grids", "Token reading workers per process.")
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False),
+    help="The tokenizer that made the tokens: each evaluation then decodes samples into samples/.",
+)
+@user_errors
+def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, **overrides):
+    """Train a prior (a transformer over the codes in raster order) on token grids.
+
+    TOKENS are token datasets written by `vqtok encode`, Parquet files of
+    them, or several of either, all from one tokenizer. With --cond the prior
+    is class-conditional (the class is its first token) and can be sampled
+    with classifier-free guidance. Held-out --val tokens are scored in bits
+    per code at each evaluation. Runs on one CPU or GPU, or on many under
+    `accelerate launch`.
+
+    \b
+    Examples:
+        vqtok prior fit tokens.parquet --out runs/p --val val.parquet --cond cls
+        vqtok prior fit tokens.parquet --out runs/p --config pipelines/prior-cpu-small.toml
+        accelerate launch --multi_gpu --num_processes 8 -m vqtok prior fit tokens.parquet --out runs/p
+    """
+    from vqtok.prior_fit import fit_prior
+
+    config, train_config = load_recipe(config_path, overrides, PriorConfig, PriorTrainConfig)
+    result = fit_prior(
+        list(tokens), out, config, train_config, val=list(val), cond=cond, tokenizer=tokenizer, resume=resume
+    )
+    if result.main_process and "bits_per_code" in result.metrics:
+        click.echo(f"held-out {result.metrics['bits_per_code']:.4f} bits per code")
+
+
+def class_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        labels = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter("classes are integers, one or comma-separated: 3 or 0,1,2") from None
+    return labels[0] if len(labels) == 1 else labels
+
+
+@prior.command("sample")
+@click.argument("prior_dir", metavar="PRIOR", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", type=click.IntRange(min=1), help="Grids to sample.  [default: 64]")
+@click.option("--cls", callback=class_list, help="A class for every grid (3), or classes to cycle through (0,1,2).")
+@click.option("--per-class", type=click.IntRange(min=1), help="N grids of each class of the prior.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0), help="0: greedy.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Draw from the k likeliest codes only.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Draw from the likeliest codes up to p.")
+@click.option("--guidance", default=0.0, show_default=True, type=float, help="Classifier-free guidance w.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Random seed.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Grids per batch.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--overwrite", is_flag=True, help="Replace samples drawn with other settings.")
+@user_errors
+def prior_sample(prior_dir, out, **options):
+    """Sample grids from a prior into a token dataset OUT for `vqtok decode`.
+
+    PRIOR is a prior's directory (runs/p/model) or its run folder (runs/p).
+    OUT names the tokenizer the prior's codes came from, so `vqtok decode`
+    takes that tokenizer and refuses others. Guidance w mixes the conditional
+    and unconditional logits, cond + w (cond - uncond): 0 is plain
+    conditional sampling, larger w sticks closer to the class. The same seed
+    gives the same grids; the same command again finishes what an interrupted
+    run left.
+
+    \b
+    Examples:
+        vqtok prior sample runs/p/model samples.parquet --n 64
+        vqtok prior sample runs/p/model samples.parquet --per-class 8 --guidance 2 --top-k 100
+        vqtok decode samples.parquet images/ --model runs/x/model
+    """
+    from vqtok.prior_sample import sample
+
+    result = sample(prior_dir, out, **options)
+    if result.rank == 0:
+        who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
+        click.echo(
+            f"sampled {result.grids:,} grids into {result.out}{who} in {result.seconds:.1f} s "
+            f"({result.codes_per_second:,.0f} codes/s); {result.skipped} shard(s) already done; "
+            f"decode them with the tokenizer whose model id is {result.tokenizer}"
+        )
 
 
 def main():

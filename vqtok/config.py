@@ -1,11 +1,12 @@
 """Settings as dataclasses: what a model is, and how to train it.
 
-A `ModelConfig` is everything needed to rebuild a model's modules; it is the
-`config` object of a model directory's `config.json`. A `TrainConfig` holds
-the training recipe. A TOML file has a `[model]` and a `[train]` table with
-these fields; command-line options override it (`load_config`). TOML has no
-null, so `false` stands for None where a setting may be None: `decay = false`
-is the paper's codebook loss instead of moving averages.
+A `ModelConfig` (a tokenizer) or a `PriorConfig` (a prior over its codes) is
+everything needed to rebuild a model's modules; it is the `config` object of a
+model directory's `config.json`. A `TrainConfig` holds the training recipe, a
+`PriorTrainConfig` the prior's. A TOML file has a `[model]` and a `[train]`
+table with these fields; command-line options override it (`load_config`). TOML
+has no null, so `false` stands for None where a setting may be None:
+`decay = false` is the paper's codebook loss instead of moving averages.
 """
 
 from __future__ import annotations
@@ -137,6 +138,81 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class PriorConfig:
+    """A prior over (h, w) grids of codes (`vqtok.prior.Prior`): the transformer's shape, and what its tokens
+    are. `vqtok prior fit` takes the last four from the tokens it trains on, and the class count from --cond."""
+
+    layers: int = 4
+    width: int = 256
+    heads: int = 4
+    dropout: float = 0.0  # on attention weights, residual branches and embeddings
+    cond_dropout: float = 0.1  # share of training rows whose class is replaced by "no class", for guidance
+    num_classes: int = 0  # 0: unconditional
+    codebook_size: int = 512  # K
+    grid: tuple[int, int] = (16, 16)  # (h, w)
+    tokenizer: str | None = None  # the model id of the tokenizer whose codes these are
+    image_size: int | None = None  # the size of the images that tokenizer turned into these grids
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", tuple(self.grid))  # JSON and TOML give lists
+        for name in ("layers", "width", "heads", "codebook_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.width % self.heads:
+            raise ConfigError(f"width {self.width} is not a multiple of heads {self.heads}")
+        if len(self.grid) != 2 or not all(isinstance(n, int) and n >= 1 for n in self.grid):
+            raise ConfigError(f"grid must be two positive integers (h, w), got {self.grid!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ConfigError(f"num_classes must be a non-negative integer, got {self.num_classes!r}")
+        for name in ("dropout", "cond_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
+            raise ConfigError(f"image_size must be a positive integer or None, got {self.image_size!r}")
+
+    @property
+    def length(self) -> int:
+        """Codes per grid, h * w."""
+        return self.grid[0] * self.grid[1]
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "grid": list(self.grid)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PriorConfig:
+        return _from_table(cls, values, "prior config")
+
+
+@dataclass(frozen=True)
+class PriorTrainConfig(TrainConfig):
+    """The prior's training recipe: TrainConfig's fields with the defaults measured best on 2 CPU cores
+    (benchmarks/prior.py), and AdamW's settings."""
+
+    steps: int = 5000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    eval_every: int = 1000
+    save_every: int = 1000
+    log_every: int = 50
+    num_workers: int = 1
+    weight_decay: float = 0.1  # AdamW's, on matrices only (not on embeddings, norms or biases)
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # the gradients' largest norm; 0: no clipping
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 < self.beta2 < 1:
+            raise ConfigError(f"beta2 must be in (0, 1), got {self.beta2!r}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+
+
 def _from_table(cls, table: dict, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - known)
@@ -149,9 +225,15 @@ def _from_table(cls, table: dict, where: str):
 
 
 def load_config(
-    path: str | Path | None = None, model: dict | None = None, train: dict | None = None
-) -> tuple[ModelConfig, TrainConfig]:
-    """Settings from a TOML file (or the defaults), then overrides; a None override leaves the value alone."""
+    path: str | Path | None = None,
+    model: dict | None = None,
+    train: dict | None = None,
+    model_class: type = ModelConfig,
+    train_class: type = TrainConfig,
+):
+    """Settings from a TOML file (or the defaults), then overrides; a None override leaves the value alone.
+    Returns (model_class, train_class) instances: a tokenizer's by default, a prior's with PriorConfig and
+    PriorTrainConfig."""
     tables: dict = {}
     if path is not None:
         if sys.version_info >= (3, 11):
@@ -174,4 +256,4 @@ def load_config(
             model_file[name] = None
     model_table = {**tables.get("model", {}), **{k: v for k, v in (model or {}).items() if v is not None}}
     train_table = {**tables.get("train", {}), **{k: v for k, v in (train or {}).items() if v is not None}}
-    return _from_table(ModelConfig, model_table, where), _from_table(TrainConfig, train_table, where)
+    return _from_table(model_class, model_table, where), _from_table(train_class, train_table, where)

@@ -15,13 +15,12 @@ import os
 import re
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from vqtok.errors import ConfigError, StoreError
@@ -29,16 +28,7 @@ from vqtok.files import write_atomically
 from vqtok.model import VQVAE, pick_device
 from vqtok.progress import ProgressBar
 from vqtok.storage import is_url
-from vqtok.store import (
-    RESERVED_COLUMNS,
-    check_grid_type,
-    codes_array,
-    group_code_range,
-    read_row_group,
-    read_schema,
-    row_groups,
-    schema_metadata,
-)
+from vqtok.store import RESERVED_COLUMNS, TokenSet, check_code_range, codes_array
 
 FORMATS = ("png", "wds")
 WDS_SHARD_SAMPLES = 10_000
@@ -127,16 +117,11 @@ def decode(
     started = time.perf_counter()
     model = VQVAE.from_pretrained(model_dir, device=pick_device(device), storage_options=storage_options)
     model.to(memory_format=torch.channels_last)
-    units = row_groups(tokens, storage_options)
-    if not units:
-        raise StoreError(f"{tokens}: no Parquet data files")
-    schemas = {file: read_schema(file) for file, _ in units}
-    for file, schema in schemas.items():  # each file, since a folder may mix writers
-        check_model(schema_metadata(schema, file), model, force)
-        check_columns(schema, file)
-    first = next(iter(schemas.values()))
+    token_set = TokenSet(tokens, storage_options=storage_options)  # every file's columns, and one tokenizer
+    token_set.check_tokenizer(model.model_id, model.codebook_size, model.grid_size, force)
+    first = next(iter(token_set.schemas.values()))
     carried = [name for name in first.names if name not in RESERVED_COLUMNS] if format == "wds" else []
-    selection = select_rows(units, model.codebook_size, keys, limit)
+    selection = token_set.select(model.codebook_size, keys, limit)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +129,7 @@ def decode(
     progress = ProgressBar("decode", sum(len(rows) for rows in selection.values()), enabled=show_progress)
     writer = PngWriter(out) if format == "png" else WdsWriter(out)
     with progress, writer:
-        for table in _batches(units, selection, carried, batch_size):
+        for table in token_set.read(selection, carried, batch_size):
             decoding = time.perf_counter()
             keys = table.column("key").to_pylist()
             if None in keys:
@@ -161,89 +146,6 @@ def decode(
     result.renamed, result.files, result.write_seconds = writer.renamed, writer.files, writer.wait_seconds
     result.seconds = time.perf_counter() - started
     return result
-
-
-def check_model(meta: dict | None, model: VQVAE, force: bool) -> None:
-    """Refuse codes that another model made; a file without vqtok metadata (a prior's samples) passes."""
-    if meta is None:
-        return
-    K = meta.get("codebook_size")
-    if K != model.codebook_size:
-        raise StoreError(f"the codes are indices into a codebook of {K} entries; this model has {model.codebook_size}")
-    grid, size = meta.get("grid"), meta.get("image_size")
-    if grid is not None and size is not None and list(model.grid_size(size)) != list(grid):
-        raise StoreError(
-            f"the codes are {grid[0]}x{grid[1]} grids of {size}px images; this model makes "
-            f"{'x'.join(map(str, model.grid_size(size)))} grids at that size"
-        )
-    if meta.get("model_id") != model.model_id and not force:
-        raise StoreError(
-            f"the codes were made by model {meta.get('model_id')}, not by this one ({model.model_id}); "
-            "--force decodes them anyway"
-        )
-
-
-def check_columns(schema: pa.Schema, file: Path) -> None:
-    """StoreError unless the file has a string `key` column and a `codes` column of grids."""
-    for name in ("key", "codes"):
-        if name not in schema.names:
-            raise StoreError(f"{file}: no {name!r} column (columns: {', '.join(schema.names)})")
-    if not (pa.types.is_string(schema.field("key").type) or pa.types.is_large_string(schema.field("key").type)):
-        raise StoreError(f"{file}: keys must be strings, not {schema.field('key').type}")
-    check_grid_type(schema.field("codes").type)
-
-
-def check_code_range(keys: list[str], codes: np.ndarray, codebook_size: int, where: str = "") -> None:
-    """StoreError naming the first key whose (h, w) grid holds a code outside [0, codebook_size)."""
-    outside = (codes < 0) | (codes >= codebook_size)  # (N, h, w)
-    bad = np.flatnonzero(outside.reshape(len(codes), -1).any(axis=1))
-    if len(bad):
-        value = codes[bad[0]][outside[bad[0]]][0]
-        raise StoreError(f"{where}key {keys[bad[0]]!r} holds code {value}, outside [0, {codebook_size})")
-
-
-def select_rows(units, codebook_size: int, keys: Sequence[str] | None, limit: int | None) -> dict[int, np.ndarray]:
-    """Unit index -> the row numbers to decode in it; raises StoreError for a code out of range or a
-    missing key, before anything is written."""
-    wanted = set(keys) if keys is not None else None
-    found: set[str] = set()
-    selection, total = {}, 0
-    for i, (file, group) in enumerate(units):
-        if limit is not None and total >= limit:
-            break
-        if wanted is None:
-            rows_in_group, low, high = group_code_range(file, group)
-            if low is not None and 0 <= low and high < codebook_size:  # the file's statistics vouch for every row
-                rows = np.arange(rows_in_group if limit is None else min(rows_in_group, limit - total))
-                selection[i] = rows
-                total += len(rows)
-                continue
-        table = read_row_group(file, group)
-        group_keys = table.column("key").to_pylist()
-        if None in group_keys:
-            raise StoreError(f"{file}: a row has no key")
-        rows = np.arange(len(group_keys)) if wanted is None else np.flatnonzero([k in wanted for k in group_keys])
-        if limit is not None:
-            rows = rows[: limit - total]
-        if not len(rows):
-            continue
-        codes = codes_array(table.column("codes").take(pa.array(rows)))
-        check_code_range([group_keys[r] for r in rows], codes, codebook_size, where=f"{file}: ")
-        found.update(group_keys[r] for r in rows)
-        selection[i] = rows
-        total += len(rows)
-    if wanted is not None and wanted - found:
-        missing = sorted(wanted - found)
-        raise StoreError(f"{len(missing)} key(s) not in the tokens: {', '.join(missing[:5])}")
-    return selection
-
-
-def _batches(units, selection: dict[int, np.ndarray], columns: list[str], batch_size: int) -> Iterator[pa.Table]:
-    for i, rows in selection.items():
-        file, group = units[i]
-        table = read_row_group(file, group, columns).take(pa.array(rows))
-        for start in range(0, table.num_rows, batch_size):
-            yield table.slice(start, batch_size)
 
 
 class PngWriter:

@@ -2,8 +2,10 @@
 
 Shards of 32x32 crops are cut from some of the photographs; a small VQ-VAE is fitted on them; photographs
 it never saw are encoded at 128x128 into 32x32 code grids, decoded back, and compared with the originals.
-Every stage goes through the same library functions as the commands, so the demo's outputs are the real
-thing: shards, a run folder with checkpoints and the model, a token dataset, decoded PNGs.
+With `prior_steps`, the training crops are encoded too (8x8 grids, the photograph as the class), a prior is
+fitted on them, and grids it samples for each photograph are decoded. Every stage goes through the same
+library functions as the commands, so the demo's outputs are the real thing: shards, a run folder with
+checkpoints and the model, token datasets, decoded PNGs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ TRAIN_PHOTOS += ("grass", "gravel", "moon", "page", "text", "colorwheel")  # the
 HELD_OUT_PHOTOS = ("chelsea", "coffee", "coins", "rocket")
 CROP, HELD_OUT_SIZE, SHORTER_SIDE = 32, 128, 160  # photos are scaled so a 32x32 crop holds part of an object
 CROPS_PER_PHOTO, MARKER = 300, ".vqtok-demo"
+PRIOR_SAMPLES = 8  # grids sampled per training photograph
 MODEL = ModelConfig(hidden_channels=64, codebook_size=512, code_dim=64, image_size=CROP)
 
 
@@ -56,14 +59,17 @@ def scaled(image: Image.Image) -> Image.Image:
     return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
 
 
-def write_shard(path: Path, images: list[Image.Image], prefix: str) -> str:
+def write_shard(path: Path, images: list[Image.Image], prefix: str, labels: list[int] | None = None) -> str:
     import webdataset
 
     with webdataset.TarWriter(str(path)) as sink:
         for i, image in enumerate(images):
             buffer = io.BytesIO()
             image.save(buffer, "PNG")
-            sink.write({"__key__": f"{prefix}-{i:05d}", "png": buffer.getvalue()})
+            sample = {"__key__": f"{prefix}-{i:05d}", "png": buffer.getvalue()}
+            if labels is not None:
+                sample["cls"] = str(labels[i]).encode()
+            sink.write(sample)
     return str(path)
 
 
@@ -81,12 +87,14 @@ def make_shards(folder: Path, seed: int = 0) -> dict[str, list[str]]:
     """Training shards of crops, a validation shard of held-out crops, and the held-out photographs."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
-    train = random_crops(TRAIN_PHOTOS, CROPS_PER_PHOTO, CROP, rng)
-    rng.shuffle(train)
+    crops = random_crops(TRAIN_PHOTOS, CROPS_PER_PHOTO, CROP, rng)
+    train = list(zip(crops, [i for i in range(len(TRAIN_PHOTOS)) for _ in range(CROPS_PER_PHOTO)], strict=True))
+    rng.shuffle(train)  # (crop, the photograph's index as its class)
     quarter = math.ceil(len(train) / 4)
+    parts = [train[i * quarter : (i + 1) * quarter] for i in range(4)]
     train_shards = [
-        write_shard(folder / f"train-{i:06d}.tar", train[i * quarter : (i + 1) * quarter], f"train{i}")
-        for i in range(4)
+        write_shard(folder / f"train-{i:06d}.tar", [c for c, _ in part], f"train{i}", [label for _, label in part])
+        for i, part in enumerate(parts)
     ]
     val = write_shard(folder / "val.tar", random_crops(HELD_OUT_PHOTOS, 50, CROP, rng), "val")
     # The whole held-out photographs (centre squares at 128x128) and a few more 128x128 views of each.
@@ -95,7 +103,9 @@ def make_shards(folder: Path, seed: int = 0) -> dict[str, list[str]]:
     return {"train": train_shards, "val": [val], "held_out": [held_out]}
 
 
-def run_demo(out: str | Path = "vqtok-demo", steps: int = 3000, show_progress: bool = True) -> DemoResult:
+def run_demo(
+    out: str | Path = "vqtok-demo", steps: int = 3000, show_progress: bool = True, prior_steps: int | None = None
+) -> DemoResult:
     from vqtok.data import iter_samples, sample_image
     from vqtok.decode import decode, key_path
     from vqtok.encode import encode
@@ -144,8 +154,10 @@ def run_demo(out: str | Path = "vqtok-demo", steps: int = 3000, show_progress: b
     bottom = np.concatenate([decoded_pixels[k] for k in shown], axis=1)
     picture = out / "reconstructions.png"
     Image.fromarray(np.concatenate([top, bottom], axis=0)).save(picture)
+    prior_paths = demo_prior(out, shards["train"], model_dir, prior_steps, result, show_progress) if prior_steps else {}
     result.paths = {
         "picture (originals over reconstructions)": picture,
+        **prior_paths,
         "shards": out / "shards",
         "run (checkpoints, metrics, samples)": out / "run",
         "model": model_dir,
@@ -153,3 +165,32 @@ def run_demo(out: str | Path = "vqtok-demo", steps: int = 3000, show_progress: b
         "decoded PNGs": out / "decoded",
     }
     return result
+
+
+def demo_prior(out: Path, train_shards: list[str], model_dir: Path, steps: int, result: DemoResult, show_progress):
+    """The training crops encoded with their photograph as the class, a prior fitted on the grids, PRIOR_SAMPLES
+    grids sampled for each photograph and decoded: a picture with a row of samples per training photograph."""
+    from vqtok.config import PriorConfig, PriorTrainConfig
+    from vqtok.decode import decode
+    from vqtok.encode import encode
+    from vqtok.prior_fit import fit_prior
+    from vqtok.prior_sample import sample
+
+    tokens = out / "train-tokens.parquet"
+    encoded = encode(train_shards, tokens, model_dir, keep=["cls"], show_progress=show_progress)
+    result.images["encode crops"], result.seconds["encode crops"] = encoded.images, encoded.seconds
+    started = time.perf_counter()
+    train = PriorTrainConfig(steps=steps, eval_every=steps, save_every=steps)
+    fitted = fit_prior([str(tokens)], out / "prior", PriorConfig(), train, cond="cls", show_progress=show_progress)
+    result.images["prior fit"] = steps * train.batch_size
+    result.seconds["prior fit"] = time.perf_counter() - started
+    sampled = sample(fitted.model_dir, out / "sampled.parquet", per_class=PRIOR_SAMPLES, show_progress=show_progress)
+    result.images["prior sample"], result.seconds["prior sample"] = sampled.grids, sampled.seconds
+    decoded = decode(out / "sampled.parquet", out / "sampled", model_dir, show_progress=show_progress)
+    rows = []
+    for label in range(len(TRAIN_PHOTOS)):
+        keys = [f"sample-{label * PRIOR_SAMPLES + i:06d}" for i in range(PRIOR_SAMPLES)]
+        rows.append(np.concatenate([np.asarray(Image.open(decoded.out / f"{key}.png")) for key in keys], axis=1))
+    picture = out / "samples.png"
+    Image.fromarray(np.concatenate(rows, axis=0)).save(picture)
+    return {"picture (sampled crops, a row per training photograph)": picture, "prior": fitted.model_dir}

@@ -8,7 +8,6 @@ with transposed convolutions; and the model directory format
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -16,12 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.config import ModelConfig
-from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.pretrained import CONFIG_NAME, load_weights, read_header, save_directory, weights_hash
+from vqtok.errors import ConfigError
+from vqtok.pretrained import Pretrained
 from vqtok.quantize import VectorQuantizer
-from vqtok.storage import Location
-
-KIND = "tokenizer"  # what config.json's "kind" says of a VQ-VAE's directory
 
 
 class ResidualBlock(nn.Module):
@@ -94,12 +90,15 @@ class VQVAEOutput(NamedTuple):
     loss: torch.Tensor  # recon_loss + vq_loss, what training minimises
 
 
-class VQVAE(nn.Module):
-    """Images <-> (h, w) grids of codebook indices.
+class VQVAE(Pretrained, nn.Module):
+    """Images <-> (h, w) grids of codebook indices; saved and loaded as a model directory (`Pretrained`).
 
     >>> codes = model.encode(images)     # float (B, 3, H, W) in [0, 1] -> int64 (B, h, w)
     >>> images = model.decode(codes)     # -> float (B, 3, H, W) in [0, 1]
     """
+
+    KIND = "tokenizer"  # what config.json's "kind" says of a VQ-VAE's directory
+    config_class = ModelConfig
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -167,34 +166,6 @@ class VQVAE(nn.Module):
             raise ValueError(f"codes must lie in [0, {self.codebook_size})")
         out = self.decoder(self.quantizer.lookup(codes))  # (B, C, H, W)
         return ((out.float() + 1) / 2).clamp_(0, 1)
-
-    # -- the model directory (vqtok.pretrained) ---------------------------------
-
-    @property
-    def model_id(self) -> str:
-        """A hash of the weights: token files carry it so codes are never decoded by another model."""
-        return weights_hash(self.state_dict())
-
-    def save_pretrained(self, directory: str | os.PathLike, storage_options: dict | None = None) -> Path | str:
-        """Write config.json and model.safetensors into directory (created if needed), a local path or a URL
-        that fsspec opens; returns the directory (a Path, or the URL)."""
-        return save_directory(directory, self, KIND, self.config.to_dict(), storage_options)
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", storage_options: dict | None = None
-    ) -> VQVAE:
-        """Load a model directory written by save_pretrained (a local path or a URL), in eval mode. Reads no
-        pickle."""
-        where = Location.of(directory, storage_options)
-        header = read_header(where, KIND)
-        try:
-            config = ModelConfig.from_dict(header["config"])
-        except (ConfigError, TypeError) as e:
-            raise ModelFormatError(f"{where.join(CONFIG_NAME)}: {e}") from None
-        model = cls(config)
-        load_weights(where, model, header)
-        return model.to(device).eval()
 
 
 def pick_device(name: str) -> torch.device:

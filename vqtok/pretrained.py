@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vqtok import __version__
-from vqtok.errors import ModelFormatError
+from vqtok.errors import ConfigError, ModelFormatError
 from vqtok.storage import Location
 
 FORMAT_VERSION = 1
@@ -125,3 +125,36 @@ def load_weights(directory: str | os.PathLike | Location, module: torch.nn.Modul
             "the directory was changed or mixed with another model's files"
         )
     module.load_state_dict(state)
+
+
+class Pretrained:
+    """model_id, save_pretrained and from_pretrained for an nn.Module built from one config dataclass (which
+    `config_class.from_dict` reads back) and saved as a directory of kind KIND."""
+
+    KIND: str
+    config_class: type
+
+    @property
+    def model_id(self) -> str:
+        """A hash of the weights: token files and priors carry it, so codes never meet another model."""
+        return weights_hash(self.state_dict())
+
+    def save_pretrained(self, directory: str | os.PathLike, storage_options: dict | None = None) -> Path | str:
+        """Write config.json and model.safetensors into directory (created if needed), a local path or a URL
+        that fsspec opens; returns the directory (a Path, or the URL)."""
+        return save_directory(directory, self, self.KIND, self.config.to_dict(), storage_options)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", storage_options: dict | None = None
+    ):
+        """Load a directory written by save_pretrained (a local path or a URL), in eval mode. Reads no pickle."""
+        where = Location.of(directory, storage_options)
+        header = read_header(where, cls.KIND)
+        try:
+            config = cls.config_class.from_dict(header["config"])
+        except (ConfigError, TypeError) as e:
+            raise ModelFormatError(f"{where.join(CONFIG_NAME)}: {e}") from None
+        model = cls(config)
+        load_weights(where, model, header)
+        return model.to(device).eval()

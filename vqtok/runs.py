@@ -10,11 +10,11 @@ A `Run` makes the accelerator the way accelerate's examples do (one CPU, one GPU
 saves checkpoints so that a resumed run never sees half of one, and records metrics from the main process.
 
 OUT may be a URL that fsspec opens (`s3://bucket/runs/x`). accelerate saves its state into a local folder, so
-the run is staged in a local temporary folder (under TMPDIR, one per process: machines need not share a disk)
-and each file uploaded once written: a checkpoint's files by the process that wrote them, then, when every
-process is done, `checkpoints/step-N/_COMPLETE` by the main process. A checkpoint without that object is
-half-uploaded and never resumed from; `--resume` downloads the latest complete one. metrics.jsonl is kept in
-the stage and uploaded whole after each record (an object cannot be appended to).
+the run is staged in a local temporary folder (under TMPDIR, one per process: machines need not share a disk,
+removed when the run ends) and each file uploaded once written: a checkpoint's files by the process that wrote
+them, then, when every process is done, `checkpoints/step-N/_COMPLETE` by the main process. A checkpoint without
+that object is half-uploaded and never resumed from; `--resume` downloads the latest complete one. metrics.jsonl
+is kept in the stage and uploaded whole after each record (an object cannot be appended to).
 """
 
 from __future__ import annotations
@@ -112,15 +112,13 @@ class Run:
 
         self.location = Location.of(out, storage_options)
         self.remote = not self.location.local
-        # Where accelerate writes: OUT itself on a local disk, a local stage for a run in a store.
-        self.out = Path(tempfile.mkdtemp(prefix="vqtok-run-")) if self.remote else Path(self.location.path)
         self.train = train
         if self.remote:
             self.checkpoint = latest_complete_checkpoint(self.location) if resume else None
             started = bool(self.location.join("checkpoints").names())
         else:
-            self.checkpoint = latest_checkpoint(self.out) if resume else None
-            checkpoints = self.out / "checkpoints"
+            self.checkpoint = latest_checkpoint(Path(self.location.path)) if resume else None
+            checkpoints = Path(self.location.path) / "checkpoints"
             started = checkpoints.is_dir() and any(checkpoints.iterdir())
         if not resume and started:
             raise ConfigError(
@@ -128,6 +126,12 @@ class Run:
             )
         check_run_settings(self.location.join("run.json"), settings, resuming=self.checkpoint is not None)
         self.start_step = self.checkpoint[1] if self.checkpoint else 0
+        # Where accelerate writes: OUT itself on a local disk, a local stage for a run in a store. The stage is
+        # made only once the run is accepted, and is removed by `end`, or at exit when the run fails before it.
+        self.stage = None
+        if self.remote:
+            self.stage = tempfile.TemporaryDirectory(prefix="vqtok-run-", ignore_cleanup_errors=True)
+        self.out = Path(self.stage.name) if self.stage else Path(self.location.path)
 
         # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine):
         # accelerate only sets up its gloo process group when told it runs on the CPU.
@@ -220,6 +224,39 @@ class Run:
                     shutil.rmtree(path, ignore_errors=True)
         accelerator.wait_for_everyone()
 
+    def periodic(self, step: int, evaluate: Callable[[int], dict]) -> dict | None:
+        """After optimizer step `step`: a checkpoint every save_every steps and an evaluation every eval_every,
+        except at the last step, which `finish` saves and evaluates. Returns the evaluation's metrics, if any."""
+        if step >= self.train.steps:
+            return None
+        if step % self.train.save_every == 0:
+            self.save_checkpoint(step)
+        return evaluate(step) if step % self.train.eval_every == 0 else None
+
+    def finish(self, step: int, evaluate: Callable[[int], dict], name: str, digest: str) -> dict:
+        """The last checkpoint and evaluation, then the evidence that every process ends with the same model:
+        each one's `digest` (a hash of what must agree) recorded under `name`; RuntimeError if they differ.
+        Returns the evaluation's metrics."""
+        from accelerate.utils import gather_object
+
+        self.save_checkpoint(step)
+        metrics = evaluate(step)
+        digests = gather_object([digest])
+        self.record({"split": "train", "step": step, "processes": self.accelerator.num_processes, name: digests})
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"processes ended with different {name}: {digests}")
+        return metrics
+
+    def export(self, model, what: str = "model") -> Path | str:
+        """The main process saves model (save_pretrained) into OUT/model; then the run ends. Returns the model
+        directory: a Path, or the URL for a run in a store."""
+        directory = self.location.join("model")
+        if self.accelerator.is_main_process:
+            model.save_pretrained(directory)
+            self.accelerator.print(f"exported {what} to {directory}")
+        self.end()
+        return Path(directory.path) if directory.local else directory.url
+
     def _save_remote_checkpoint(self, step: int) -> None:
         accelerator = self.accelerator
         checkpoints = self.location.join("checkpoints")
@@ -249,5 +286,5 @@ class Run:
     def end(self) -> None:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        if self.remote:
-            shutil.rmtree(self.out, ignore_errors=True)
+        if self.stage:  # everything in it has been uploaded
+            self.stage.cleanup()

@@ -617,8 +617,9 @@ def summarize(path: str | os.PathLike, storage_options: dict | None = None) -> d
     meta = read_metadata(here) or {}
     counts = np.zeros(meta.get("codebook_size", 0), dtype=np.int64)
     rows, grid, shards = 0, None, set()
-    has_shard_column = {file: "shard" in read_schema(file).names for file in files}
-    for file, group in row_groups(here):
+    token_set = TokenSet(here) if files else None  # checks every file's columns, and one tokenizer for all
+    has_shard_column = {file: "shard" in schema.names for file, schema in token_set.schemas.items()} if files else {}
+    for file, group in token_set.units if token_set else []:
         has_shard = has_shard_column[file]
         table = read_row_group(file, group, ["shard"] if has_shard else [])
         codes = codes_array(table.column("codes"))
@@ -656,3 +657,202 @@ def summarize(path: str | os.PathLike, storage_options: dict | None = None) -> d
         "classes": meta.get("classes") or None,
         "vqtok_version": meta.get("vqtok_version"),
     }
+
+
+# ---------------------------------------------------------------------------------------------- a token set
+
+
+def check_columns(schema: pa.Schema, file: Location, columns: Sequence[str] = ()) -> None:
+    """StoreError unless the file has a string `key` column, a `codes` column of grids and `columns`."""
+    for name in ("key", "codes", *columns):
+        if name not in schema.names:
+            raise StoreError(f"{file}: no {name!r} column (columns: {', '.join(schema.names)})")
+    if not (pa.types.is_string(schema.field("key").type) or pa.types.is_large_string(schema.field("key").type)):
+        raise StoreError(f"{file}: keys must be strings, not {schema.field('key').type}")
+    check_grid_type(schema.field("codes").type)
+
+
+def check_code_range(keys: list[str], codes: np.ndarray, codebook_size: int, where: str = "") -> None:
+    """StoreError naming the first key whose (h, w) grid holds a code outside [0, codebook_size)."""
+    outside = (codes < 0) | (codes >= codebook_size)  # (N, h, w)
+    bad = np.flatnonzero(outside.reshape(len(codes), -1).any(axis=1))
+    if len(bad):
+        value = codes[bad[0]][outside[bad[0]]][0]
+        raise StoreError(f"{where}key {keys[bad[0]]!r} holds code {value}, outside [0, {codebook_size})")
+
+
+TOKENIZER_FIELDS = ("model_id", "codebook_size", "grid")  # what says which tokenizer made a file's codes
+
+
+class TokenSet:
+    """One or several token datasets or Parquet files of grids, read as one, with the checks every reader needs.
+
+    The one reader behind `vqtok decode`, `vqtok info`, `TokenDataset` and the prior. Each path may be local or
+    a URL that fsspec opens (`storage_options` go to it). Opening checks that every file has a string `key`
+    column, a `codes` column of (h, w) integer grids and the `columns` asked for, and that the files carrying
+    vqtok's metadata were all made by one tokenizer (model id, K, grid). Then: `tokenizer()` says which,
+    `check_tokenizer` compares it with a model, `select` and `check_codes` find codes outside [0, K),
+    `class_count` checks a column of class labels, and `read` streams the rows.
+    """
+
+    def __init__(
+        self,
+        paths: str | os.PathLike | Location | Sequence[str | os.PathLike | Location],
+        columns: Sequence[str] = (),
+        storage_options: dict | None = None,
+    ) -> None:
+        paths = [paths] if isinstance(paths, str | os.PathLike | Location) else list(paths)
+        if not paths:
+            raise StoreError("no token datasets or Parquet files given")
+        self.paths = [str(p) for p in paths]
+        self.columns = tuple(columns)
+        self.schemas: dict[Location, pa.Schema] = {}
+        self.metadata: dict[Location, dict | None] = {}
+        self.units: list[tuple[Location, int]] = []  # (file, row group): the unit readers split across workers
+        self.unit_rows: list[int] = []
+        seen = set()
+        for path in paths:
+            files = part_files(path, storage_options)
+            if not files:
+                raise StoreError(f"{path}: no Parquet data files")
+            for file in files:
+                # One file named twice (a folder and one of its parts) is read once.
+                identity = os.path.realpath(file.path) if file.local else file.url
+                if identity in seen:
+                    continue
+                seen.add(identity)
+                with open_parquet(file) as parquet:
+                    schema = parquet.schema_arrow
+                    row_group_rows = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+                check_columns(schema, file, self.columns)
+                self.schemas[file] = schema
+                self.metadata[file] = schema_metadata(schema, file)
+                self.units += [(file, i) for i in range(len(row_group_rows))]
+                self.unit_rows += row_group_rows
+        self._check_one_tokenizer()
+
+    @property
+    def rows(self) -> int:
+        return sum(self.unit_rows)
+
+    def _check_one_tokenizer(self) -> None:
+        first: tuple[Location, dict] | None = None
+        for file, meta in self.metadata.items():
+            if meta is None:
+                continue
+            if first is None:
+                first = (file, meta)
+                continue
+            differences = [
+                f"{name} {first[1].get(name)} vs {meta.get(name)}"
+                for name in TOKENIZER_FIELDS
+                if first[1].get(name) != meta.get(name)
+            ]
+            if differences:
+                raise StoreError(f"{first[0]} and {file} hold codes of different tokenizers ({', '.join(differences)})")
+
+    def tokenizer(self) -> dict:
+        """The metadata of the tokenizer that made every file's codes ({"model_id", "codebook_size", "grid",
+        "image_size", ...}); StoreError for a file that does not say."""
+        for file, meta in self.metadata.items():
+            if meta is None:
+                raise StoreError(
+                    f"{file}: no vqtok metadata says which tokenizer made its codes (K, grid, model id); "
+                    "use token datasets written by vqtok encode"
+                )
+        return next(iter(self.metadata.values()))
+
+    def check_tokenizer(self, model_id: str, codebook_size: int, grid_size, force: bool = False) -> None:
+        """Refuse codes another model made: K and grid (grid_size(image_size) -> (h, w) is the model's), and the
+        model id unless force. A file without vqtok metadata (another tool's grids) passes."""
+        for meta in self.metadata.values():
+            if meta is None:
+                continue
+            K = meta.get("codebook_size")
+            if K != codebook_size:
+                raise StoreError(
+                    f"the codes are indices into a codebook of {K} entries; this model has {codebook_size}"
+                )
+            grid, size = meta.get("grid"), meta.get("image_size")
+            if grid is not None and size is not None and list(grid_size(size)) != list(grid):
+                raise StoreError(
+                    f"the codes are {grid[0]}x{grid[1]} grids of {size}px images; this model makes "
+                    f"{'x'.join(map(str, grid_size(size)))} grids at that size"
+                )
+            if meta.get("model_id") != model_id and not force:
+                raise StoreError(
+                    f"the codes were made by model {meta.get('model_id')}, not by this one ({model_id}); "
+                    "--force decodes them anyway"
+                )
+
+    def select(
+        self, codebook_size: int, keys: Sequence[str] | None = None, limit: int | None = None
+    ) -> dict[int, np.ndarray]:
+        """Unit index -> the row numbers of the rows wanted in it (all, the `keys`, or the first `limit`);
+        raises StoreError for a code outside [0, codebook_size) in them or a key that is missing. vqtok's own
+        fixed-size grids are vouched for by their row groups' statistics, others are read."""
+        wanted = set(keys) if keys is not None else None
+        found: set[str] = set()
+        selection, total = {}, 0
+        for i, (file, group) in enumerate(self.units):
+            if limit is not None and total >= limit:
+                break
+            if wanted is None:
+                rows_in_group, low, high = group_code_range(file, group)
+                if low is not None and 0 <= low and high < codebook_size:  # the statistics vouch for every row
+                    rows = np.arange(rows_in_group if limit is None else min(rows_in_group, limit - total))
+                    selection[i] = rows
+                    total += len(rows)
+                    continue
+            table = read_row_group(file, group)
+            group_keys = table.column("key").to_pylist()
+            if None in group_keys:
+                raise StoreError(f"{file}: a row has no key")
+            rows = np.arange(len(group_keys)) if wanted is None else np.flatnonzero([k in wanted for k in group_keys])
+            if limit is not None:
+                rows = rows[: limit - total]
+            if not len(rows):
+                continue
+            codes = codes_array(table.column("codes").take(pa.array(rows)))
+            check_code_range([group_keys[r] for r in rows], codes, codebook_size, where=f"{file}: ")
+            found.update(group_keys[r] for r in rows)
+            selection[i] = rows
+            total += len(rows)
+        if wanted is not None and wanted - found:
+            missing = sorted(wanted - found)
+            raise StoreError(f"{len(missing)} key(s) not in the tokens: {', '.join(missing[:5])}")
+        return selection
+
+    def check_codes(self, codebook_size: int) -> None:
+        """StoreError, naming the key, if any code lies outside [0, codebook_size)."""
+        self.select(codebook_size)
+
+    def class_count(self, column: str, classes: int | None = None) -> int:
+        """Check a column of class labels: integers, none missing, all in [0, classes). Returns classes, which
+        is the largest label plus one when not given."""
+        labels = {}
+        for file, schema in self.schemas.items():
+            if column not in schema.names:
+                raise StoreError(f"{file}: no {column!r} column (columns: {', '.join(schema.names)})")
+            if not pa.types.is_integer(schema.field(column).type):
+                raise StoreError(f"{file}: column {column!r} holds {schema.field(column).type}, not integer classes")
+            with open_parquet(file) as parquet:
+                values = parquet.read(columns=[column]).column(column)
+            if values.null_count:
+                raise StoreError(f"{file}: column {column!r} has {values.null_count} row(s) without a class")
+            labels[file] = values.to_numpy()
+        largest = max((int(v.max()) for v in labels.values() if len(v)), default=-1)
+        classes = largest + 1 if classes is None else classes
+        for file, values in labels.items():
+            outside = values[(values < 0) | (values >= classes)]
+            if len(outside):
+                raise StoreError(f"{file}: column {column!r} holds class {outside[0]}, outside [0, {classes})")
+        return classes
+
+    def read(self, selection: dict[int, np.ndarray], columns: Sequence[str], batch_size: int) -> Iterator[pa.Table]:
+        """The selected rows' key, codes and `columns`, batch_size rows at a time."""
+        for i, rows in selection.items():
+            file, group = self.units[i]
+            table = read_row_group(file, group, columns).take(pa.array(rows))
+            for start in range(0, table.num_rows, batch_size):
+                yield table.slice(start, batch_size)

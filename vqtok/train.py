@@ -55,7 +55,7 @@ def fit(
     image_column: str | None = None,
     storage_options: dict | None = None,
 ) -> FitResult:
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import set_seed
 
     cfg = train_config
     # Shards, image folders and Parquet files alike: units of work that the loaders split and draw from.
@@ -162,26 +162,11 @@ def fit(
                 )
             progress.update(step)
 
-            if step % cfg.save_every == 0 and step < cfg.steps:
-                run.save_checkpoint(step)
-            if step % cfg.eval_every == 0 and step < cfg.steps:
-                last_metrics = evaluate_and_record(step)
+            last_metrics = run.periodic(step, evaluate_and_record) or last_metrics
 
     elapsed = time.perf_counter() - started
-    run.save_checkpoint(step)
-    last_metrics = evaluate_and_record(step)
-
-    # Every process must hold the same codebook; record the evidence.
-    digests = gather_object([codebook_digest(raw_model)])
-    record({"split": "train", "step": step, "processes": world, "codebook_digests": digests})
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"processes ended with different codebooks: {digests}")
-
-    model_dir = run.location.join("model")
-    if accelerator.is_main_process:
-        raw_model.save_pretrained(model_dir)
-        accelerator.print(f"exported model to {model_dir}")
-    run.end()
+    # Every process must hold the same codebook: the run records the evidence.
+    last_metrics = run.finish(step, evaluate_and_record, "codebook_digests", codebook_digest(raw_model))
+    model_dir = run.export(raw_model)
     rate = images_seen / max(elapsed, 1e-9)
-    exported = Path(model_dir.path) if model_dir.local else model_dir.url
-    return FitResult(exported, step, start_step, rate, last_metrics, accelerator.is_main_process)
+    return FitResult(model_dir, step, start_step, rate, last_metrics, accelerator.is_main_process)
