@@ -144,7 +144,7 @@ class PriorConfig:
     are. `vqtok prior fit` takes the last four from the tokens it trains on, and the class count from --cond."""
 
     layers: int = 4
-    width: int = 256
+    width: int = 128
     heads: int = 4
     dropout: float = 0.0  # on attention weights, residual branches and embeddings
     cond_dropout: float = 0.1  # share of training rows whose class is replaced by "no class", for guidance
@@ -191,8 +191,8 @@ class PriorTrainConfig(TrainConfig):
     (benchmarks/prior.py), and AdamW's settings."""
 
     steps: int = 5000
-    batch_size: int = 32
-    lr: float = 1e-3
+    batch_size: int = 16
+    lr: float = 2e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     eval_every: int = 1000
