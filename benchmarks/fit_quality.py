@@ -19,6 +19,7 @@ the same fold, seed, K and steps, made now or by an earlier invocation, so the p
     python benchmarks/fit_quality.py                                   # every fold, vqtok and the reference
     python benchmarks/fit_quality.py --folds 0 --only vqtok --fit-args "--lr 1e-3"
     python benchmarks/fit_quality.py --codebook-size 8192 --seeds 0,1
+    python benchmarks/fit_quality.py --table-only --fit-args "--lr 1e-3"   # the table of runs made before
 """
 
 from __future__ import annotations
@@ -233,6 +234,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's choice).")
     parser.add_argument("--out", type=Path, default=Path("runs/fit_quality"))
+    parser.add_argument(
+        "--table-only", action="store_true", help="Print the table of the runs made before, training nothing."
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,7 +257,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     common = {"codebook_size": K, "steps": args.steps, "threads": torch.get_num_threads()}
     rows = []
-    for f in folds:
+    for f in folds if not args.table_only else []:
         fold = Fold(f, args.out / f"fold{f}")
         for seed in seeds:
             for who in ("vqtok", "reference"):
@@ -284,6 +288,15 @@ def main() -> None:
         and r["label"] == reference_label
         and all(r.get(k) == v for k, v in common.items() if k != "threads")
     }
+    if args.table_only:  # the latest run of each fold and seed
+        earlier = {
+            (r["fold"], r["seed"]): r
+            for r in stored
+            if r["who"] == "vqtok"
+            and r["label"] == label
+            and all(r.get(k) == v for k, v in common.items() if k != "threads")
+        }
+        rows = [earlier[key] for key in sorted(earlier) if key[0] in folds and key[1] in seeds]
     if args.only == "reference":
         rows = [r for r in references.values() if r["fold"] in folds and r["seed"] in seeds]
         references = {}
