@@ -281,21 +281,20 @@ def main() -> None:
                     rows.append(entry)
 
     stored = [json.loads(line) for line in results.read_text().splitlines()]
-    references = {
-        (r["fold"], r["seed"]): r
-        for r in stored
-        if r["who"] == "reference"
-        and r["label"] == reference_label
-        and all(r.get(k) == v for k, v in common.items() if k != "threads")
-    }
-    if args.table_only:  # the latest run of each fold and seed
-        earlier = {
+
+    def latest(who: str, run_label: str) -> dict:
+        """The latest stored run of each (fold, seed) with this label, K and steps, on any thread count."""
+        return {
             (r["fold"], r["seed"]): r
             for r in stored
-            if r["who"] == "vqtok"
-            and r["label"] == label
-            and all(r.get(k) == v for k, v in common.items() if k != "threads")
+            if r["who"] == who
+            and r["label"] == run_label
+            and all(r.get(k) == common[k] for k in common if k != "threads")
         }
+
+    references = latest("reference", reference_label)
+    if args.table_only:
+        earlier = latest("vqtok", label)
         rows = [earlier[key] for key in sorted(earlier) if key[0] in folds and key[1] in seeds]
     if args.only == "reference":
         rows = [r for r in references.values() if r["fold"] in folds and r["seed"] in seeds]
