@@ -257,7 +257,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     common = {"codebook_size": K, "steps": args.steps, "threads": torch.get_num_threads()}
     rows = []
-    for f in folds if not args.table_only else []:
+    for f in [] if args.table_only else folds:  # --table-only trains nothing
         fold = Fold(f, args.out / f"fold{f}")
         for seed in seeds:
             for who in ("vqtok", "reference"):

@@ -127,9 +127,8 @@ class VectorQuantizer(nn.Module):
     """Replaces each D-vector of an encoder's (B, D, h, w) output by its nearest of K codes.
 
     forward(z) -> (z_q, codes, loss): z_q (B, D, h, w) passes the decoder's
-    gradient straight through to z; codes
-    (B, h, w) int64; loss is the codebook loss (only when decay is None) plus
-    beta times the commitment loss. With `decay`, the codebook follows an
+    gradient straight through to z; codes (B, h, w) int64; loss is the
+    codebook loss (only when decay is None) plus beta times the commitment loss. With `decay`, the codebook follows an
     exponential moving average of the encoder outputs assigned to each code,
     with Laplace-smoothed counts.
 
