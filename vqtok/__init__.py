@@ -6,14 +6,14 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["VQVAE", "ModelConfig", "__version__"]
+__all__ = ["VQVAE", "ModelConfig", "load_tokenizer", "__version__"]
 
 
 def __getattr__(name):
-    if name == "VQVAE":
-        from vqtok.model import VQVAE
+    if name in ("VQVAE", "load_tokenizer"):
+        from vqtok import tokenizers
 
-        return VQVAE
+        return getattr(tokenizers, name)
     if name == "ModelConfig":
         from vqtok.config import ModelConfig
 

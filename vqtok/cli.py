@@ -125,9 +125,9 @@ def info(path, as_json, storage_options):
 
 
 def model_summary(path: str, storage_options: dict) -> tuple[dict, list[tuple[str, str]]]:
-    from vqtok.model import VQVAE
+    from vqtok.tokenizers import load_tokenizer
 
-    model = VQVAE.from_pretrained(path, storage_options=storage_options)
+    model = load_tokenizer(path, storage_options=storage_options)
     config = model.config
     summary = {
         "path": path,

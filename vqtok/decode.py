@@ -25,7 +25,7 @@ import torch
 
 from vqtok.errors import ConfigError, StoreError
 from vqtok.files import write_atomically
-from vqtok.model import VQVAE, pick_device
+from vqtok.tokenizers import load_tokenizer, pick_device
 from vqtok.progress import ProgressBar
 from vqtok.storage import is_url
 from vqtok.store import RESERVED_COLUMNS, TokenSet, check_code_range, codes_array
@@ -115,7 +115,7 @@ def decode(
     if is_url(os.fspath(out)):
         raise ConfigError(f"decode writes images into a local folder; {out} is a URL")
     started = time.perf_counter()
-    model = VQVAE.from_pretrained(model_dir, device=pick_device(device), storage_options=storage_options)
+    model = load_tokenizer(model_dir, device=pick_device(device), storage_options=storage_options)
     model.to(memory_format=torch.channels_last)
     token_set = TokenSet(tokens, storage_options=storage_options)  # every file's columns, and one tokenizer
     token_set.check_tokenizer(model.model_id, model.codebook_size, model.grid_size, force)

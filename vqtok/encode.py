@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vqtok.data import sample_image
 from vqtok.errors import ConfigError, DataError
-from vqtok.model import VQVAE, pick_device
+from vqtok.tokenizers import Tokenizer, load_tokenizer, pick_device
 from vqtok.progress import ProgressBar
 from vqtok.sources import FILES_PER_PART, Unit, expand_inputs, iter_samples
 from vqtok.store import TokenSettings, TokenStore, check_keep, parse_kept
@@ -158,7 +158,7 @@ def encode(
     rank, world_size = process_rank()
     torch_device = pick_device(device)
     autocast_dtype = pick_precision(precision, torch_device)
-    model = VQVAE.from_pretrained(model_dir, device=torch_device, storage_options=storage_options).eval()
+    model = load_tokenizer(model_dir, device=torch_device, storage_options=storage_options)
     model.to(memory_format=torch.channels_last)  # the layout CPU (oneDNN) and GPU convolutions run fastest in
     image_size = image_size or model.config.image_size
     settings = TokenSettings(
@@ -196,7 +196,7 @@ def encode(
 
 
 def _run(
-    loader, model: VQVAE, store: TokenStore, autocast_dtype, result: EncodeResult, progress, started: float
+    loader, model: Tokenizer, store: TokenStore, autocast_dtype, result: EncodeResult, progress, started: float
 ) -> None:
     writers = {}
     encode_seconds: dict[str, float] = {}
@@ -242,7 +242,7 @@ def _run(
             writer.abort()
 
 
-def encode_images(model: VQVAE, images: torch.Tensor, autocast_dtype: torch.dtype | None = None):
+def encode_images(model: Tokenizer, images: torch.Tensor, autocast_dtype: torch.dtype | None = None):
     """uint8 (B, 3, S, S) -> codes as a numpy array (B, h, w), in the smallest type that holds K."""
     x = images.to(model.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     x = x.float().div_(255)  # (B, 3, S, S) in [0, 1], converted on the device: 4x less to copy

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import DataError
-from vqtok.model import VQVAE, pick_device
+from vqtok.tokenizers import load_tokenizer, pick_device
 
 SSIM_SIGMA, SSIM_WINDOW = 1.5, 11  # Wang et al.'s window: 11 taps, as scikit-image's gaussian_weights=True
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (K1 * L)^2, (K2 * L)^2 for a data range L of 1
@@ -309,7 +309,7 @@ def evaluate_shards(
         rank, world_size = state.process_index, state.num_processes
     else:
         rank = 0
-    model = VQVAE.from_pretrained(model_dir, device=pick_device(device), storage_options=storage_options)
+    model = load_tokenizer(model_dir, device=pick_device(device), storage_options=storage_options)
     model.to(memory_format=torch.channels_last)
     image_size = image_size or model.config.image_size
     model.grid_size(image_size)  # a size the model cannot encode is refused before any image is read

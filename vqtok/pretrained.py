@@ -42,9 +42,10 @@ def save_directory(
     kind: str,
     config: dict,
     storage_options: dict | None = None,
+    extra: dict | None = None,
 ) -> Path | str:
     """Write module's weights and config.json into directory (created if needed), a local path or a URL;
-    returns the directory (a Path, or the URL)."""
+    returns the directory (a Path, or the URL). `extra` adds entries to config.json beside the config."""
     from safetensors.torch import save_file
 
     where = Location.of(directory, storage_options)
@@ -56,6 +57,7 @@ def save_directory(
         "kind": kind,
         "model_id": weights_hash(state),
         "config": config,
+        **(extra or {}),
     }
     # Each file whole or not at all (renamed into place, or uploaded in one piece), the weights before the
     # config.json that names them, so a crash never leaves half a model.
@@ -134,6 +136,10 @@ class Pretrained:
     KIND: str
     config_class: type
 
+    def header_extras(self) -> dict:
+        """Entries of config.json beside the config that a subclass records (a tokenizer's family, say)."""
+        return {}
+
     @property
     def model_id(self) -> str:
         """A hash of the weights: token files and priors carry it, so codes never meet another model."""
@@ -142,7 +148,9 @@ class Pretrained:
     def save_pretrained(self, directory: str | os.PathLike, storage_options: dict | None = None) -> Path | str:
         """Write config.json and model.safetensors into directory (created if needed), a local path or a URL
         that fsspec opens; returns the directory (a Path, or the URL)."""
-        return save_directory(directory, self, self.KIND, self.config.to_dict(), storage_options)
+        return save_directory(
+            directory, self, self.KIND, self.config.to_dict(), storage_options, extra=self.header_extras()
+        )
 
     @classmethod
     def from_pretrained(
@@ -150,7 +158,11 @@ class Pretrained:
     ):
         """Load a directory written by save_pretrained (a local path or a URL), in eval mode. Reads no pickle."""
         where = Location.of(directory, storage_options)
-        header = read_header(where, cls.KIND)
+        return cls.from_header(where, read_header(where, cls.KIND), device)
+
+    @classmethod
+    def from_header(cls, where: Location, header: dict, device: str | torch.device = "cpu"):
+        """The model of a directory whose config.json (`read_header`) has been read already."""
         try:
             config = cls.config_class.from_dict(header["config"])
         except (ConfigError, TypeError) as e:

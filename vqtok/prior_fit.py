@@ -246,9 +246,9 @@ def held_out_nll(prior: Prior, loader, cond: str | None, device: torch.device) -
 
 def load_tokenizer(path: str | Path, config: PriorConfig):
     """The tokenizer that made the tokens, to decode samples with; ConfigError for another one."""
-    from vqtok.model import VQVAE
+    from vqtok.tokenizers import load_tokenizer
 
-    model = VQVAE.from_pretrained(path)
+    model = load_tokenizer(path)
     if model.model_id != config.tokenizer:
         raise ConfigError(
             f"--tokenizer {path} is model {model.model_id}, but the tokens were made by model {config.tokenizer}"

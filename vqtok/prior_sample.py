@@ -24,7 +24,7 @@ import torch
 
 from vqtok.encode import process_rank
 from vqtok.errors import ConfigError
-from vqtok.model import pick_device
+from vqtok.tokenizers import pick_device
 from vqtok.pretrained import CONFIG_NAME
 from vqtok.prior import Prior
 from vqtok.progress import ProgressBar

@@ -25,7 +25,7 @@ from vqtok.config import ModelConfig, TrainConfig
 from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import ConfigError
 from vqtok.evaluate import evaluate
-from vqtok.model import VQVAE
+from vqtok.tokenizers import Tokenizer, build_tokenizer
 from vqtok.progress import ProgressBar
 from vqtok.runs import Run, lr_lambda
 
@@ -40,7 +40,7 @@ class FitResult:
     main_process: bool  # whether this process is the one that reports
 
 
-def codebook_digest(model: VQVAE) -> str:
+def codebook_digest(model: Tokenizer) -> str:
     return hashlib.sha256(model.quantizer.codebook.detach().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -84,7 +84,7 @@ def fit(
         world_size=world,
     )
 
-    model = VQVAE(model_config).to(accelerator.device, memory_format=torch.channels_last)
+    model = build_tokenizer(model_config).to(accelerator.device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = LambdaLR(optimizer, lr_lambda(cfg))
     # The loader is not prepared: its stream is already split by process and endless on each. Nor
@@ -92,7 +92,7 @@ def fit(
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     run.restore()
-    raw_model: VQVAE = accelerator.unwrap_model(model)
+    raw_model: Tokenizer = accelerator.unwrap_model(model)
     record = run.record
 
     def evaluate_and_record(step: int) -> dict:

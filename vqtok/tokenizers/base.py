@@ -1,0 +1,160 @@
+"""What every command asks of a tokenizer, whatever its family: `Tokenizer`.
+
+A family (the paper's VQ-VAE in `vqvae.py`, the VQGAN network in `vqgan.py`) is an encoder to a latent grid,
+vqtok's vector quantizer, and a decoder back; it says how its own networks map pixels in its range to
+latents and back (`encode_latent`, `decode_latent`), and this class does the rest the same way for all:
+
+    codes = tok.encode(images)   # float (B, 3, H, W) in [0, 1] -> int64 (B, h, w)
+    images = tok.decode(codes)   # int (B, h, w) in [0, K) -> float (B, 3, H, W) in [0, 1]
+    tok(images)                  # the training forward: reconstruction, codes and losses
+    tok.codebook_size, tok.stride, tok.grid_size(256), tok.model_id, tok.config
+    tok.save_pretrained(dir), Family.from_pretrained(dir), vqtok.load_tokenizer(dir)
+
+Every family here works in [-1, 1] inside (taming, LlamaGen and diffusers alike), so the [0, 1] contract of
+the commands is kept at the boundary, in `encode`, `decode` and `forward` alone.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqtok.errors import ConfigError, ModelFormatError
+from vqtok.pretrained import Pretrained
+
+from .quantizers import VectorQuantizer
+
+
+class TokenizerOutput(NamedTuple):
+    recon: torch.Tensor  # (B, C, H, W), in image space [0, 1] but not clamped
+    codes: torch.Tensor  # (B, h, w) int64
+    recon_loss: torch.Tensor  # MSE in the model's [-1, 1] input space
+    vq_loss: torch.Tensor  # codebook (without EMA) + beta * commitment
+    loss: torch.Tensor  # recon_loss + vq_loss, what training minimises
+
+
+def quantizer_from(config) -> VectorQuantizer:
+    """The vector quantizer a family's config describes (every family's config has these fields)."""
+    return VectorQuantizer(
+        config.codebook_size,
+        config.code_dim,
+        beta=config.beta,
+        decay=config.decay,
+        kmeans_init=config.kmeans_init,
+        dead_code_window=config.dead_code_window,
+        lookup_dim=config.lookup_dim,
+        normalize=config.normalize_codes,
+        rare_code_share=config.rare_code_share,
+    )
+
+
+class Tokenizer(Pretrained, nn.Module):
+    """Images <-> (h, w) grids of codebook indices; saved and loaded as a model directory (`Pretrained`)
+    whose config.json names the family. A subclass sets FAMILY and config_class, builds `self.quantizer`,
+    and implements encode_latent and decode_latent. `source` is where an imported model came from."""
+
+    KIND = "tokenizer"  # what config.json's "kind" says of every tokenizer's directory
+    FAMILY: str
+    quantizer: VectorQuantizer
+
+    source: dict | None = None  # {"format", "file", "sha256"} for a model converted by `vqtok import`
+
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> latents z_e (B, D, h, w) for the quantizer."""
+        raise NotImplementedError
+
+    def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantized latents (B, D, h, w) -> images (B, C, H, W) in about [-1, 1]."""
+        raise NotImplementedError
+
+    # -- what the commands use -------------------------------------------------
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def stride(self) -> int:
+        """Image pixels per code along each side."""
+        return self.config.stride
+
+    @property
+    def device(self) -> torch.device:
+        return self.quantizer.codebook.device
+
+    def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the code grid for images of this size (an int for square images)."""
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        stride = self.stride
+        if height % stride or width % stride or height < stride or width < stride:
+            raise ConfigError(f"image size {height}x{width} is not a positive multiple of the model's stride {stride}")
+        return height // stride, width // stride
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(f"images must be (B, {self.config.in_channels}, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floats in [0, 1], got {images.dtype}")
+        self.grid_size(tuple(images.shape[2:]))
+
+    def forward(self, images: torch.Tensor) -> TokenizerOutput:
+        """A training step's forward: images (B, C, H, W) in [0, 1]."""
+        x = images * 2 - 1  # (B, C, H, W) in [-1, 1]
+        z_e = self.encode_latent(x)  # (B, D, h, w)
+        z_q, codes, vq_loss = self.quantizer(z_e)
+        out = self.decode_latent(z_q)  # (B, C, H, W)
+        recon_loss = F.mse_loss(out.float(), x.float())
+        return TokenizerOutput((out + 1) / 2, codes, recon_loss, vq_loss, recon_loss + vq_loss)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images float (B, C, H, W) in [0, 1] -> codes int64 (B, H/s, W/s)."""
+        self._check_images(images)
+        images = images.to(self.device, non_blocking=True)
+        return self.quantizer.nearest(self.encode_latent(images * 2 - 1))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes int (B, h, w) in [0, K) -> images float (B, C, h*s, w*s) in [0, 1]."""
+        if codes.ndim != 3 or codes.is_floating_point() or codes.is_complex():
+            raise ValueError(f"codes must be integers of shape (B, h, w), got {codes.dtype} {tuple(codes.shape)}")
+        codes = codes.to(self.device, torch.long, non_blocking=True)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+        out = self.decode_latent(self.quantizer.lookup(codes))  # (B, C, H, W)
+        return ((out.float() + 1) / 2).clamp_(0, 1)
+
+    # -- the model directory ---------------------------------------------------
+
+    def header_extras(self) -> dict:
+        return {"family": self.FAMILY, **({"source": self.source} if self.source else {})}
+
+    @classmethod
+    def from_header(cls, where, header: dict, device: str | torch.device = "cpu"):
+        found = family_of(header)
+        if found != cls.FAMILY:
+            raise ModelFormatError(
+                f"{where} holds a {found} tokenizer, not a {cls.FAMILY}: load it with vqtok.load_tokenizer"
+            )
+        model = super().from_header(where, header, device)
+        model.source = header.get("source")
+        return model
+
+
+def family_of(header: dict) -> str:
+    """The family a tokenizer directory's config.json names; directories saved before families were recorded
+    hold the paper's VQ-VAE."""
+    return header.get("family", "vqvae")
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: this process's GPU (LOCAL_RANK under a launcher) when there is one, else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is available")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
