@@ -25,10 +25,10 @@ import torch
 
 from vqtok.errors import ConfigError, StoreError
 from vqtok.files import write_atomically
-from vqtok.tokenizers import load_tokenizer, pick_device
 from vqtok.progress import ProgressBar
 from vqtok.storage import is_url
 from vqtok.store import RESERVED_COLUMNS, TokenSet, check_code_range, codes_array
+from vqtok.tokenizers import load_tokenizer, pick_device
 
 FORMATS = ("png", "wds")
 WDS_SHARD_SAMPLES = 10_000

@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vqtok.data import sample_image
 from vqtok.errors import ConfigError, DataError
-from vqtok.tokenizers import Tokenizer, load_tokenizer, pick_device
 from vqtok.progress import ProgressBar
 from vqtok.sources import FILES_PER_PART, Unit, expand_inputs, iter_samples
 from vqtok.store import TokenSettings, TokenStore, check_keep, parse_kept
+from vqtok.tokenizers import Tokenizer, load_tokenizer, pick_device
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -24,11 +24,11 @@ import torch
 
 from vqtok.encode import process_rank
 from vqtok.errors import ConfigError
-from vqtok.tokenizers import pick_device
 from vqtok.pretrained import CONFIG_NAME
 from vqtok.prior import Prior
 from vqtok.progress import ProgressBar
 from vqtok.store import TokenSettings, TokenStore
+from vqtok.tokenizers import pick_device
 
 SHARD_ROWS = 1024
 DEFAULT_N = 64

@@ -25,9 +25,9 @@ from vqtok.config import ModelConfig, TrainConfig
 from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import ConfigError
 from vqtok.evaluate import evaluate
-from vqtok.tokenizers import Tokenizer, build_tokenizer
 from vqtok.progress import ProgressBar
 from vqtok.runs import Run, lr_lambda
+from vqtok.tokenizers import Tokenizer, build_tokenizer
 
 
 @dataclass
