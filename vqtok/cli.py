@@ -430,6 +430,14 @@ def eval_(model_dir, inputs, as_json, storage_options, **options):
 )
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option(
+    "--augment",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "flip", "ten-crop"]),
+    help="Also store each image's extra views in a column aug_codes, as LlamaGen does: the image mirrored, or "
+    "ten crops (corners, centre, mirrored) of a centre square 1.1 times larger.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a token dataset made with other settings or listings.")
 @storage_options_option
 @user_errors
@@ -451,6 +459,7 @@ def encode(inputs, out, model_dir, keep, storage_options, **options):
         vqtok encode shards/train-{000000..000099}.tar tokens.parquet --model runs/x/model --keep cls,txt
         vqtok encode imagenet/train/ imagenet.parquet --model runs/x/model --class-from-folder
         vqtok encode cifar10/plain_text/ cifar.parquet --model runs/x/model --keep label
+        vqtok encode imagenet/train/ imagenet.parquet --model runs/x/model --class-from-folder --augment flip
         vqtok encode s3://bucket/shards/ s3://bucket/tokens.parquet --model s3://bucket/runs/x/model
         accelerate launch --multi_gpu --num_processes 8 -m vqtok encode shards/ tokens.parquet --model runs/x/model
     """
