@@ -622,8 +622,13 @@ def prior():
     type=click.Path(exists=True, file_okay=False),
     help="The tokenizer that made the tokens: each evaluation then decodes samples into samples/.",
 )
+@click.option(
+    "--plain-only",
+    is_flag=True,
+    help="Train on each image's plain grid only, not on the augmented views of tokens encoded with --augment.",
+)
 @user_errors
-def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, **overrides):
+def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, plain_only, **overrides):
     """Train a prior (a transformer over the codes in raster order) on token grids.
 
     TOKENS are token datasets written by `vqtok encode`, Parquet files of
@@ -631,7 +636,9 @@ def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, **override
     is class-conditional (the class is its first token) and can be sampled
     with classifier-free guidance. Held-out --val tokens are scored in bits
     per code at each evaluation. Runs on one CPU or GPU, or on many under
-    `accelerate launch`.
+    `accelerate launch`. Tokens encoded with --augment give each image one
+    of its grids per epoch, the plain one or a view, each equally likely,
+    unless --plain-only; held-out tokens are scored on their plain grids.
 
     \b
     Examples:
@@ -643,7 +650,15 @@ def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, **override
 
     config, train_config = load_recipe(config_path, overrides, PriorConfig, PriorTrainConfig)
     result = fit_prior(
-        list(tokens), out, config, train_config, val=list(val), cond=cond, tokenizer=tokenizer, resume=resume
+        list(tokens),
+        out,
+        config,
+        train_config,
+        val=list(val),
+        cond=cond,
+        tokenizer=tokenizer,
+        resume=resume,
+        plain_only=plain_only,
     )
     if result.main_process and "bits_per_code" in result.metrics:
         click.echo(f"held-out {result.metrics['bits_per_code']:.4f} bits per code")

@@ -223,8 +223,7 @@ def codes_array(column: pa.ChunkedArray | pa.Array, views: bool = False) -> np.n
     """
     check_grid_type(column.type, views)
     name = VIEWS_COLUMN if views else "codes"
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    column = _combined(column)
     n = len(column)
     if column.null_count:
         raise StoreError(f"{name} column holds nulls")
@@ -242,6 +241,35 @@ def codes_array(column: pa.ChunkedArray | pa.Array, views: bool = False) -> np.n
     if array.null_count:
         raise StoreError(f"{name} grids hold nulls")
     return np.array(array.to_numpy(zero_copy_only=False), dtype=np.int64).reshape(n, *shape)  # a writable copy
+
+
+def _combined(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    return column
+
+
+def view_count(column: pa.ChunkedArray | pa.Array) -> int:
+    """How many grids each row of an `aug_codes` column holds; StoreError when rows differ, or have none."""
+    check_grid_type(column.type, views=True)
+    column = _combined(column)
+    if column.null_count:
+        raise StoreError(f"{VIEWS_COLUMN} column holds nulls")
+    if pa.types.is_fixed_size_list(column.type):
+        return column.type.list_size
+    lengths = np.asarray(column.value_lengths())
+    count = int(lengths[0]) if len(lengths) else 0
+    if (lengths != count).any():
+        raise StoreError(f"{VIEWS_COLUMN}: rows hold different numbers of views")
+    return count
+
+
+def take_views(column: pa.ChunkedArray | pa.Array, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """Row rows[i]'s view views[i] of an `aug_codes` column -> int64 (len(rows), h, w), converting only those
+    grids."""
+    count = view_count(column)
+    grids = _combined(column).flatten()  # (N * V) grids, a row's views one after another
+    return codes_array(grids.take(pa.array(np.asarray(rows) * count + np.asarray(views), pa.int64())))
 
 
 # ---------------------------------------------------------------------------------------------- writing
