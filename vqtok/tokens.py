@@ -131,7 +131,8 @@ class TokenDataset(IterableDataset):
         """A view in [0, V] for every row of a whole row group, drawn from the seed, the epoch and the row group
         alone, so that every split of it across workers and processes draws the same."""
         views = view_count(column) + 1  # the plain grid and the V of aug_codes
-        return np.random.default_rng([self.seed, epoch, unit]).integers(0, views, self.tokens.unit_rows[unit])
+        rng = np.random.default_rng(random.Random(f"vqtok-views:{self.seed}:{epoch}:{unit}").getrandbits(64))
+        return rng.integers(0, views, self.tokens.unit_rows[unit])
 
     @staticmethod
     def _with_views(codes: np.ndarray, column, chosen: np.ndarray, file) -> np.ndarray:
