@@ -85,9 +85,13 @@ def test_flip_view_is_the_flipped_image_encoded_on_its_own(model_dir, shards, tm
     samples = {s["__key__"]: s for i in range(3) for s in samples_of(i)}
     assert sorted(rows) == sorted(samples)
     for key, row in rows.items():
-        crop = center_crop(decode_image(samples[key]["png"], SIZE), SIZE)
+        image = decode_image(samples[key]["png"], SIZE)
+        crop = center_crop(image, SIZE)
         assert row["views"].shape == (1, 8, 8)
         assert np.array_equal(row["views"][0], encode_alone(model, crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+        # Here the mirrored crop is also the crop of the mirrored image, pixel for pixel.
+        mirrored = center_crop(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), SIZE)
+        assert np.array_equal(row["views"][0], encode_alone(model, mirrored))
         assert np.array_equal(row["codes"], encode_alone(model, crop))
     assert any(not np.array_equal(row["codes"], row["views"][0]) for row in rows.values())
 
