@@ -317,6 +317,8 @@ def test_prior_fit_trains_on_the_views_and_scores_held_out_plain_grids(model_dir
             assert all("views_drawn" not in m for m in train_logs)
         assert [m["grids"] for m in metrics if m["split"] == "val"] == [10]  # held out: one plain grid per row
         priors[name] = Prior.from_pretrained(out / "model")
+    resumed = CliRunner().invoke(cli, [*map(str, args), "--resume"])  # the plain run, resumed drawing views
+    assert resumed.exit_code == 1 and "views changed" in resumed.output
 
     # Only the prior trained on views has seen codes 4-7: it gives grids of them far more probability.
     grids = torch.from_numpy(np.random.default_rng(0).integers(4, 8, (32, 4, 4)))
