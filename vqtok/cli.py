@@ -430,6 +430,14 @@ def eval_(model_dir, inputs, as_json, storage_options, **options):
 )
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option(
+    "--augment",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "flip", "ten-crop"]),
+    help="Also store each image's extra views in a column aug_codes, as LlamaGen does: the image mirrored, or "
+    "ten crops (corners, centre, mirrored) of a centre square 1.1 times larger.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a token dataset made with other settings or listings.")
 @storage_options_option
 @user_errors
@@ -451,6 +459,7 @@ def encode(inputs, out, model_dir, keep, storage_options, **options):
         vqtok encode shards/train-{000000..000099}.tar tokens.parquet --model runs/x/model --keep cls,txt
         vqtok encode imagenet/train/ imagenet.parquet --model runs/x/model --class-from-folder
         vqtok encode cifar10/plain_text/ cifar.parquet --model runs/x/model --keep label
+        vqtok encode imagenet/train/ imagenet.parquet --model runs/x/model --class-from-folder --augment flip
         vqtok encode s3://bucket/shards/ s3://bucket/tokens.parquet --model s3://bucket/runs/x/model
         accelerate launch --multi_gpu --num_processes 8 -m vqtok encode shards/ tokens.parquet --model runs/x/model
     """
@@ -613,8 +622,13 @@ def prior():
     type=click.Path(exists=True, file_okay=False),
     help="The tokenizer that made the tokens: each evaluation then decodes samples into samples/.",
 )
+@click.option(
+    "--plain-only",
+    is_flag=True,
+    help="Train on each image's plain grid only, not on the augmented views of tokens encoded with --augment.",
+)
 @user_errors
-def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, **overrides):
+def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, plain_only, **overrides):
     """Train a prior (a transformer over the codes in raster order) on token grids.
 
     TOKENS are token datasets written by `vqtok encode`, Parquet files of
@@ -622,7 +636,9 @@ def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, **override
     is class-conditional (the class is its first token) and can be sampled
     with classifier-free guidance. Held-out --val tokens are scored in bits
     per code at each evaluation. Runs on one CPU or GPU, or on many under
-    `accelerate launch`.
+    `accelerate launch`. Tokens encoded with --augment give each image one
+    of its grids per epoch, the plain one or a view, each equally likely,
+    unless --plain-only; held-out tokens are scored on their plain grids.
 
     \b
     Examples:
@@ -634,7 +650,15 @@ def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, **override
 
     config, train_config = load_recipe(config_path, overrides, PriorConfig, PriorTrainConfig)
     result = fit_prior(
-        list(tokens), out, config, train_config, val=list(val), cond=cond, tokenizer=tokenizer, resume=resume
+        list(tokens),
+        out,
+        config,
+        train_config,
+        val=list(val),
+        cond=cond,
+        tokenizer=tokenizer,
+        resume=resume,
+        plain_only=plain_only,
     )
     if result.main_process and "bits_per_code" in result.metrics:
         click.echo(f"held-out {result.metrics['bits_per_code']:.4f} bits per code")

@@ -6,6 +6,9 @@ called shards here): it becomes one part file, committed whole (see `vqtok.store
 DataLoader worker, so processes never talk and no sample is padded or read twice. Workers read, decode and
 crop; each batch they hand over belongs to one shard, and the last batch of a shard says so, which lets the
 main process, busy running the model, commit shards as they end without holding more than a batch each.
+
+With `augment`, each image's extra views (`vqtok.store.AUGMENT_VIEWS`) are encoded beside it, on the device:
+the plain crop mirrored, or ten crops of a larger centre square that the workers make as well.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -23,7 +27,7 @@ from vqtok.data import sample_image
 from vqtok.errors import ConfigError, DataError
 from vqtok.progress import ProgressBar
 from vqtok.sources import FILES_PER_PART, Unit, expand_inputs, iter_samples
-from vqtok.store import TokenSettings, TokenStore, check_keep, parse_kept
+from vqtok.store import AUGMENT_VIEWS, TEN_CROP_RANGE, TokenSettings, TokenStore, check_keep, parse_kept
 from vqtok.tokenizers import Tokenizer, load_tokenizer, pick_device
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,7 +63,8 @@ class EncodeResult:
 class ShardBatches(IterableDataset):
     """Units -> batches of one unit each: {"shard" (its name), "images" uint8 (B, 3, S, S), "keys", "kept",
     "errors", "last", and on the last batch "samples", "failure", "read_seconds"}. `keep` is the carried
-    fields, `keep_types` their column types."""
+    fields, `keep_types` their column types. With `large_size` L, "large" holds each image's centre square
+    cropped to L as well, uint8 (B, 3, L, L), which ten-crop cuts its crops from."""
 
     def __init__(
         self,
@@ -68,12 +73,14 @@ class ShardBatches(IterableDataset):
         batch_size: int,
         keep: Sequence[str] = (),
         keep_types: Sequence[str] = (),
+        large_size: int | None = None,
     ) -> None:
         self.units = list(units)
         self.image_size = image_size
         self.batch_size = batch_size
         self.keep = tuple(keep)
         self.keep_types = tuple(keep_types) or ("",) * len(self.keep)
+        self.large_size = large_size
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -91,6 +98,9 @@ class ShardBatches(IterableDataset):
                 samples += 1
                 try:
                     image = sample_image(sample, self.image_size)
+                    # Decoded again for the larger size: a JPEG is decoded at a scale that suits the size
+                    # asked for, and the plain view must be the one a run without augmentation sees.
+                    large = sample_image(sample, self.large_size) if self.large_size else None
                     kept = {
                         name: parse_kept(name, sample.fields.get(name), column_type)
                         for name, column_type in zip(self.keep, self.keep_types, strict=True)
@@ -99,6 +109,8 @@ class ShardBatches(IterableDataset):
                     batch["errors"].append((sample.key, str(exc)))
                     continue
                 batch["images"].append(image)
+                if large is not None:
+                    batch["large"].append(large)
                 batch["keys"].append(sample.key)
                 for name, value in kept.items():
                     batch["kept"][name].append(value)
@@ -114,12 +126,18 @@ class ShardBatches(IterableDataset):
         yield {**self._stack(batch), "last": True, "samples": samples, "failure": failure, "read_seconds": busy}
 
     def _empty(self, shard: str) -> dict:
-        return {"shard": shard, "images": [], "keys": [], "kept": {n: [] for n in self.keep}, "errors": []}
+        batch = {"shard": shard, "images": [], "keys": [], "kept": {n: [] for n in self.keep}, "errors": []}
+        return {**batch, "large": []} if self.large_size else batch
 
     def _stack(self, batch: dict) -> dict:
-        side = self.image_size
-        images = torch.stack(batch["images"]) if batch["images"] else torch.empty(0, 3, side, side, dtype=torch.uint8)
-        return {**batch, "images": images, "last": False}
+        stacked = {**batch, "images": _stack_images(batch["images"], self.image_size), "last": False}
+        if self.large_size:
+            stacked["large"] = _stack_images(batch["large"], self.large_size)
+        return stacked
+
+
+def _stack_images(images: list[torch.Tensor], side: int) -> torch.Tensor:
+    return torch.stack(images) if images else torch.empty(0, 3, side, side, dtype=torch.uint8)
 
 
 def encode(
@@ -139,10 +157,14 @@ def encode(
     overwrite: bool = False,
     storage_options: dict | None = None,
     show_progress: bool = True,
+    augment: str = "none",
 ) -> EncodeResult:
     """Tokenize the images of `inputs` (shards, image folders, Parquet files; paths or URLs) into the token
     dataset `out`, skipping the units an earlier run finished. With `class_from_folder`, an image folder's
-    first level becomes the carried integer `cls`."""
+    first level becomes the carried integer `cls`. With `augment` ("flip" or "ten-crop"), each row also holds
+    the codes of the image's extra views, as LlamaGen's extract_codes_c2i.py makes them."""
+    if augment not in AUGMENT_VIEWS:
+        raise ConfigError(f"augment must be one of {', '.join(AUGMENT_VIEWS)}, not {augment!r}")
     started = time.perf_counter()
     keep = check_keep([*keep, *(["cls"] if class_from_folder else [])])
     # One shard, one name: expand_inputs resolves `shards/x.tar`, `./shards/x.tar` and a link to it alike.
@@ -171,6 +193,7 @@ def encode(
         precision=precision,
         keep_types=found.kept_types,
         classes=found.classes,
+        augment=augment,
     )
     store = TokenStore(out, settings, storage_options)
     mine = urls[rank::world_size]
@@ -181,8 +204,9 @@ def encode(
     result = EncodeResult(store.path, rank, world_size, shards=len(mine), skipped=len(mine) - len(todo))
     progress = ProgressBar("encode shards", len(mine), len(mine) - len(todo), enabled=show_progress and rank == 0)
     if todo:
+        large_size = int(image_size * TEN_CROP_RANGE) if augment == "ten-crop" else None  # LlamaGen's crop_size
         loader = DataLoader(
-            ShardBatches(todo, image_size, batch_size, settings.keep, settings.keep_types),
+            ShardBatches(todo, image_size, batch_size, settings.keep, settings.keep_types, large_size),
             batch_size=None,  # batches are made in the workers, one shard each
             num_workers=min(num_workers, len(todo)),
             pin_memory=torch_device.type == "cuda",
@@ -209,8 +233,10 @@ def _run(
             if len(batch["keys"]):
                 encoding = time.perf_counter()
                 codes = encode_images(model, batch["images"], autocast_dtype)
+                augment = store.settings.augment
+                views = None if augment == "none" else encode_views(model, batch, augment, autocast_dtype)
                 encode_seconds[shard] = encode_seconds.get(shard, 0.0) + time.perf_counter() - encoding
-                writer.add(batch["keys"], codes, batch["kept"])
+                writer.add(batch["keys"], codes, batch["kept"], views)
             writer.add_errors([tuple(error) for error in batch["errors"]])  # DataLoader hands tuples over as lists
             result.images += len(batch["keys"])
             result.errors += len(batch["errors"])
@@ -250,6 +276,33 @@ def encode_images(model: Tokenizer, images: torch.Tensor, autocast_dtype: torch.
         codes = model.encode(x)  # (B, h, w)
     dtype = torch.int32 if model.codebook_size > 2**16 else torch.uint16
     return codes.to(dtype).cpu().numpy()
+
+
+def augmented_views(images: torch.Tensor, large: torch.Tensor | None, augment: str) -> torch.Tensor:
+    """The extra views of a batch, uint8 (B, V, 3, S, S) in the order of AUGMENT_VIEWS[augment]: for "flip" the
+    images (B, 3, S, S) mirrored left to right; for "ten-crop" torchvision's TenCrop(S) of the larger squares
+    `large` (B, 3, L, L): four corners and the centre, then the same five of the squares mirrored."""
+    if augment == "flip":
+        return images.flip(-1)[:, None]
+    side, full = images.shape[-1], large.shape[-1]
+    centre = int(round((full - side) / 2))  # as torchvision's center_crop rounds
+    corners = [(0, 0), (0, full - side), (full - side, 0), (full - side, full - side), (centre, centre)]
+    squares = (large, large.flip(-1))
+    crops = [square[..., top : top + side, left : left + side] for square in squares for top, left in corners]
+    return torch.stack(crops, dim=1)
+
+
+def encode_views(model: Tokenizer, batch: dict, augment: str, autocast_dtype: torch.dtype | None) -> np.ndarray:
+    """The extra views of a batch of ShardBatches (see `augmented_views`), cut on the device and encoded B at a
+    time, so that the model never sees more images at once than --batch-size -> codes (B, V, h, w)."""
+    device = model.device
+    large = batch["large"].to(device, non_blocking=True) if "large" in batch else None
+    views = augmented_views(batch["images"].to(device, non_blocking=True), large, augment)  # (B, V, 3, S, S)
+    flat = views.flatten(0, 1)  # (B * V, 3, S, S)
+    step = len(views)
+    codes = [encode_images(model, flat[i : i + step], autocast_dtype) for i in range(0, len(flat), step)]
+    codes = np.concatenate(codes)  # (B * V, h, w)
+    return codes.reshape(*views.shape[:2], *codes.shape[1:])
 
 
 def process_rank() -> tuple[int, int]:

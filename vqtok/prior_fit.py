@@ -6,6 +6,10 @@ Everything about the tokens is checked before the first step: that one tokenizer
 K, grid), that every code lies in [0, K), and that the `--cond` column holds a class in [0, classes) on
 every row.
 
+Tokens encoded with augmented views (`vqtok encode --augment`) train on one of each image's grids per epoch,
+the plain one or a view, each equally likely (`TokenDataset(views=True)`), unless `plain_only`; held-out
+tokens are always scored on their plain grids.
+
 Layout of OUT (run.json, checkpoints/ and metrics.jsonl as every trainer's):
     model/                     the exported prior (config.json of kind "prior" + model.safetensors)
     samples/step-000500.png    with a tokenizer: grids sampled at each evaluation and decoded, a row per class
@@ -16,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +58,11 @@ class PriorData:
     val: TokenSet | None
     config: PriorConfig  # the recipe's config with K, grid, tokenizer, image size and classes filled in
     columns: list[str]  # [cond] or []
+
+    @property
+    def has_views(self) -> bool:
+        """Whether any training file holds augmented views."""
+        return any(self.train.has_views(file) for file in self.train.schemas)
 
 
 def open_tokens(tokens: list[str], val: list[str] | None, config: PriorConfig, cond: str | None = None) -> PriorData:
@@ -110,6 +120,7 @@ def fit_prior(
     tokenizer: str | Path | None = None,
     resume: bool = False,
     show_progress: bool = True,
+    plain_only: bool = False,
 ) -> PriorFitResult:
     from accelerate.utils import set_seed
 
@@ -117,7 +128,11 @@ def fit_prior(
     data = open_tokens(tokens, val, config, cond)
     config = data.config
     decoder = load_tokenizer(tokenizer, config) if tokenizer else None
-    run = Run(out, {"prior": config.to_dict(), "steps": cfg.steps, "cond": cond}, cfg, resume=resume)
+    settings = {"prior": config.to_dict(), "steps": cfg.steps, "cond": cond}
+    draw_views = data.has_views and not plain_only
+    if data.has_views:  # recorded only then, so that runs on plain tokens keep the run.json of before
+        settings["views"] = "drawn" if draw_views else "plain"
+    run = Run(out, settings, cfg, resume=resume)
     accelerator = run.accelerator
     start_step = run.start_step
     set_seed(cfg.seed)  # the same initial weights on every process; load_state restores a resumed run's RNGs
@@ -136,6 +151,7 @@ def fit_prior(
         rank=rank,
         world_size=world,
         repeat=True,
+        views=draw_views,
     )
     train_loader = DataLoader(
         dataset,
@@ -177,6 +193,7 @@ def fit_prior(
     loss_sum = torch.zeros((), device=accelerator.device)  # since the last log, kept on the device
     summed = 0
     codes_seen, started = 0, time.perf_counter()
+    views_drawn: Counter[int] = Counter()  # this process's grids per view since it started
     last_metrics: dict = {}
     step = start_step
     model.train()
@@ -186,6 +203,8 @@ def fit_prior(
             batch = next(batches)
             codes = batch["codes"].to(accelerator.device, non_blocking=True)  # (B, h, w)
             labels = batch[cond].to(accelerator.device) if cond else None  # (B,)
+            if draw_views:
+                views_drawn.update(batch["view"].tolist())
             with accelerator.accumulate(model):
                 _, loss = model(codes, labels)
                 accelerator.backward(loss)
@@ -214,6 +233,8 @@ def fit_prior(
                     "lr": scheduler.get_last_lr()[0],
                     "codes_per_second": rate,
                 }
+                if draw_views:
+                    entry["views_drawn"] = [views_drawn[i] for i in range(max(views_drawn) + 1)]
                 run.record(entry)
                 progress.update(status=f"{entry['bits_per_code']:.3f} bits/code  {rate:,.0f} codes/s")
             progress.update(step)

@@ -18,9 +18,11 @@ sees half a file, a shard's marker is written only after its data, and a crash a
 a shard to do again. A shard is done when its marker says so; a rerun skips done shards and does the others
 again, replacing what they left under the same names. docs/token-format.md states the guarantee.
 
-`codes` is `fixed_size_list<fixed_size_list<uint16>[w]>[h]` (int32 when K > 65536). Every part file's
-metadata holds the settings under the key `vqtok` as JSON: K, grid, image size, preprocessing, model id and
-vqtok version. Compression is zstd over dictionary-encoded codes, which stores a code in close to its entropy.
+`codes` is `fixed_size_list<fixed_size_list<uint16>[w]>[h]` (int32 when K > 65536). A dataset encoded with
+augmented views (`--augment`) has one more column, `aug_codes`: each image's extra grids, a fixed-size list of
+grids of the same type, named in the metadata's `views`; one row stays one image. Every part file's metadata
+holds the settings under the key `vqtok` as JSON: K, grid, image size, preprocessing, model id and vqtok
+version. Compression is zstd over dictionary-encoded codes, which stores a code in close to its entropy.
 """
 
 from __future__ import annotations
@@ -51,10 +53,17 @@ SUCCESS_NAME = "_SUCCESS"
 ERRORS_DIR = "_errors"
 STATS_DIR = "_stats"
 ROW_GROUP_ROWS = 4096  # the unit a prior's data loader reads at once: ~8 MB of 32x32 uint16 grids
-RESERVED_COLUMNS = ("key", "shard", "codes")
+VIEWS_COLUMN = "aug_codes"
+RESERVED_COLUMNS = ("key", "shard", "codes", VIEWS_COLUMN)
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": True}
 CARRIED_TYPES = ("int64", "float64", "bool", "string")
+# The extra grids each --augment stores in `aug_codes`, in order, after LlamaGen's extract_codes_c2i.py: the plain
+# view mirrored left to right; or torchvision's TenCrop of a TEN_CROP_RANGE times larger centre square: its four
+# corners and centre, then the same five crops of that square mirrored.
+CROPS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
+AUGMENT_VIEWS = {"none": (), "flip": ("flip",), "ten-crop": (*CROPS, *(f"flip_{crop}" for crop in CROPS))}
+TEN_CROP_RANGE = 1.1
 
 
 @dataclass(frozen=True)
@@ -70,15 +79,23 @@ class TokenSettings:
     precision: str = "fp32"  # the encoder's: bf16 or fp16 pick other codes for about 1% of vectors
     keep_types: tuple[str, ...] = ()  # each carried column's type; by default cls int64 and the others string
     classes: tuple[str, ...] = ()  # the class names that cls numbers (--class-from-folder), if any
+    augment: str = "none"  # the extra views in `aug_codes`: a key of AUGMENT_VIEWS
 
     def __post_init__(self) -> None:
         if not self.keep_types:  # what datasets written before the types were recorded hold
             object.__setattr__(self, "keep_types", tuple(default_kept_type(name) for name in self.keep))
         if len(self.keep_types) != len(self.keep) or not set(self.keep_types) <= set(CARRIED_TYPES):
             raise StoreError(f"carried types {self.keep_types} do not fit the carried fields {self.keep}")
+        if self.augment not in AUGMENT_VIEWS:
+            raise StoreError(f"augment must be one of {', '.join(AUGMENT_VIEWS)}, not {self.augment!r}")
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The names of the grids in `aug_codes`, in order; () without augmentation."""
+        return AUGMENT_VIEWS[self.augment]
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "format_version": FORMAT_VERSION,
             **asdict(self),
             "grid": list(self.grid),
@@ -86,6 +103,12 @@ class TokenSettings:
             "keep_types": list(self.keep_types),
             "classes": list(self.classes),
         }
+        # Without augmentation the settings are those written before it existed, byte for byte.
+        if self.augment == "none":
+            del data["augment"]
+        else:
+            data["views"] = list(self.views)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> TokenSettings:
@@ -103,6 +126,7 @@ class TokenSettings:
                 precision=str(data.get("precision", "fp32")),
                 keep_types=tuple(data.get("keep_types", ())),
                 classes=tuple(data.get("classes", ())),
+                augment=str(data.get("augment", "none")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed token settings: {exc!r}") from exc
@@ -156,54 +180,96 @@ def token_schema(settings: TokenSettings) -> pa.Schema:
     h, w = settings.grid
     codes = pa.list_(pa.list_(code_type(settings.codebook_size), w), h)
     fields = [("key", pa.string()), ("shard", pa.string()), ("codes", codes)]
+    if settings.views:
+        fields.append((VIEWS_COLUMN, pa.list_(codes, len(settings.views))))
     fields += [(name, pa.type_for_alias(t)) for name, t in zip(settings.keep, settings.keep_types, strict=True)]
     metadata = {METADATA_KEY: json.dumps({**settings.to_dict(), "vqtok_version": __version__}).encode()}
     return pa.schema(fields, metadata=metadata)
 
 
 def grid_array(codes: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
-    """(N, h, w) integers -> a fixed_size_list<fixed_size_list<value_type>[w]>[h] array, without copying rows."""
-    n, h, w = codes.shape
-    values = pa.array(np.ascontiguousarray(codes).reshape(-1).astype(value_type.to_pandas_dtype(), copy=False))
-    return pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(values, w), h)
+    """(N, h, w) integers -> a fixed_size_list<fixed_size_list<value_type>[w]>[h] array, without copying rows;
+    (N, V, h, w) -> a fixed-size list of V such grids per row (`aug_codes`)."""
+    array = pa.array(np.ascontiguousarray(codes).reshape(-1).astype(value_type.to_pandas_dtype(), copy=False))
+    for size in reversed(codes.shape[1:]):
+        array = pa.FixedSizeListArray.from_arrays(array, size)
+    return array
 
 
 def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
-def check_grid_type(t: pa.DataType) -> None:
-    """StoreError unless t is a list of lists of integers, the type of (h, w) grids."""
-    if not (_is_list(t) and _is_list(t.value_type) and pa.types.is_integer(t.value_type.value_type)):
-        raise StoreError(f"codes must be (h, w) grids of integers, got {t}")
+def check_grid_type(t: pa.DataType, views: bool = False) -> None:
+    """StoreError unless t is a list of lists of integers, the type of (h, w) grids; with `views`, a list of such
+    grids (`aug_codes`)."""
+    inner = t
+    for _ in range(3 if views else 2):
+        if not _is_list(inner):
+            inner = None
+            break
+        inner = inner.value_type
+    if inner is None or not pa.types.is_integer(inner):
+        what = f"{VIEWS_COLUMN} must be lists of (h, w) grids" if views else "codes must be (h, w) grids"
+        raise StoreError(f"{what} of integers, got {t}")
 
 
-def codes_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A `codes` column of (h, w) grids -> int64 (N, h, w); StoreError when it holds something else.
+def codes_array(column: pa.ChunkedArray | pa.Array, views: bool = False) -> np.ndarray:
+    """A `codes` column of (h, w) grids -> int64 (N, h, w), or with `views` an `aug_codes` column of lists of
+    grids -> int64 (N, V, h, w); StoreError when it holds something else.
 
     Reads the fixed-size lists vqtok writes and the variable-size lists other writers (pandas, polars, a
     prior's sampler) make of the same grids.
     """
-    check_grid_type(column.type)
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    check_grid_type(column.type, views)
+    name = VIEWS_COLUMN if views else "codes"
+    column = _combined(column)
     n = len(column)
     if column.null_count:
-        raise StoreError("codes column holds nulls")
+        raise StoreError(f"{name} column holds nulls")
     shape, array = [], column
-    for _ in range(2):
+    for _ in range(3 if views else 2):
         if pa.types.is_fixed_size_list(array.type):
             shape.append(array.type.list_size)
         else:
             lengths = np.asarray(array.value_lengths())
             size = int(lengths[0]) if len(lengths) else 0
             if (lengths != size).any():
-                raise StoreError("codes grids differ in shape from row to row")
+                raise StoreError(f"{name} grids differ in shape from row to row")
             shape.append(size)
         array = array.flatten()
     if array.null_count:
-        raise StoreError("codes grids hold nulls")
+        raise StoreError(f"{name} grids hold nulls")
     return np.array(array.to_numpy(zero_copy_only=False), dtype=np.int64).reshape(n, *shape)  # a writable copy
+
+
+def _combined(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    return column
+
+
+def view_count(column: pa.ChunkedArray | pa.Array) -> int:
+    """How many grids each row of an `aug_codes` column holds; StoreError when rows differ, or have none."""
+    check_grid_type(column.type, views=True)
+    column = _combined(column)
+    if column.null_count:
+        raise StoreError(f"{VIEWS_COLUMN} column holds nulls")
+    if pa.types.is_fixed_size_list(column.type):
+        return column.type.list_size
+    lengths = np.asarray(column.value_lengths())
+    count = int(lengths[0]) if len(lengths) else 0
+    if (lengths != count).any():
+        raise StoreError(f"{VIEWS_COLUMN}: rows hold different numbers of views")
+    return count
+
+
+def take_views(column: pa.ChunkedArray | pa.Array, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """Row rows[i]'s view views[i] of an `aug_codes` column -> int64 (len(rows), h, w), converting only those
+    grids."""
+    count = view_count(column)
+    grids = _combined(column).flatten()  # (N * V) grids, a row's views one after another
+    return codes_array(grids.take(pa.array(np.asarray(rows) * count + np.asarray(views), pa.int64())))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -413,15 +479,28 @@ class ShardWriter:
             self._temporary.unlink(missing_ok=True)
             raise StoreError(f"{self._part}: cannot write: {exc}") from exc
 
-    def add(self, keys: Sequence[str], codes: np.ndarray, kept: dict[str, list] | None = None) -> None:
-        """Rows of keys, (N, h, w) codes and the carried fields' values."""
+    def add(
+        self,
+        keys: Sequence[str],
+        codes: np.ndarray,
+        kept: dict[str, list] | None = None,
+        views: np.ndarray | None = None,
+    ) -> None:
+        """Rows of keys, (N, h, w) codes, the carried fields' values and, with augmentation, the (N, V, h, w)
+        grids of the settings' views."""
         started = time.perf_counter()
         schema = self.store.schema
+        code_type = schema.field("codes").type.value_type.value_type
         columns = [
             pa.array(keys, pa.string()),
             pa.array([self.shard] * len(keys), pa.string()),
-            grid_array(codes, schema.field("codes").type.value_type.value_type),
+            grid_array(codes, code_type),
         ]
+        if self.store.settings.views:
+            if views is None or views.shape != (len(keys), len(self.store.settings.views), *codes.shape[1:]):
+                shape = None if views is None else views.shape
+                raise StoreError(f"{self.shard}: views of shape {shape} do not fit {self.store.settings.augment}")
+            columns.append(grid_array(views, code_type))
         columns += [pa.array((kept or {})[name], schema.field(name).type) for name in self.store.settings.keep]
         self._pending.append(pa.RecordBatch.from_arrays(columns, schema=schema))
         self._pending_rows += len(keys)
@@ -566,21 +645,27 @@ def read_row_group(file: str | os.PathLike | Location, index: int, columns: Sequ
         return parquet.read_row_group(index, columns=["key", "codes", *columns])
 
 
-def group_code_range(file: str | os.PathLike | Location, index: int) -> tuple[int, int | None, int | None]:
-    """(rows, smallest code, largest code) of a row group of vqtok's own grids, from the file's statistics
-    without reading the data; the range is (None, None) unless the codes are fixed-size grids (never ragged)
-    with statistics and no nulls."""
+def group_code_range(
+    file: str | os.PathLike | Location, index: int, column_name: str = "codes"
+) -> tuple[int, int | None, int | None]:
+    """(rows, smallest code, largest code) of a row group of vqtok's own grids (`codes`, or the views of
+    `aug_codes`), from the file's statistics without reading the data; the range is (None, None) unless the
+    codes are fixed-size grids (never ragged) with statistics and no nulls."""
+    views = column_name == VIEWS_COLUMN
     with open_parquet(Location.of(file)) as parquet:
         group = parquet.metadata.row_group(index)
-        codes_type = parquet.schema_arrow.field("codes").type if "codes" in parquet.schema_arrow.names else None
-    fixed = codes_type is not None and pa.types.is_fixed_size_list(codes_type)
-    fixed = fixed and pa.types.is_fixed_size_list(codes_type.value_type)
+        names = parquet.schema_arrow.names
+        codes_type = parquet.schema_arrow.field(column_name).type if column_name in names else None
+    fixed, inner = codes_type is not None, codes_type
+    for _ in range(3 if views else 2):
+        fixed = fixed and pa.types.is_fixed_size_list(inner)
+        inner = inner.value_type if fixed else None
     if fixed:
-        check_grid_type(codes_type)  # a third level of lists is no grid, whatever the statistics say
+        check_grid_type(codes_type, views)  # another level of lists is no grid, whatever the statistics say
     for i in range(group.num_columns):
         column = group.column(i)
         stats = column.statistics
-        if fixed and column.path_in_schema.split(".")[0] == "codes" and stats is not None and stats.has_min_max:
+        if fixed and column.path_in_schema.split(".")[0] == column_name and stats is not None and stats.has_min_max:
             if stats.has_null_count and stats.null_count == 0:
                 return group.num_rows, int(stats.min), int(stats.max)
     return group.num_rows, None, None
@@ -823,9 +908,33 @@ class TokenSet:
             raise StoreError(f"{len(missing)} key(s) not in the tokens: {', '.join(missing[:5])}")
         return selection
 
+    def has_views(self, file: Location) -> bool:
+        """Whether a file holds augmented views (an `aug_codes` column); StoreError when that column is not lists
+        of grids."""
+        schema = self.schemas[file]
+        if VIEWS_COLUMN not in schema.names:
+            return False
+        try:
+            check_grid_type(schema.field(VIEWS_COLUMN).type, views=True)
+        except StoreError as exc:
+            raise StoreError(f"{file}: {exc}") from None
+        return True
+
     def check_codes(self, codebook_size: int) -> None:
-        """StoreError, naming the key, if any code lies outside [0, codebook_size)."""
+        """StoreError, naming the key, if any code lies outside [0, codebook_size), in `codes` or in the augmented
+        views."""
         self.select(codebook_size)
+        for file, group in self.units:
+            if not self.has_views(file):
+                continue
+            _, low, high = group_code_range(file, group, VIEWS_COLUMN)
+            if low is not None and 0 <= low and high < codebook_size:  # the statistics vouch for every row
+                continue
+            table = read_row_group(file, group, [VIEWS_COLUMN])
+            views = codes_array(table.column(VIEWS_COLUMN), views=True)  # (n, V, h, w)
+            n, v, h, w = views.shape
+            grids = views.reshape(n, v * h, w)  # a row's views one under another
+            check_code_range(table.column("key").to_pylist(), grids, codebook_size, where=f"{file}: {VIEWS_COLUMN}: ")
 
     def class_count(self, column: str, classes: int | None = None) -> int:
         """Check a column of class labels: integers, none missing, all in [0, classes). Returns classes, which

@@ -14,6 +14,9 @@ row group per DataLoader worker, whatever the size of the dataset; row groups ar
         for batch in loader:
             batch["codes"]  # int64 (B, h, w), ready for nn.Embedding
             batch["cls"]    # the carried class labels
+
+With `views=True`, a token dataset encoded with `--augment` gives each row one of its image's grids per epoch:
+the plain `codes` or one of the views in `aug_codes`, each equally likely.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vqtok.store import TokenSet, codes_array, read_row_group
+from vqtok.errors import StoreError
+from vqtok.store import VIEWS_COLUMN, TokenSet, codes_array, read_row_group, take_views, view_count
 
 
 def split_units(tokens: TokenSet, rank: int, world_size: int) -> list[tuple[int, int, int]]:
@@ -52,6 +57,12 @@ class TokenDataset(IterableDataset):
     a trainer that stops after a number of steps (and DataLoader workers that persist). The split across
     processes stays the same, and is by row group: processes may get different numbers of rows (`rows`), so
     under DDP end each epoch after a fixed number of steps (or use accelerate's `join_uneven_inputs`).
+
+    With `views`, each row of a file that holds augmented views (`vqtok encode --augment`) yields one of its
+    image's grids, the plain `codes` or a view of `aug_codes`, each equally likely, and "view": which one (0 the
+    plain grid, i the i-th of `aug_codes`; always 0 in files without views). The draw depends on `seed`, the
+    epoch and the row only, not on the order, the workers or the processes: the same epoch gives every row the
+    same view, another epoch draws again. Without `views` (the default) rows are the plain grids.
     """
 
     def __init__(
@@ -65,6 +76,7 @@ class TokenDataset(IterableDataset):
         world_size: int = 1,
         repeat: bool = False,
         storage_options: dict | None = None,
+        views: bool = False,
     ) -> None:
         self.tokens = tokens if isinstance(tokens, TokenSet) else TokenSet(tokens, columns, storage_options)
         self.pieces = split_units(self.tokens, rank, world_size)
@@ -74,6 +86,7 @@ class TokenDataset(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.repeat = repeat
+        self.views = views
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -93,9 +106,18 @@ class TokenDataset(IterableDataset):
                 return
             for unit, start, end in mine:
                 file, index = self.tokens.units[unit]
-                table = read_row_group(file, index, self.columns).slice(start, end - start)
-                codes = torch.from_numpy(codes_array(table.column("codes")))  # (n, h, w) int64
+                drawing = self.views and self.tokens.has_views(file)
+                wanted = [*self.columns, VIEWS_COLUMN] if drawing else self.columns
+                table = read_row_group(file, index, wanted).slice(start, end - start)
+                codes = codes_array(table.column("codes"))  # (n, h, w) int64
                 columns = {name: table.column(name).to_pylist() for name in ("key", *self.columns)}
+                if self.views:
+                    chosen = np.zeros(len(codes), dtype=np.int64)
+                    if drawing:
+                        chosen = self._draw(table.column(VIEWS_COLUMN), unit, epoch)[start:end]
+                        codes = self._with_views(codes, table.column(VIEWS_COLUMN), chosen, file)
+                    columns["view"] = chosen.tolist()
+                codes = torch.from_numpy(codes)
                 order = list(range(table.num_rows))
                 if self.shuffle:
                     rng.shuffle(order)
@@ -104,3 +126,21 @@ class TokenDataset(IterableDataset):
             if not self.repeat:
                 return
             epoch += 1
+
+    def _draw(self, column, unit: int, epoch: int) -> np.ndarray:
+        """A view in [0, V] for every row of a whole row group, drawn from the seed, the epoch and the row group
+        alone, so that every split of it across workers and processes draws the same."""
+        views = view_count(column) + 1  # the plain grid and the V of aug_codes
+        rng = np.random.default_rng(random.Random(f"vqtok-views:{self.seed}:{epoch}:{unit}").getrandbits(64))
+        return rng.integers(0, views, self.tokens.unit_rows[unit])
+
+    @staticmethod
+    def _with_views(codes: np.ndarray, column, chosen: np.ndarray, file) -> np.ndarray:
+        """codes (n, h, w) with row i replaced by its view chosen[i] - 1 of `aug_codes` where chosen[i] > 0."""
+        rows = np.flatnonzero(chosen)
+        if len(rows):
+            picked = take_views(column, rows, chosen[rows] - 1)  # (k, h, w)
+            if picked.shape[1:] != codes.shape[1:]:
+                raise StoreError(f"{file}: {VIEWS_COLUMN} grids are {picked.shape[1:]}, codes {codes.shape[1:]}")
+            codes[rows] = picked
+        return codes
