@@ -140,7 +140,7 @@ def test_image_columns_plain_binary_several_and_missing(tmp_path):
     samples = samples_of(inputs)
     assert [(s.key, s.error) for s in samples] == [
         ("7", None),
-        ("8", "no image bytes in the file (only a path, or null)"),
+        ("8", "no image (null)"),
     ]
     assert samples[0].fields == {"image": png, "score": 0.5} and inputs.kept_types == ("float64",)
     with pytest.raises(DataError, match="column 'score' holds no image bytes"):

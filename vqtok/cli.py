@@ -62,6 +62,30 @@ def storage_options_option(command):
     )(command)
 
 
+def image_root_option(command):
+    """--image-root: the folder under which Parquet rows that hold a path and no image bytes are read."""
+    return click.option(
+        "--image-root",
+        type=click.Path(file_okay=False),
+        help="Read Parquet rows that hold only a path (no image bytes) from this local folder: relative paths "
+        "resolve under it, absolute ones must lie inside it; others are refused.  [default: such rows are errors]",
+    )(command)
+
+
+def max_error_rate_option(command):
+    """--max-error-rate: the share of failed samples above which encode and eval fail."""
+    from vqtok.sources import ERROR_RATE_AFTER, MAX_ERROR_RATE
+
+    return click.option(
+        "--max-error-rate",
+        default=MAX_ERROR_RATE,
+        show_default=True,
+        type=click.FloatRange(0, 1),
+        help=f"Fail when more than this share of samples cannot be read or decoded, judged after {ERROR_RATE_AFTER:,} "
+        "samples and at the end (a run in which all fail always fails).",
+    )(command)
+
+
 def one_line(message: str) -> str:
     """A DataLoader worker's error arrives as "Caught X in DataLoader worker ... Original Traceback ...";
     its last line holds the message."""
@@ -300,10 +324,11 @@ def load_recipe(config_path, overrides: dict, model_class, train_class):
 @click.option("--val", multiple=True, help="Validation inputs (repeatable), evaluated every --eval-every steps.")
 @training_options(TrainConfig, "Images", "Image decoding workers per process.")
 @click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
+@image_root_option
 @storage_options_option
 @user_errors
 @inputs_help
-def fit(inputs, out, config_path, no_ema, val, resume, image_column, storage_options, **overrides):
+def fit(inputs, out, config_path, no_ema, val, resume, image_column, image_root, storage_options, **overrides):
     """Train a VQ-VAE on images in shards, folders or Parquet files.
 
     Runs on one CPU or GPU, or on many under `accelerate launch`.
@@ -333,6 +358,7 @@ def fit(inputs, out, config_path, no_ema, val, resume, image_column, storage_opt
         val_shards=list(val),
         resume=resume,
         image_column=image_column,
+        image_root=image_root,
         storage_options=parse_options(storage_options),
     )
     if result.main_process and "psnr" in result.metrics:
@@ -431,6 +457,8 @@ def eval_(model_dir, inputs, as_json, storage_options, **options):
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--overwrite", is_flag=True, help="Replace a token dataset made with other settings or listings.")
+@image_root_option
+@max_error_rate_option
 @storage_options_option
 @user_errors
 @inputs_help
