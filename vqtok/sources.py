@@ -107,7 +107,6 @@ class ErrorTally:
         ("encoded"), `advice` what to do next."""
         if not self.too_many(final):
             return
-        count, reason = max(self.kinds.values(), key=lambda entry: entry[0])
         if self.failed == self.seen:
             summary = f"none of the {self.seen:,} samples could be {what}"
         else:
@@ -115,7 +114,14 @@ class ErrorTally:
             summary += f"{self.max_rate:g}"
         stopped = "" if final else " (stopped early)"
         advice = f". {advice}" if advice else ""
-        raise TooManyErrors(f"{summary}{stopped}; the commonest reason ({count:,} samples): {reason}{advice}")
+        raise TooManyErrors(f"{summary}{stopped}; {self.commonest()}{advice}")
+
+    def commonest(self) -> str:
+        """The commonest kind of reason, its count and its first reason in full ("" when nothing failed)."""
+        if not self.kinds:
+            return ""
+        count, reason = max(self.kinds.values(), key=lambda entry: entry[0])
+        return f"the commonest reason ({count:,} samples): {reason}"
 
 
 class Sample(NamedTuple):
