@@ -460,14 +460,15 @@ def report_table(report, notes: list[tuple[str, str]]):
 
 
 def compare_table(reports, notes: list[tuple[str, str]]):
+    from rich import box
     from rich.table import Table
 
     title = f"{len(reports)} tokenizers on the same {reports[0].images:,} images"
-    table = Table(title=title, caption="; ".join(note for _, note in notes) or None)
-    columns = ["model", "family", "K", "grid", "PSNR dB", "PSNR all px", "SSIM", "usage", "perplexity"]
-    columns += ["bits/code", "encode img/s", "decode img/s"]
-    for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i < 2 else "right")
+    caption = "; ".join(["PSNR: the mean of each image's, in dB", *(note for _, note in notes)])
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("model", overflow="fold", min_width=10)
+    for name in ("family", "K", "grid", "PSNR", "SSIM", "usage", "perplexity", "bits/\ncode", "images/s\nenc/dec"):
+        table.add_column(name, justify="left" if name == "family" else "right")
     for r in reports:
         table.add_row(
             r.model,
@@ -475,13 +476,11 @@ def compare_table(reports, notes: list[tuple[str, str]]):
             f"{r.codebook_size:,}",
             f"{r.grid[0]}x{r.grid[1]}",
             f"{r.psnr_image_mean:.2f}",
-            f"{r.psnr:.2f}",
-            f"{r.ssim:.4f}",
+            f"{r.ssim:.3f}",
             f"{r.usage:.1%}",
             f"{r.perplexity:,.1f}",
-            f"{r.bits_per_code:.3f}",
-            f"{r.encode_images_per_second:,.1f}",
-            f"{r.decode_images_per_second:,.1f}",
+            f"{r.bits_per_code:.2f}",
+            f"{r.encode_images_per_second:,.0f}/{r.decode_images_per_second:,.0f}",
         )
     return table
 

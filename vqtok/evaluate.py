@@ -280,7 +280,7 @@ class _Sums:
         report.codes_used = int((counts > 0).sum())
         report.usage = report.codes_used / K
         p = counts[counts > 0] / counts.sum()
-        report.bits_per_code = float(-(p * np.log2(p)).sum())
+        report.bits_per_code = float((p * np.log2(1 / p)).sum())
         report.perplexity = 2**report.bits_per_code
         encode_seconds, decode_seconds = speeds.tolist()
         report.encode_images_per_second = count / encode_seconds if encode_seconds else 0.0
