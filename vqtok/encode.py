@@ -228,7 +228,10 @@ def _run(
             writer.add_errors([tuple(error) for error in batch["errors"]])  # DataLoader hands tuples over as lists
             result.images += len(batch["keys"])
             result.errors += len(batch["errors"])
-            result.tally.add(len(batch["keys"]), [reason for _, reason in batch["errors"]])
+            reasons = [reason for _, reason in batch["errors"]]
+            if batch["last"] and batch["failure"]:  # the break, added last: a failed shard, retried on its own
+                reasons.pop()
+            result.tally.add(len(batch["keys"]), reasons)
             if batch["last"]:
                 seconds = {"read": round(batch["read_seconds"], 4), "encode": round(encode_seconds.pop(shard, 0.0), 4)}
                 status = "failed" if batch["failure"] else "done"
