@@ -184,6 +184,13 @@ def kill_and_resume(command: list[str], out: Path, steps: int, change: list[str]
 
 
 @pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    """Hugging Face `datasets` with a cache of its own and no network."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture
 def make_shard(tmp_path):
     """make_shard(name, samples) -> the path of a shard written in tmp_path."""
 

@@ -14,10 +14,7 @@ from vqtok.store import STATS_DIR, SUCCESS_NAME, read_codes, read_errors
 HINT = "(a path inside a file is read only with --image-root DIR)"
 
 
-@pytest.fixture(autouse=True)
-def offline_datasets(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 def invoke(*args):

@@ -28,11 +28,7 @@ from vqtok.errors import DataError
 from vqtok.sources import expand_inputs, iter_samples, listing_record
 from vqtok.store import SETTINGS_NAME, STATS_DIR, read_codes, read_errors, read_metadata
 
-
-@pytest.fixture(autouse=True)
-def offline_datasets(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 def invoke(*args):
