@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vqtok.data import sample_image
+from vqtok.data import MAX_ERROR_RATE, ErrorTally, sample_image
 from vqtok.errors import ConfigError, DataError
 from vqtok.progress import ProgressBar
-from vqtok.sources import FILES_PER_PART, MAX_ERROR_RATE, ErrorTally, Unit, expand_inputs, iter_samples
+from vqtok.sources import FILES_PER_PART, Unit, expand_inputs, iter_samples
 from vqtok.store import TokenSettings, TokenStore, check_keep, parse_kept
 from vqtok.tokenizers import Tokenizer, load_tokenizer, pick_device
 
