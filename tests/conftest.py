@@ -103,6 +103,19 @@ def write_hf_parquet(
     return Path(root)
 
 
+def write_path_only_parquet(path, paths: list[str], folder=None) -> str:
+    """A Parquet file as `datasets` writes one locally from image files: an Image() column of {bytes: None,
+    path}, the paths as given. `datasets` looks at the files as it writes, relative ones from `folder`."""
+    import contextlib
+
+    import datasets
+
+    with contextlib.chdir(folder or os.getcwd()):
+        dataset = datasets.Dataset.from_dict({"image": [str(p) for p in paths]})
+        dataset.cast_column("image", datasets.Image()).to_parquet(str(path))
+    return str(path)
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A valid 1x1 PNG whose header claims width x height pixels."""
     data = bytearray(image_bytes(np.zeros((1, 1), np.uint8)))
@@ -168,6 +181,13 @@ def kill_and_resume(command: list[str], out: Path, steps: int, change: list[str]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics if "resumed_from" in m] == [0, killed_at]  # not from step 0 again
     assert [m["step"] for m in metrics if "loss" in m][-1] == steps
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    """Hugging Face `datasets` with a cache of its own and no network."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture

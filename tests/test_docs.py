@@ -84,6 +84,7 @@ def workspace(tmp_path_factory, model_dir):
     for i in range(10):
         write_shard(root / "shards" / f"val-{i:06d}.tar", image_samples([f"val{i:03d}"], seed=1000 + i))
     shutil.copytree(model_dir, root / "runs" / "x" / "model")
+    shutil.copytree(model_dir, root / "runs" / "y" / "model")  # a second tokenizer for `vqtok eval --compare`
     encode([str(root / "shards")], root / "tokens.parquet", root / "runs/x/model", keep=["cls", "txt"], num_workers=0)
     codes = np.random.default_rng(0).integers(0, 32, (3, 4, 4))
     pd.DataFrame({"key": ["s0", "s1", "s2"], "codes": [[list(r) for r in g] for g in codes]}).to_parquet(

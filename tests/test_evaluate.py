@@ -11,10 +11,10 @@ from conftest import image_samples
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from vqtok import VQVAE
+from vqtok import VQVAE, ModelConfig
 from vqtok.cli import cli
 from vqtok.data import iter_samples, sample_image
-from vqtok.evaluate import ssim
+from vqtok.evaluate import psnr, ssim
 
 
 @pytest.fixture
@@ -73,6 +73,83 @@ def test_eval_reports_what_a_count_by_hand_gives(model_dir, shards, tmp_path):
     with Image.open(out / "reconstructions.png") as picture:  # 8 worst over theirs, 8 typical over theirs
         assert picture.size == (8 * 16, 4 * 16) and picture.mode == "RGB"
     assert json.loads((out / "report.json").read_text())["images"] == 13
+
+
+def small_model(directory, seed: int, image_size: int = 16, **config) -> str:
+    """A VQ-VAE whose codebook is spread over its encoder's outputs on noise, so that codes vary."""
+    torch.manual_seed(seed)
+    model = VQVAE(ModelConfig(hidden_channels=8, code_dim=4, image_size=image_size, **config))
+    K, S = model.codebook_size, image_size
+    with torch.no_grad():
+        z = model.encoder(torch.rand(32, 3, S, S) * 2 - 1).permute(0, 2, 3, 1).reshape(-1, 4)  # (32*h*w, D)
+        model.quantizer.codebook.copy_(z[torch.randperm(len(z))[:K]])
+    return str(model.save_pretrained(directory))
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """Another configuration than model_dir's (K = 32, stride 4): K = 64, stride 2."""
+    return small_model(tmp_path_factory.mktemp("other") / "model", 1, codebook_size=64, num_downsamples=1)
+
+
+def test_compare_gives_the_rows_of_single_runs_and_shows_the_same_images(model_dir, other_model, shards, tmp_path):
+    out = tmp_path / "compare"
+    args = [*shards, "--json", "--batch-size", "4", "--num-workers", "0"]
+    result = CliRunner().invoke(cli, ["eval", model_dir, *args, "--compare", other_model, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert json.loads((out / "report.json").read_text()) == rows
+    assert [(r["model"], r["family"], r["codebook_size"], r["grid"]) for r in rows] == [
+        (model_dir, "vqvae", 32, [4, 4]),
+        (other_model, "vqvae", 64, [8, 8]),
+    ]
+    # The same numbers as each model alone; only the speeds differ, and the images shown (chosen below).
+    differ = {"encode_images_per_second", "decode_images_per_second", "worst"}
+    for model, row in zip([model_dir, other_model], rows, strict=True):
+        alone = CliRunner().invoke(cli, ["eval", model, *args])
+        assert alone.exit_code == 0, alone.output
+        single = json.loads(alone.output)
+        assert {k: v for k, v in row.items() if k not in differ} == {k: v for k, v in single.items() if k not in differ}
+
+    # The worst images are those of lowest mean PSNR over the two models, the same in both rows.
+    samples = [s for shard in shards for s in iter_samples(shard)]
+    x = torch.stack([sample_image(s, 16) for s in samples]).float() / 255  # (N, 3, 16, 16)
+    recons = [VQVAE.from_pretrained(m).decode(VQVAE.from_pretrained(m).encode(x)) for m in (model_dir, other_model)]
+    psnrs = [psnr((r - x).pow(2).flatten(1).mean(dim=1).double()) for r in recons]  # (N,) per model
+    mean = ((psnrs[0] + psnrs[1]) / 2).tolist()
+    worst = sorted(range(len(samples)), key=mean.__getitem__)[:8]
+    for m, row in enumerate(rows):
+        assert [e["key"] for e in row["worst"]] == [samples[i].key for i in worst]
+        assert [e["psnr"] for e in row["worst"]] == pytest.approx([psnrs[m][i].item() for i in worst], abs=1e-4)
+
+    # The picture: the worst originals, under them each model's reconstructions, then typical ones likewise.
+    with Image.open(out / "reconstructions.png") as picture:
+        assert picture.size == (8 * 16, 2 * (1 + 2) * 16)
+        pixels = np.asarray(picture).astype(int)
+    for j, i in enumerate(worst):
+        tile = pixels[:16, 16 * j : 16 * (j + 1)]
+        assert np.array_equal(tile, sample_image(samples[i], 16).permute(1, 2, 0).numpy())
+        for m, recon in enumerate(recons):
+            tile = pixels[16 * (1 + m) : 16 * (2 + m), 16 * j : 16 * (j + 1)]
+            expected = recon[i].clamp(0, 1).mul(255).round().permute(1, 2, 0).numpy()
+            assert np.abs(tile - expected).max() <= 1
+
+
+def test_compare_table_and_refusals(model_dir, other_model, shards, tmp_path):
+    table = CliRunner().invoke(cli, ["eval", model_dir, shards[0], "--compare", other_model, "--num-workers", "0"])
+    assert table.exit_code == 0, table.output
+    assert "2 tokenizers on the same 7 images" in table.output and "vqvae" in table.output
+    coarse = small_model(tmp_path / "coarse", 2, image_size=32, codebook_size=16, num_downsamples=5)  # stride 32
+    cases = [
+        (["--compare", coarse], f"{coarse}: image size 16x16 is not a positive multiple of the model's stride 32"),
+        (["--compare", other_model, "--image-size", "18"], f"{model_dir}: image size 18x18 is not a positive"),
+        (["--compare", str(tmp_path / "nope")], "nope is not a model directory"),
+    ]
+    for options, message in cases:
+        result = CliRunner().invoke(cli, ["eval", model_dir, shards[0], *options])
+        assert result.exit_code == 1, (options, result.output)
+        assert message in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
 
 
 def test_eval_table_and_limit(model_dir, shards):

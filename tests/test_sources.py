@@ -1,6 +1,7 @@
 """Inputs beside shards: image folders and Parquet datasets, recognised, read, encoded, resumed and refused."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -16,6 +17,7 @@ from conftest import (
     random_image,
     write_hf_parquet,
     write_image_folder,
+    write_path_only_parquet,
     write_shard,
 )
 
@@ -26,11 +28,7 @@ from vqtok.errors import DataError
 from vqtok.sources import expand_inputs, iter_samples, listing_record
 from vqtok.store import SETTINGS_NAME, STATS_DIR, read_codes, read_errors, read_metadata
 
-
-@pytest.fixture(autouse=True)
-def offline_datasets(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 def invoke(*args):
@@ -140,7 +138,7 @@ def test_image_columns_plain_binary_several_and_missing(tmp_path):
     samples = samples_of(inputs)
     assert [(s.key, s.error) for s in samples] == [
         ("7", None),
-        ("8", "no image bytes in the file (only a path, or null)"),
+        ("8", "no image (null)"),
     ]
     assert samples[0].fields == {"image": png, "score": 0.5} and inputs.kept_types == ("float64",)
     with pytest.raises(DataError, match="column 'score' holds no image bytes"):
@@ -150,6 +148,70 @@ def test_image_columns_plain_binary_several_and_missing(tmp_path):
     pq.write_table(pa.table({"id": [1]}), tmp_path / "none.parquet")
     with pytest.raises(DataError, match="no image column"):
         expand_inputs([str(tmp_path / "none.parquet")])
+
+
+# ---------------------------------------------------------------------------------------------- path-only rows
+
+
+def test_path_only_rows_are_read_under_image_root_and_refused_outside_it(tmp_path):
+    images = class_images(("a",), per_class=3)
+    root = write_image_folder(tmp_path / "root", images)
+    outside = write_image_folder(tmp_path / "outside", {"secret": images["a/0"]})
+    (root / "link.png").symlink_to(outside / "secret.png")
+    paths = [
+        "a/0.png",  # relative: resolved under the root
+        str(root / "a" / "1.png"),  # absolute, inside the root
+        str(outside / "secret.png"),  # absolute, outside
+        "../outside/secret.png",  # a relative path that climbs out
+        "link.png",  # inside by name, outside through a symbolic link
+        f"{root}/a/../../outside/secret.png",  # absolute, climbing out
+        "a/missing.png",
+    ]
+    (root / "a" / "missing.png").write_bytes(b"")  # `datasets` looks at the files as it writes
+    parquet = write_path_only_parquet(tmp_path / "paths.parquet", paths, folder=root)
+    (root / "a" / "missing.png").unlink()
+
+    plain = samples_of(expand_inputs([parquet]))
+    hint = "(a path inside a file is read only with --image-root DIR)"
+    assert [s.error for s in plain] == [f"only a path, no image bytes: {path} {hint}" for path in paths]
+    assert all(s.fields == {} for s in plain)
+
+    rooted = samples_of(expand_inputs([parquet], image_root=root))
+    assert [s.fields for s in rooted[:2]] == [{"image": images["a/0"]}, {"image": images["a/1"]}]
+    assert [s.error for s in rooted[:2]] == [None, None]
+    real_root = os.path.realpath(root)
+    for sample, path in zip(rooted[2:6], paths[2:6], strict=True):
+        assert sample.fields == {} and sample.error == f"path outside --image-root: {path} is not under {real_root}"
+    assert rooted[6].error.startswith("cannot read: a/missing.png: ")
+
+    (tmp_path / "root-link").symlink_to(root)  # a root named through a link is the folder it leads to
+    assert samples_of(expand_inputs([parquet], image_root=tmp_path / "root-link"))[1].fields == rooted[1].fields
+    with pytest.raises(DataError, match="--image-root .*nowhere: no such folder"):
+        expand_inputs([parquet], image_root=tmp_path / "nowhere")
+    with pytest.raises(DataError, match="--image-root s3://bucket/images: must be a local folder"):
+        expand_inputs([parquet], image_root="s3://bucket/images")
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_encode_and_fit_read_path_only_rows_with_image_root(model_dir, tmp_path):
+    images = class_images(per_class=2)
+    root = write_image_folder(tmp_path / "images", images)
+    parquet = write_path_only_parquet(tmp_path / "paths.parquet", [f"{key}.png" for key in images], folder=root)
+    out = tmp_path / "tokens.parquet"
+    result = invoke("encode", parquet, out, "--model", model_dir, "--image-root", root, "--num-workers", "0")
+    assert result.exit_code == 0, result.output
+    keys, codes = read_codes(out)
+    assert keys == [f"paths/{i}" for i in range(len(images))] and len(read_errors(out)) == 0  # FILE-STEM/ROW
+    expected = reference_codes(model_dir, images)
+    for grid, key in zip(codes, images, strict=True):
+        assert np.array_equal(grid, expected[key]), key
+
+    run = tmp_path / "run"
+    args = ["fit", root, "--out", run, "--val", parquet, "--image-root", root, "--hidden", "8", "--codebook-size", "8"]
+    result = invoke(*args, "--code-dim", "4", "--image-size", "16", "--batch-size", "4", "--steps", "1")
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["images"] for m in metrics if m["split"] == "val"] == [len(images)]  # every row, read from its path
 
 
 # ---------------------------------------------------------------------------------------------- encode

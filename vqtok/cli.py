@@ -62,6 +62,30 @@ def storage_options_option(command):
     )(command)
 
 
+def image_root_option(command):
+    """--image-root: the folder under which Parquet rows that hold a path and no image bytes are read."""
+    return click.option(
+        "--image-root",
+        type=click.Path(file_okay=False),
+        help="Read Parquet rows that hold only a path (no image bytes) from this local folder: relative paths "
+        "resolve under it, absolute ones must lie inside it; others are refused.  [default: such rows are errors]",
+    )(command)
+
+
+def max_error_rate_option(command):
+    """--max-error-rate: the share of failed samples above which encode and eval fail."""
+    from vqtok.sources import ERROR_RATE_AFTER, MAX_ERROR_RATE
+
+    return click.option(
+        "--max-error-rate",
+        default=MAX_ERROR_RATE,
+        show_default=True,
+        type=click.FloatRange(0, 1),
+        help=f"Fail when more than this share of samples cannot be read or decoded, judged after {ERROR_RATE_AFTER:,} "
+        "samples and at the end (a run in which all fail always fails).",
+    )(command)
+
+
 def one_line(message: str) -> str:
     """A DataLoader worker's error arrives as "Caught X in DataLoader worker ... Original Traceback ...";
     its last line holds the message."""
@@ -300,10 +324,11 @@ def load_recipe(config_path, overrides: dict, model_class, train_class):
 @click.option("--val", multiple=True, help="Validation inputs (repeatable), evaluated every --eval-every steps.")
 @training_options(TrainConfig, "Images", "Image decoding workers per process.")
 @click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
+@image_root_option
 @storage_options_option
 @user_errors
 @inputs_help
-def fit(inputs, out, config_path, no_ema, val, resume, image_column, storage_options, **overrides):
+def fit(inputs, out, config_path, no_ema, val, resume, image_column, image_root, storage_options, **overrides):
     """Train a VQ-VAE on images in shards, folders or Parquet files.
 
     Runs on one CPU or GPU, or on many under `accelerate launch`.
@@ -333,6 +358,7 @@ def fit(inputs, out, config_path, no_ema, val, resume, image_column, storage_opt
         val_shards=list(val),
         resume=resume,
         image_column=image_column,
+        image_root=image_root,
         storage_options=parse_options(storage_options),
     )
     if result.main_process and "psnr" in result.metrics:
@@ -345,29 +371,47 @@ def fit(inputs, out, config_path, no_ema, val, resume, image_column, storage_opt
 @cli.command("eval")
 @click.argument("model_dir", metavar="MODEL")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--image-size", type=click.IntRange(min=1), help="Crop size; the model's training size if not given.")
+@click.option(
+    "--compare",
+    multiple=True,
+    metavar="MODEL",
+    help="Another model to evaluate on the same images (repeatable): one row per model.",
+)
+@click.option(
+    "--image-size", type=click.IntRange(min=1), help="Crop size for every model; MODEL's training size if not given."
+)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most N images.")
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
-    help="Folder for report.json and reconstructions.png (the worst and typical images over their reconstructions).",
+    help="Folder for report.json and reconstructions.png (the worst and typical images over each model's "
+    "reconstructions).",
 )
 @click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0), help="Decoding workers.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 @click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
+@image_root_option
+@max_error_rate_option
 @storage_options_option
 @user_errors
 @inputs_help
-def eval_(model_dir, inputs, as_json, storage_options, **options):
+def eval_(model_dir, inputs, compare, as_json, storage_options, **options):
     """How well a tokenizer (MODEL, a path or a URL) reconstructs the images
-    of INPUTS: its report card.
+    of INPUTS: its report card, or with --compare, several tokenizers' side by
+    side.
 
     The same numbers `vqtok fit` reports on --val: PSNR (the mean of each
     image's, and over all pixels), SSIM, codebook usage, perplexity, bits per
     code, and encode and decode images/s. Images are centre-cropped to
     --image-size, as `vqtok encode` does.
+
+    With --compare, every model sees the same images, read and decoded once:
+    one row per model (family, K, grid and the numbers above), --json a list
+    of them. The crop size is one for all, so each model's stride must divide
+    it. The images the picture shows are the worst and typical ones by their
+    mean PSNR over the models.
 
     {INPUTS}
 
@@ -376,20 +420,33 @@ def eval_(model_dir, inputs, as_json, storage_options, **options):
         vqtok eval runs/x/model shards/val-{000000..000009}.tar
         vqtok eval runs/x/model shards/val.tar --limit 2000 --out report/ --json
         vqtok eval runs/x/model imagenet/val/ --limit 2000
+        vqtok eval runs/x/model shards/val.tar --compare runs/y/model --out compare/
     """
-    from vqtok.evaluate import evaluate_shards
+    from vqtok.evaluate import evaluate_inputs
     from vqtok.storage import parse_options
 
     options["storage_options"] = parse_options(storage_options)
-    report = evaluate_shards(model_dir, list(inputs), **options)
+    models = [model_dir, *compare]
+    reports = evaluate_inputs(models, list(inputs), **options)
     if as_json:
-        click.echo(json.dumps(report.metrics(), indent=2))
+        rows = [report.row() for report in reports]
+        click.echo(json.dumps(rows if compare else rows[0], indent=2))
         return
 
     from rich.console import Console
+
+    notes = []
+    if reports[0].errors:
+        notes.append(("errors", f"{reports[0].errors:,} samples could not be decoded"))
+    if options["out"]:
+        notes.append(("written", f"{options['out']}/report.json, {options['out']}/reconstructions.png"))
+    Console().print(compare_table(reports, notes) if compare else report_table(reports[0], notes))
+
+
+def report_table(report, notes: list[tuple[str, str]]):
     from rich.table import Table
 
-    table = Table(title=f"{model_dir} on {report.images:,} images", show_header=False)
+    table = Table(title=f"{report.model} on {report.images:,} images", show_header=False)
     table.add_row("PSNR", f"{report.psnr_image_mean:.2f} dB mean over images, {report.psnr:.2f} dB over all pixels")
     table.add_row("SSIM", f"{report.ssim:.4f}")
     table.add_row("codebook usage", f"{report.codes_used:,} of {report.codebook_size:,} codes, {report.usage:.1%}")
@@ -397,11 +454,35 @@ def eval_(model_dir, inputs, as_json, storage_options, **options):
     speed = f"encode {report.encode_images_per_second:,.1f}, decode {report.decode_images_per_second:,.1f}"
     table.add_row("images/s (model)", speed)
     table.add_row("worst", ", ".join(f"{e.key} ({e.psnr:.1f} dB)" for e in report.worst[:3]))
-    if report.errors:
-        table.add_row("errors", f"{report.errors:,} samples could not be decoded")
-    if options["out"]:
-        table.add_row("written", f"{options['out']}/report.json, {options['out']}/reconstructions.png")
-    Console().print(table)
+    for name, note in notes:
+        table.add_row(name, note)
+    return table
+
+
+def compare_table(reports, notes: list[tuple[str, str]]):
+    from rich import box
+    from rich.table import Table
+
+    title = f"{len(reports)} tokenizers on the same {reports[0].images:,} images"
+    caption = "; ".join(["PSNR: the mean of each image's, in dB", *(note for _, note in notes)])
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("model", overflow="fold", min_width=10)
+    for name in ("family", "K", "grid", "PSNR", "SSIM", "usage", "perplexity", "bits/\ncode", "images/s\nenc/dec"):
+        table.add_column(name, justify="left" if name == "family" else "right")
+    for r in reports:
+        table.add_row(
+            r.model,
+            r.family,
+            f"{r.codebook_size:,}",
+            f"{r.grid[0]}x{r.grid[1]}",
+            f"{r.psnr_image_mean:.2f}",
+            f"{r.ssim:.3f}",
+            f"{r.usage:.1%}",
+            f"{r.perplexity:,.1f}",
+            f"{r.bits_per_code:.2f}",
+            f"{r.encode_images_per_second:,.0f}/{r.decode_images_per_second:,.0f}",
+        )
+    return table
 
 
 @cli.command()
@@ -439,6 +520,8 @@ def eval_(model_dir, inputs, as_json, storage_options, **options):
     "ten crops (corners, centre, mirrored) of a centre square 1.1 times larger.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a token dataset made with other settings or listings.")
+@image_root_option
+@max_error_rate_option
 @storage_options_option
 @user_errors
 @inputs_help

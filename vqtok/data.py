@@ -22,11 +22,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vqtok.errors import DataError
-from vqtok.sources import (  # noqa: F401  (BrokenShardError, expand_inputs: part of this module's interface)
+from vqtok.sources import (  # noqa: F401  (BrokenShardError, expand_inputs...: part of this module's interface)
     IMAGE_EXTENSIONS,
     IMAGE_FIELD,
+    MAX_ERROR_RATE,
     BrokenShardError,
+    ErrorTally,
     Sample,
+    TooManyErrors,
     Unit,
     expand_inputs,
     iter_samples,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vqtok.data import sample_image
+from vqtok.data import MAX_ERROR_RATE, ErrorTally, sample_image
 from vqtok.errors import ConfigError, DataError
 from vqtok.progress import ProgressBar
 from vqtok.sources import FILES_PER_PART, Unit, expand_inputs, iter_samples
@@ -35,6 +35,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # How images become model inputs (`vqtok.data.sample_image`), recorded with the codes.
 PREPROCESSING = "RGB, alpha over white; shorter side resized to image_size (bicubic); centre square crop"
+# A shard whose samples all failed is committed as done, its samples rows of _errors/: a plain rerun skips it.
+RETRY = "The parts committed are kept and count as done: after fixing the cause, run again with --overwrite"
 
 
 @dataclass
@@ -54,6 +56,7 @@ class EncodeResult:
     write_seconds: float = 0.0
     decode_seconds: float = 0.0  # worker time reading and decoding, summed over workers
     totals: dict | None = None  # the whole dataset's counts, once every shard is done and _SUCCESS written
+    tally: ErrorTally = field(default_factory=ErrorTally)  # this run's samples and why those that failed did
 
     @property
     def images_per_second(self) -> float:
@@ -151,21 +154,29 @@ def encode(
     keep: Sequence[str] = (),
     class_from_folder: bool = False,
     image_column: str | None = None,
+    image_root: str | os.PathLike | None = None,
     files_per_part: int = FILES_PER_PART,
     device: str = "auto",
     precision: str = "fp32",
     overwrite: bool = False,
+    max_error_rate: float = MAX_ERROR_RATE,
     storage_options: dict | None = None,
     show_progress: bool = True,
     augment: str = "none",
 ) -> EncodeResult:
     """Tokenize the images of `inputs` (shards, image folders, Parquet files; paths or URLs) into the token
     dataset `out`, skipping the units an earlier run finished. With `class_from_folder`, an image folder's
-    first level becomes the carried integer `cls`. With `augment` ("flip" or "ten-crop"), each row also holds
-    the codes of the image's extra views, as LlamaGen's extract_codes_c2i.py makes them."""
+    first level becomes the carried integer `cls`; `image_root` reads Parquet rows that hold only a path
+    (`vqtok.sources.expand_inputs`). With `augment` ("flip" or "ten-crop"), each row also holds the codes of
+    the image's extra views, as LlamaGen's extract_codes_c2i.py makes them.
+
+    TooManyErrors when every sample this process read failed, or more than `max_error_rate` of them (judged
+    once 1,000 were seen, and at the end): the shards committed until then stay done, and `_SUCCESS` is not
+    written. Each process judges its own samples."""
     if augment not in AUGMENT_VIEWS:
         raise ConfigError(f"augment must be one of {', '.join(AUGMENT_VIEWS)}, not {augment!r}")
     started = time.perf_counter()
+    tally = ErrorTally(max_error_rate)
     keep = check_keep([*keep, *(["cls"] if class_from_folder else [])])
     # One shard, one name: expand_inputs resolves `shards/x.tar`, `./shards/x.tar` and a link to it alike.
     found = expand_inputs(
@@ -174,6 +185,7 @@ def encode(
         class_from_folder=class_from_folder,
         image_column=image_column,
         keep=keep,
+        image_root=image_root,
         storage_options=storage_options,
     )
     urls = found.names
@@ -202,6 +214,7 @@ def encode(
     todo = [unit for unit in found.units[rank::world_size] if unit.name in pending]
 
     result = EncodeResult(store.path, rank, world_size, shards=len(mine), skipped=len(mine) - len(todo))
+    result.tally = tally
     progress = ProgressBar("encode shards", len(mine), len(mine) - len(todo), enabled=show_progress and rank == 0)
     if todo:
         large_size = int(image_size * TEN_CROP_RANGE) if augment == "ten-crop" else None  # LlamaGen's crop_size
@@ -214,6 +227,7 @@ def encode(
         )
         with progress:
             _run(loader, model, store, autocast_dtype, result, progress, started)
+    tally.check("encoded", final=True, advice=RETRY)
     result.totals = store.finish(urls)
     result.seconds = time.perf_counter() - started
     return result
@@ -240,6 +254,10 @@ def _run(
             writer.add_errors([tuple(error) for error in batch["errors"]])  # DataLoader hands tuples over as lists
             result.images += len(batch["keys"])
             result.errors += len(batch["errors"])
+            reasons = [reason for _, reason in batch["errors"]]
+            if batch["last"] and batch["failure"]:  # the break, added last: a failed shard, retried on its own
+                reasons.pop()
+            result.tally.add(len(batch["keys"]), reasons)
             if batch["last"]:
                 seconds = {"read": round(batch["read_seconds"], 4), "encode": round(encode_seconds.pop(shard, 0.0), 4)}
                 status = "failed" if batch["failure"] else "done"
@@ -259,6 +277,7 @@ def _run(
                 result.encoded += 1
                 if batch["failure"]:
                     result.failed.append((shard, batch["failure"]))
+            result.tally.check("encoded", advice=RETRY)
             rate = result.images / (time.perf_counter() - started)
             status = f"{result.images:,} images  {result.errors:,} errors  {rate:,.0f} img/s"
             progress.update(result.skipped + result.encoded, status)

@@ -12,6 +12,10 @@ report the same numbers for the same model and images:
 
 Reconstructions are compared in float32, before any rounding to 8 bits. Under `torch.distributed` each
 process evaluates its own part of the data and the sums are added up across processes.
+
+Several models are compared on the same images (`evaluate_models`, `vqtok eval --compare`): each batch is read
+and decoded once and given to every model in turn, and the images shown are chosen by their mean PSNR over
+the models, so that the picture sets each model's reconstructions of the same images side by side.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vqtok.data import expand_inputs, make_loader
-from vqtok.errors import DataError
+from vqtok.data import MAX_ERROR_RATE, ErrorTally, expand_inputs, make_loader
+from vqtok.errors import ConfigError, DataError
 from vqtok.tokenizers import load_tokenizer, pick_device
 
 SSIM_SIGMA, SSIM_WINDOW = 1.5, 11  # Wang et al.'s window: 11 taps, as scikit-image's gaussian_weights=True
@@ -83,7 +88,7 @@ class Example:
 
 @dataclass
 class Report:
-    """What `evaluate` measured; `metrics()` is the flat dict fit logs and eval prints."""
+    """What `evaluate` measured; `metrics()` is the flat dict fit logs, `row()` what eval prints of a model."""
 
     images: int = 0
     errors: int = 0  # samples that could not be decoded into an image
@@ -100,6 +105,10 @@ class Report:
     decode_images_per_second: float = 0.0
     worst: list[Example] = field(default_factory=list)
     typical: list[Example] = field(default_factory=list)
+    model: str = ""  # the model directory, for `vqtok eval`
+    family: str = ""
+    grid: tuple[int, int] = (0, 0)  # codes per image at image_size
+    image_size: int = 0
 
     def metrics(self) -> dict:
         names = ["images", "errors", "psnr_image_mean", "psnr", "ssim", "mse", "codebook_size", "codes_used"]
@@ -108,70 +117,109 @@ class Report:
         metrics["worst"] = [{"key": e.key, "psnr": e.psnr} for e in self.worst]
         return metrics
 
+    def row(self) -> dict:
+        """metrics() with the model that was measured: its directory, family, K, grid and image size."""
+        measured = {"model": self.model, "family": self.family, "grid": list(self.grid), "image_size": self.image_size}
+        return {**measured, **self.metrics()}
+
     def picture(self) -> np.ndarray | None:
         """uint8 (4H, n*W, 3): the worst originals over their reconstructions, then typical ones likewise."""
-        rows = []
-        for examples in (self.worst, self.typical):
-            if examples:
-                rows.append(np.concatenate([e.original for e in examples], axis=1))
-                rows.append(np.concatenate([e.reconstruction for e in examples], axis=1))
-        if not rows:
-            return None
-        width = max(row.shape[1] for row in rows)  # fewer typical images than worst ones: pad with black
-        rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
-        return np.concatenate(rows, axis=0)
+        return picture([self])
 
     def save_picture(self, path: Path) -> bool:
-        from PIL import Image
+        return save_picture([self], path)
 
-        picture = self.picture()
-        if picture is None:
-            return False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(picture).save(path)
-        return True
+
+def picture(reports: Sequence[Report]) -> np.ndarray | None:
+    """uint8 ((1 + M) * 2H, n*W, 3) for M reports of the same images: the worst originals, under them each
+    model's reconstructions in the order of `reports`, then typical ones likewise; n the most of either."""
+    rows = []
+    for kind in ("worst", "typical"):
+        shown = [getattr(report, kind) for report in reports]  # the same images in each report
+        if shown[0]:
+            rows.append(np.concatenate([e.original for e in shown[0]], axis=1))
+            rows += [np.concatenate([e.reconstruction for e in examples], axis=1) for examples in shown]
+    if not rows:
+        return None
+    width = max(row.shape[1] for row in rows)  # fewer typical images than worst ones: pad with black
+    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
+    return np.concatenate(rows, axis=0)
+
+
+def save_picture(reports: Sequence[Report], path: Path) -> bool:
+    from PIL import Image
+
+    pixels = picture(reports)
+    if pixels is None:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return True
+
+
+@dataclass
+class _Shown:
+    """An image that may be shown: its score (the mean PSNR over the models), and each model's PSNR and
+    reconstruction."""
+
+    score: float
+    key: str
+    original: np.ndarray  # uint8 (H, W, 3)
+    psnrs: list[float]
+    reconstructions: list[np.ndarray]
+
+    def example(self, m: int) -> Example:
+        return Example(self.psnrs[m], self.key, self.original, self.reconstructions[m])
 
 
 class _Examples:
-    """The worst `EXAMPLES` images seen so far, and a uniform random sample (a reservoir) of `RESERVOIR`."""
+    """The `EXAMPLES` images of lowest score seen so far, and a uniform random sample (a reservoir) of
+    `RESERVOIR`."""
 
     def __init__(self, seed: int) -> None:
-        self.worst: list[tuple[float, int, Example]] = []  # a heap of (-psnr, order, example): the best on top
-        self.reservoir: list[Example] = []
+        self.worst: list[tuple[float, int, _Shown]] = []  # a heap of (-score, order, image): the best on top
+        self.reservoir: list[_Shown] = []
         self.seen = 0
         self.rng = random.Random(seed)
 
-    def offer(self, psnrs: list[float], keys: list[str], images: torch.Tensor, recon: torch.Tensor) -> None:
-        """Images (B, 3, H, W) and their reconstructions, in [0, 1]; only those kept are copied to the host."""
+    def offer(
+        self, scores: list[float], keys: list[str], images: torch.Tensor, psnrs: list[list[float]], recons: list
+    ) -> None:
+        """Images (B, 3, H, W) in [0, 1] with their scores, and per model their PSNRs and reconstructions
+        (B, 3, H, W); only those kept are copied to the host."""
         first = self.seen
         slots: dict[int, int] = {}  # batch index -> reservoir slot it takes
         filled = len(self.reservoir)
-        for i in range(len(psnrs)):
+        for i in range(len(scores)):
             self.seen += 1
             if filled < RESERVOIR:
                 slots[i], filled = filled, filled + 1
             elif (j := self.rng.randrange(self.seen)) < RESERVOIR:
                 slots[i] = j
         bar = -self.worst[0][0] if len(self.worst) == EXAMPLES else math.inf
-        worse = [i for i in sorted(range(len(psnrs)), key=psnrs.__getitem__)[:EXAMPLES] if psnrs[i] < bar]
+        worse = [i for i in sorted(range(len(scores)), key=scores.__getitem__)[:EXAMPLES] if scores[i] < bar]
         kept = sorted({*slots, *worse})
         if not kept:
             return
-        originals, reconstructions = _to_pixels(images[kept]), _to_pixels(recon[kept])
-        example = {i: Example(psnrs[i], keys[i], originals[n], reconstructions[n]) for n, i in enumerate(kept)}
+        originals = _to_pixels(images[kept])
+        reconstructions = [_to_pixels(recon[kept]) for recon in recons]
+        shown = {
+            i: _Shown(scores[i], keys[i], originals[n], [p[i] for p in psnrs], [r[n] for r in reconstructions])
+            for n, i in enumerate(kept)
+        }
         for i, slot in slots.items():
             if slot == len(self.reservoir):
-                self.reservoir.append(example[i])
+                self.reservoir.append(shown[i])
             else:
-                self.reservoir[slot] = example[i]
+                self.reservoir[slot] = shown[i]
         for i in worse:
-            entry = (-psnrs[i], first + i, example[i])
+            entry = (-scores[i], first + i, shown[i])
             if len(self.worst) < EXAMPLES:
                 heapq.heappush(self.worst, entry)
-            elif -psnrs[i] > self.worst[0][0]:  # a lower PSNR than the best of the worst so far
+            elif -scores[i] > self.worst[0][0]:  # a lower score than the best of the worst so far
                 heapq.heapreplace(self.worst, entry)
 
-    def candidates(self) -> tuple[list[Example], list[Example]]:
+    def candidates(self) -> tuple[list[_Shown], list[_Shown]]:
         return [e for _, _, e in self.worst], list(self.reservoir)
 
 
@@ -183,6 +231,63 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _Sums:
+    """One model's running sums over the images it reconstructs."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        # float64 sums: squared error, values, images, sum of per-image PSNR, sum of SSIM, then K code counts
+        self.totals = torch.zeros(5 + model.codebook_size, dtype=torch.float64, device=model.device)
+        self.seconds = [0.0, 0.0]  # encoding, decoding
+
+    def add(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W) in [0, 1] -> their reconstructions (B, 3, H, W) and PSNRs (B,)."""
+        device = self.model.device
+        started = _now(device)
+        codes = self.model.encode(images)  # (B, h, w)
+        encoded = _now(device)
+        recon = self.model.decode(codes)  # (B, 3, H, W) in [0, 1]
+        decoded = _now(device)
+        self.seconds[0] += encoded - started
+        self.seconds[1] += decoded - encoded
+        squared = (recon.float() - images).pow(2).flatten(1).sum(dim=1, dtype=torch.float64)  # (B,)
+        per_image = psnr(squared / images[0].numel())  # (B,)
+        totals = self.totals
+        totals[0] += squared.sum()
+        totals[1] += images.numel()
+        totals[2] += len(images)
+        totals[3] += per_image.sum()
+        totals[4] += ssim(images, recon).sum(dtype=torch.float64)
+        totals[5:] += torch.bincount(codes.flatten(), minlength=self.model.codebook_size)
+        return recon, per_image
+
+    def report(self, errors: int) -> Report:
+        """The report of this model, its sums added up across processes first."""
+        speeds = torch.tensor(self.seconds, dtype=torch.float64, device=self.totals.device)
+        if _distributed():
+            dist.all_reduce(self.totals)
+            dist.all_reduce(speeds, op=dist.ReduceOp.MAX)  # processes run side by side: the slowest sets the pace
+        K = self.model.codebook_size
+        squared_error, values, count, psnr_sum, ssim_sum = self.totals[:5].tolist()
+        counts = self.totals[5:].cpu().numpy()
+        report = Report(images=int(count), errors=errors, codebook_size=K)
+        if count == 0:
+            return report
+        report.mse = squared_error / values
+        report.psnr = psnr(report.mse)
+        report.psnr_image_mean = psnr_sum / count
+        report.ssim = ssim_sum / count
+        report.codes_used = int((counts > 0).sum())
+        report.usage = report.codes_used / K
+        p = counts[counts > 0] / counts.sum()
+        report.bits_per_code = float((p * np.log2(1 / p)).sum())
+        report.perplexity = 2**report.bits_per_code
+        encode_seconds, decode_seconds = speeds.tolist()
+        report.encode_images_per_second = count / encode_seconds if encode_seconds else 0.0
+        report.decode_images_per_second = count / decode_seconds if decode_seconds else 0.0
+        return report
+
+
 @torch.no_grad()
 def evaluate(model, loader, *, limit: int | None = None, examples: bool = True, seed: int = 0) -> Report:
     """Run the model over the Batches of `loader` (`vqtok.data.make_loader`, evaluation mode) and report.
@@ -190,79 +295,82 @@ def evaluate(model, loader, *, limit: int | None = None, examples: bool = True, 
     `limit` caps the images this process evaluates. Under torch.distributed every process must call this,
     each with its own part of the data; all of them get the combined report.
     """
-    was_training = model.training
-    model.eval()
-    device = model.device
-    K = model.codebook_size
-    # float64 sums: squared error, values, images, sum of per-image PSNR, sum of SSIM, errors, then K counts
-    totals = torch.zeros(6 + K, dtype=torch.float64, device=device)
-    psnrs: list[float] = []
+    return evaluate_models([model], loader, limit=limit, examples=examples, seed=seed)[0]
+
+
+@torch.no_grad()
+def evaluate_models(
+    models: Sequence,
+    loader,
+    *,
+    limit: int | None = None,
+    examples: bool = True,
+    seed: int = 0,
+    tally: ErrorTally | None = None,
+) -> list[Report]:
+    """`evaluate` for several models on the same images, each batch read once and given to every model in
+    turn; one report per model, in order. The images shown (worst and typical) are chosen by their mean PSNR
+    over the models, and are the same in every report.
+
+    With `tally`, the samples are counted in it and TooManyErrors stops a process that has seen too many fail
+    (`ErrorTally.check`); under torch.distributed it ends up holding every process's counts.
+    """
+    training = [model.training for model in models]
+    for model in models:
+        model.eval()
+    device = models[0].device
+    sums = [_Sums(model) for model in models]
+    errors = 0
+    scores: list[float] = []
     picked = _Examples(seed)
-    encode_seconds = decode_seconds = 0.0
     for batch in loader:
-        totals[5] += len(batch.errors)
+        errors += len(batch.errors)
         images = batch.images
         keys = batch.keys
         if limit is not None:
-            room = max(0, limit - len(psnrs))
+            room = max(0, limit - len(scores))
             images, keys = images[:room], keys[:room]
+        if tally is not None:
+            tally.add(len(images), [reason for _, _, reason in batch.errors])
+            tally.check("evaluated")
         if len(images):
             images = images.to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W) in [0, 1]
             images = images.contiguous(memory_format=torch.channels_last)
-            started = _now(device)
-            codes = model.encode(images)  # (B, h, w)
-            encoded = _now(device)
-            recon = model.decode(codes)  # (B, 3, H, W) in [0, 1]
-            decoded = _now(device)
-            encode_seconds += encoded - started
-            decode_seconds += decoded - encoded
-            squared = (recon.float() - images).pow(2).flatten(1).sum(dim=1, dtype=torch.float64)  # (B,)
-            per_image = psnr(squared / images[0].numel())  # (B,)
-            totals[0] += squared.sum()
-            totals[1] += images.numel()
-            totals[2] += len(images)
-            totals[3] += per_image.sum()
-            totals[4] += ssim(images, recon).sum(dtype=torch.float64)
-            totals[6:] += torch.bincount(codes.flatten(), minlength=K)
-            values = per_image.tolist()
-            psnrs += values
+            recons, psnrs = zip(*(s.add(images) for s in sums), strict=True)
+            per_model = [values.tolist() for values in psnrs]
+            values = torch.stack(psnrs).mean(dim=0).tolist()  # (B,) the mean over models
+            scores += values
             if examples:
-                picked.offer(values, keys, images, recon)
-        if limit is not None and len(psnrs) >= limit:
+                picked.offer(values, keys, images, per_model, list(recons))
+        if limit is not None and len(scores) >= limit:
             break
-    model.train(was_training)
+    for model, was_training in zip(models, training, strict=True):
+        model.train(was_training)
 
     worst, sample = picked.candidates()
-    speeds = torch.tensor([encode_seconds, decode_seconds], dtype=torch.float64, device=device)
     if _distributed():
-        dist.all_reduce(totals)
-        dist.all_reduce(speeds, op=dist.ReduceOp.MAX)  # processes run side by side: the slowest sets the pace
+        counted = torch.tensor([errors], dtype=torch.float64, device=device)
+        dist.all_reduce(counted)
+        errors = int(counted.item())
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (psnrs, worst, sample) if examples else (psnrs, [], []))
-        psnrs = [p for part in gathered for p in part[0]]
+        shown = (worst, sample) if examples else ([], [])
+        dist.all_gather_object(gathered, (scores, *shown, tally))
+        scores = [p for part in gathered for p in part[0]]
         worst = [e for part in gathered for e in part[1]]
         sample = [e for part in gathered for e in part[2]]
-    squared_error, values, count, psnr_sum, ssim_sum, errors = totals[:6].tolist()
-    counts = totals[6:].cpu().numpy()
-    report = Report(images=int(count), errors=int(errors), codebook_size=K)
-    if count == 0:
-        return report
-    report.mse = squared_error / values
-    report.psnr = psnr(report.mse)
-    report.psnr_image_mean = psnr_sum / count
-    report.ssim = ssim_sum / count
-    report.codes_used = int((counts > 0).sum())
-    report.usage = report.codes_used / K
-    p = counts[counts > 0] / counts.sum()
-    report.bits_per_code = float(-(p * np.log2(p)).sum())
-    report.perplexity = 2**report.bits_per_code
-    encode_seconds, decode_seconds = speeds.tolist()
-    report.encode_images_per_second = count / encode_seconds if encode_seconds else 0.0
-    report.decode_images_per_second = count / decode_seconds if decode_seconds else 0.0
-    report.worst = sorted(worst, key=lambda e: e.psnr)[:EXAMPLES]
-    median = float(np.median(psnrs))
-    report.typical = sorted(sample, key=lambda e: abs(e.psnr - median))[:EXAMPLES]
-    return report
+        if tally is not None:
+            for other in gathered[: dist.get_rank()] + gathered[dist.get_rank() + 1 :]:
+                tally.merge(other[3])
+    reports = [s.report(errors) for s in sums]
+    if not scores:
+        return reports
+    worst = sorted(worst, key=lambda e: e.score)[:EXAMPLES]
+    median = float(np.median(scores))
+    typical = sorted(sample, key=lambda e: abs(e.score - median))[:EXAMPLES]
+    for m, report in enumerate(reports):
+        report.worst = [e.example(m) for e in worst]
+        report.typical = [e.example(m) for e in typical]
+    return reports
 
 
 def _now(device: torch.device) -> float:
@@ -271,16 +379,23 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def check_images(report: Report, where: str) -> Report:
-    """DataError when nothing could be evaluated, naming where the images were looked for."""
+def check_images(report: Report, where: str, tally: ErrorTally | None = None) -> Report:
+    """DataError when nothing could be evaluated, naming where the images were looked for (and with a tally,
+    the commonest reason why)."""
     if report.images == 0:
         detail = f" ({report.errors} sample(s) could not be decoded)" if report.errors else ""
-        raise DataError(f"{where}: no image to evaluate{detail}")
+        reason = f"; {tally.commonest()}" if tally is not None and tally.failed else ""
+        raise DataError(f"{where}: no image to evaluate{detail}{reason}")
     return report
 
 
-def evaluate_shards(
-    model_dir,
+def evaluate_shards(model_dir, shards, **options) -> Report:
+    """`evaluate_inputs` for one model: its report."""
+    return evaluate_inputs([model_dir], shards, **options)[0]
+
+
+def evaluate_inputs(
+    model_dirs: Sequence,
     shards,
     *,
     image_size: int | None = None,
@@ -290,17 +405,25 @@ def evaluate_shards(
     num_workers: int = 2,
     device: str = "auto",
     image_column: str | None = None,
+    image_root: str | os.PathLike | None = None,
+    max_error_rate: float = MAX_ERROR_RATE,
     storage_options: dict | None = None,
-) -> Report:
-    """`vqtok eval`: the report card of the model in model_dir on the images of `shards` (shards, image
-    folders or Parquet files, paths or URLs; see `vqtok.sources`), centre-cropped to image_size (the model's
-    training size by default). With `out`, writes report.json and reconstructions.png (the worst images over
-    their reconstructions, then typical ones) there.
+) -> list[Report]:
+    """`vqtok eval`: the report card of each model in `model_dirs` on the same images of `shards` (shards,
+    image folders or Parquet files, paths or URLs; see `vqtok.sources`), read and decoded once for all of
+    them. Images are centre-cropped to image_size (by default the first model's training size), which every
+    model's stride must divide. With `out`, writes report.json and reconstructions.png there: the worst
+    images (by the mean PSNR over the models) over each model's reconstructions, then typical ones.
+
+    TooManyErrors when every sample, or more than `max_error_rate` of them, could not be read or decoded
+    (judged per process once 1,000 were seen, and over all processes at the end).
 
     Under `accelerate launch` or torchrun, unit i goes to process i mod world size, and `limit` is shared
     out among them.
     """
-    urls = expand_inputs(shards, image_column=image_column, storage_options=storage_options).units
+    tally = ErrorTally(max_error_rate)
+    urls = expand_inputs(shards, image_column=image_column, image_root=image_root, storage_options=storage_options)
+    urls = urls.units
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:  # sums are added up across processes: join the process group the launcher set up
         from accelerate import PartialState
@@ -309,18 +432,33 @@ def evaluate_shards(
         rank, world_size = state.process_index, state.num_processes
     else:
         rank = 0
-    model = load_tokenizer(model_dir, device=pick_device(device), storage_options=storage_options)
-    model.to(memory_format=torch.channels_last)
-    image_size = image_size or model.config.image_size
-    model.grid_size(image_size)  # a size the model cannot encode is refused before any image is read
+    torch_device = pick_device(device)
+    models = []
+    for model_dir in model_dirs:
+        model = load_tokenizer(model_dir, device=torch_device, storage_options=storage_options)
+        model.to(memory_format=torch.channels_last)
+        image_size = image_size or model.config.image_size
+        try:  # a size a model cannot encode is refused before any image is read
+            model.grid_size(image_size)
+        except ConfigError as exc:
+            if len(model_dirs) == 1:
+                raise
+            raise ConfigError(f"{model_dir}: {exc}") from None
+        models.append(model)
     loader = make_loader(
         urls, image_size, batch_size, num_workers=min(num_workers, len(urls)), rank=rank, world_size=world_size
     )
     share = None if limit is None else -(-limit // world_size)
-    report = check_images(evaluate(model, loader, limit=share), " ".join(shards))
+    reports = evaluate_models(models, loader, limit=share, tally=tally)
+    check_images(reports[0], " ".join(shards), tally)  # every model saw the same images
+    tally.check("evaluated", final=True)
+    for model_dir, model, report in zip(model_dirs, models, reports, strict=True):
+        report.model, report.family, report.image_size = str(model_dir), model.FAMILY, image_size
+        report.grid = model.grid_size(image_size)
     if out is not None and rank == 0:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        report.save_picture(out / PICTURE_NAME)
-        (out / "report.json").write_text(json.dumps({"model": str(model_dir), **report.metrics()}, indent=2) + "\n")
-    return report
+        save_picture(reports, out / PICTURE_NAME)
+        rows = [report.row() for report in reports]
+        (out / "report.json").write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
+    return reports

@@ -10,7 +10,9 @@ fields), so that training, evaluation and encoding never ask where images were k
   `class_from_folder` its first folder level is an integer `cls` (class names numbered in sorted order);
 - a Parquet file, as Hugging Face `datasets` writes them: one unit; the image column is a struct of `bytes`
   and `path` or plain binary, the key is the `key`, `__key__` or `id` column, else `<file stem>/<row>`, and
-  other columns are carried under their own names and types.
+  other columns are carried under their own names and types. A row with a path and no bytes (`datasets`
+  keeps only the path of a local file it did not embed) is read only under an `image_root` the user names:
+  a path named inside a file is a stranger's choice, and nothing outside the root is opened for it.
 
 How an input is recognised: a `.parquet` file is Parquet, any other file a tar; a folder holding `.tar`
 files is those shards; otherwise a folder holding image files is an image folder and one holding `.parquet`
@@ -37,7 +39,7 @@ from typing import NamedTuple
 
 from braceexpand import UnbalancedBracesError, braceexpand
 
-from vqtok.errors import DataError
+from vqtok.errors import ConfigError, DataError
 from vqtok.storage import Location, is_storage_error, is_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
@@ -49,6 +51,8 @@ REMOTE_FILES_AT_ONCE = 64  # a folder in a store: files fetched concurrently, in
 # Schemes webdataset opens itself (a shell pipe, curl), without fsspec; nothing can be listed there.
 WEBDATASET_SCHEMES = ("pipe:", "http://", "https://")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+MAX_ERROR_RATE = 0.5  # the share of failed samples above which encode and eval fail
+ERROR_RATE_AFTER = 1000  # samples seen before the share is judged during a run; at its end it always is
 
 
 class BrokenShardError(DataError):
@@ -57,6 +61,67 @@ class BrokenShardError(DataError):
     def __init__(self, message: str, key: str = "") -> None:
         super().__init__(message)
         self.key = key
+
+
+class TooManyErrors(DataError):
+    """A run in which every sample, or more than the share allowed, could not be read or decoded."""
+
+
+class ErrorTally:
+    """The samples a run has seen and the reasons of those that failed, judged against `max_rate`.
+
+    Reasons are counted by their kind, the text before the first ": " ("truncated or corrupt", "cannot read"),
+    since what follows names the file or the decoder's words; the message quotes the first reason of the
+    commonest kind in full.
+    """
+
+    def __init__(self, max_rate: float = MAX_ERROR_RATE) -> None:
+        if not 0 <= max_rate <= 1:
+            raise ConfigError(f"the maximum error rate is a share in [0, 1], not {max_rate}")
+        self.max_rate = max_rate
+        self.seen = 0
+        self.failed = 0
+        self.kinds: dict[str, list] = {}  # kind -> [count, the first full reason]
+
+    def add(self, good: int, reasons: Sequence[str]) -> None:
+        self.seen += good + len(reasons)
+        self.failed += len(reasons)
+        for reason in reasons:
+            entry = self.kinds.setdefault(reason.split(": ", 1)[0], [0, reason])
+            entry[0] += 1
+
+    def merge(self, other: ErrorTally) -> None:
+        self.seen += other.seen
+        self.failed += other.failed
+        for kind, (count, reason) in other.kinds.items():
+            self.kinds.setdefault(kind, [0, reason])[0] += count
+
+    def too_many(self, final: bool = False) -> bool:
+        """Every sample failed, or more than max_rate of them; during a run only once ERROR_RATE_AFTER were seen."""
+        if self.failed == 0 or (not final and self.seen < ERROR_RATE_AFTER):
+            return False
+        return self.failed == self.seen or self.failed > self.max_rate * self.seen
+
+    def check(self, what: str, final: bool = False, advice: str = "") -> None:
+        """TooManyErrors, in one line naming the commonest reason, when `too_many(final)`; `what` is the verb
+        ("encoded"), `advice` what to do next."""
+        if not self.too_many(final):
+            return
+        if self.failed == self.seen:
+            summary = f"none of the {self.seen:,} samples could be {what}"
+        else:
+            summary = f"{self.failed:,} of {self.seen:,} samples could not be {what}, more than --max-error-rate "
+            summary += f"{self.max_rate:g}"
+        stopped = "" if final else " (stopped early)"
+        advice = f". {advice}" if advice else ""
+        raise TooManyErrors(f"{summary}{stopped}; {self.commonest()}{advice}")
+
+    def commonest(self) -> str:
+        """The commonest kind of reason, its count and its first reason in full ("" when nothing failed)."""
+        if not self.kinds:
+            return ""
+        count, reason = max(self.kinds.values(), key=lambda entry: entry[0])
+        return f"the commonest reason ({count:,} samples): {reason}"
 
 
 class Sample(NamedTuple):
@@ -104,6 +169,7 @@ class ParquetPart(Unit):
     location: Location = None
     image_column: str = ""
     carried: tuple[tuple[str, str], ...] = ()  # (column, type) of the columns to carry
+    image_root: str | None = None  # a resolved local folder under which path-only rows are read
 
     def samples(self) -> Iterator[Sample]:
         return _parquet_samples(self)
@@ -142,15 +208,21 @@ def expand_inputs(
     class_from_folder: bool = False,
     image_column: str | None = None,
     keep: Sequence[str] = (),
+    image_root: str | os.PathLike | None = None,
     storage_options: dict | None = None,
 ) -> Inputs:
     """Tar files, folders (of tars, of images, of Parquet files), Parquet files, globs, brace patterns and URLs
     -> units of work, in order, once each. Local paths are resolved (`realpath`), so that one file has one
-    name however it is reached. DataError names the spec that matched nothing or holds nothing readable."""
+    name however it is reached. DataError names the spec that matched nothing or holds nothing readable.
+
+    `image_root`, a local folder, opts in to reading the Parquet rows that hold a path and no image bytes:
+    relative paths are resolved under it, absolute ones read only if they lie inside it (after symbolic
+    links and `..` are resolved); any other path is that row's error."""
     if isinstance(specs, str):  # a lone string would otherwise be read as a list of one-letter specs
         specs = [specs]
     if files_per_part < 1:
         raise DataError(f"files per part must be at least 1, not {files_per_part}")
+    root = _image_root(image_root)
     found: list[tuple[str, Location | str, str, list[str]]] = []  # (kind, where, what the user wrote, images)
     for spec in specs:
         try:
@@ -178,7 +250,7 @@ def expand_inputs(
         if kind == "tar":
             units.append(TarShard(str(place), place if isinstance(place, Location) else None))
         elif kind == "parquet":
-            units.append(ParquetPart(str(place), place, image_column, carried))
+            units.append(ParquetPart(str(place), place, image_column, carried, root))
         else:
             listings[str(place)] = {**listing_record(files), "files_per_part": files_per_part}
             width = len(str(len(files)))
@@ -188,6 +260,17 @@ def expand_inputs(
                 units.append(FileSlice(name, place, tuple(files[start:end]), classes if class_from_folder else None))
     units = list({unit.name: unit for unit in units}.values())  # once each, first place kept
     return Inputs(units, classes, listings, kept_types)
+
+
+def _image_root(image_root: str | os.PathLike | None) -> str | None:
+    if image_root is None:
+        return None
+    image_root = os.fspath(image_root)
+    if is_url(image_root):
+        raise DataError(f"--image-root {image_root}: must be a local folder")
+    if not os.path.isdir(image_root):
+        raise DataError(f"--image-root {image_root}: no such folder")
+    return os.path.realpath(image_root)
 
 
 def listing_record(files: Sequence[str]) -> dict:
@@ -537,19 +620,23 @@ def _parquet_samples(unit: ParquetPart) -> Iterator[Sample]:
             columns = [unit.image_column, *([key_column] if key_column else []), *(n for n, _ in unit.carried)]
             for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(dict.fromkeys(columns))):
                 images = batch.column(unit.image_column)
+                paths = [None] * batch.num_rows
                 if pa.types.is_struct(images.type):
+                    if images.type.get_field_index("path") >= 0:
+                        paths = images.field("path").to_pylist()
                     images = images.field("bytes")
                 images = images.to_pylist()
                 keys = batch.column(key_column).to_pylist() if key_column else [None] * batch.num_rows
                 carried = {name: batch.column(name).to_pylist() for name, _ in unit.carried}
                 for i in range(batch.num_rows):
                     key = str(keys[i]) if keys[i] is not None else f"{stem}/{rows}"
-                    if images[i] is None:
-                        # `datasets` stores the path of a file it did not embed; a path named by a stranger's
-                        # file is not read, whatever it points to.
-                        yield Sample(key, unit.name, {}, "no image bytes in the file (only a path, or null)")
+                    image, error = images[i], None
+                    if image is None:
+                        image, error = _read_path(paths[i], unit.image_root)
+                    if error is not None:
+                        yield Sample(key, unit.name, {}, error)
                     else:
-                        fields = {IMAGE_FIELD: images[i]}
+                        fields = {IMAGE_FIELD: image}
                         fields.update((name, values[i]) for name, values in carried.items() if values[i] is not None)
                         yield Sample(key, unit.name, fields)
                     rows += 1
@@ -559,6 +646,23 @@ def _parquet_samples(unit: ParquetPart) -> Iterator[Sample]:
         if not isinstance(exc, pa.ArrowException) and not is_storage_error(exc):
             raise
         raise BrokenShardError(f"{unit.name}: unreadable after {rows} rows: {exc}", "") from exc
+
+
+def _read_path(path: str | None, root: str | None) -> tuple[bytes | None, str | None]:
+    """(bytes, None) of the file a path-only row names, or (None, why not). The path is a stranger's: it is
+    read only under `root`, resolved (symbolic links, `..`) before it is checked."""
+    if path is None:
+        return None, "no image (null)"
+    if root is None:
+        return None, f"only a path, no image bytes: {path} (a path inside a file is read only with --image-root DIR)"
+    resolved = os.path.realpath(os.path.join(root, path))  # an absolute path stays itself
+    if os.path.commonpath([root, resolved]) != root:
+        return None, f"path outside --image-root: {path} is not under {root}"
+    try:
+        with open(resolved, "rb") as f:
+            return f.read(), None
+    except OSError as exc:
+        return None, f"cannot read: {path}: {exc.strerror or exc}"
 
 
 def _check_parquet_schema(unit: ParquetPart, schema) -> None:

@@ -53,13 +53,14 @@ def fit(
     resume: bool = False,
     show_progress: bool = True,
     image_column: str | None = None,
+    image_root: str | None = None,
     storage_options: dict | None = None,
 ) -> FitResult:
     from accelerate.utils import set_seed
 
     cfg = train_config
     # Shards, image folders and Parquet files alike: units of work that the loaders split and draw from.
-    sources = {"image_column": image_column, "storage_options": storage_options}
+    sources = {"image_column": image_column, "image_root": image_root, "storage_options": storage_options}
     train_shards = expand_inputs(shards, **sources).units
     val_shards = expand_inputs(val_shards, **sources).units if val_shards else []
     if model_config.in_channels != 3:
