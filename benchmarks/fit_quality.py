@@ -486,6 +486,7 @@ def main() -> None:
         vqtok_match["steps"] = args.steps
     facts = machine()
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    probes: dict[str, dict] = {}  # one probe fit per --fit-args: a step costs the same on every fold and seed
     for f in [] if args.table_only else folds:  # --table-only trains nothing
         fold = Fold(f, args.out / f"fold{f}", args.train_crops, args.held_out_crops)
         for seed in seeds:
@@ -496,7 +497,9 @@ def main() -> None:
                         run_dir = args.out / f"run-f{f}-s{seed}"
                         steps = args.steps
                         if args.seconds:
-                            entry["probe"] = probe(fold, K, args.probe_steps, seed, extra.split(), run_dir)
+                            if extra not in probes:
+                                probes[extra] = probe(fold, K, args.probe_steps, seed, extra.split(), run_dir)
+                            entry["probe"] = probes[extra]
                             steps = steps_for_budget(args.seconds, entry["probe"])
                         metrics = run_vqtok(fold, K, steps, seed, extra.split(), run_dir)
                         del metrics["train_log"]
