@@ -415,7 +415,7 @@ def print_runs(label: str, ours: dict, references: dict, folds: list[int], seeds
             line += f" {run['psnr']:>6.2f} {run['usage']:>6.1%} {run['perplexity']:>6.0f} {run['ssim']:>6.3f}"
             line += f" {run['steps']:>5} {run['seconds']:>5.0f} |"
         else:
-            line += " " * 40 + "|"
+            line += " " * 41 + "|"
         print(line + "".join(f" {runs[key]['psnr']:>6.2f}" if key in runs else " " * 7 for runs in references.values()))
 
 
