@@ -425,7 +425,7 @@ def latest(stored: list[dict], **match) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folds", default="0,1,2,3", help="Comma-separated fold numbers (0-3).")
     parser.add_argument("--seeds", default="0,1", help="Comma-separated seeds: each fold is run with each.")
     parser.add_argument(
