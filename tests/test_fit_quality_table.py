@@ -88,3 +88,28 @@ def test_latest_run_of_each_fold_and_seed_wins(fit_quality):
 
 def test_budget_becomes_steps(fit_quality):
     assert fit_quality.steps_for_budget(500.0, {"fixed_seconds": 20.0, "seconds_per_step": 0.25}) == 1920
+
+
+def test_reference_widths_do_not_follow_vqtok_defaults(fit_quality):
+    widths = {
+        name: {block.conv3.out_channels for block in fit_quality.Reference(peer, 16, [8, 5, 5, 5]).encoder.res}
+        for name, peer in fit_quality.PEERS.items()
+    }
+    assert widths == {"paper": {128}, "light": {32}, "fsq": {32}}
+
+
+def test_fsq_usage_counts_its_implicit_codes(fit_quality):
+    import torch
+
+    from vqtok.data import Batch
+    from vqtok.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = fit_quality.Reference(fit_quality.PEERS["fsq"], 512, [8, 5, 5, 5])
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    codes = model.encode(images.float() / 255)  # (4, 8, 8)
+    assert codes.shape == (4, 8, 8) and 0 <= int(codes.min()) and int(codes.max()) < 1000
+    assert model.decode(codes).shape == (4, 3, 32, 32)
+    report = evaluate(model, [Batch(images, [f"k{i}" for i in range(4)], ["x"] * 4, [])], examples=False)
+    assert report.codebook_size == 1000
+    assert report.codes_used == len(codes.unique()) and report.usage == report.codes_used / 1000
