@@ -39,6 +39,7 @@ the same fold, seed, K, steps and crops, the latest of each, so the parts can be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import io
 import json
@@ -49,7 +50,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +130,7 @@ class Fold:
         ]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Peer:
     """A reference: vector-quantize-pytorch's quantizer in vqtok's encoder and decoder, with its own optimizer."""
 
@@ -284,6 +284,23 @@ def probe(fold: Fold, codebook_size: int, steps: int, seed: int, fit_args: list[
     }
 
 
+def vqtok_defaults() -> dict:
+    """This checkout's defaults, which a run's `--fit-args` only partly override: when they move, runs labelled
+    alike were trained alike only where these agree."""
+    from vqtok.config import ModelConfig, TrainConfig
+
+    return {"model": dataclasses.asdict(ModelConfig()), "train": dataclasses.asdict(TrainConfig())}
+
+
+def moved_defaults(runs: list[dict], now: dict) -> list[str]:
+    """The defaults, as "model.decay 0.95 -> 0.99", that some of `runs` were made with and this checkout lacks."""
+    moved = set()
+    for run in runs:
+        for part, fields in run["vqtok_defaults"].items():
+            moved |= {f"{part}.{k} {v!r} -> {now[part].get(k)!r}" for k, v in fields.items() if now[part].get(k) != v}
+    return sorted(moved)
+
+
 def machine() -> dict:
     """Where a run was made: what the table needs to tell machines apart."""
     cpu = platform.processor()
@@ -348,7 +365,7 @@ def compare(ours: dict, theirs: dict, folds: list[int], seeds: list[int], time_l
         detail = f"{mean['gain']:+.2f} dB, standard error {mean['se']:.2f} dB over {len(pairs)} fold-seed pairs"
         verdicts["gain"] = ("met" if met else "not met", detail)
     else:
-        verdicts["gain"] = ("not enough runs", short)
+        verdicts["gain"] = ("not enough runs", short if not complete else "one fold-seed pair: no standard error")
     if complete and len(seeds) > 1:
         worst = min(rows, key=lambda r: r["gain"])
         allowed = max(worst["spread"], worst["ref_spread"])
@@ -484,7 +501,7 @@ def main() -> None:
     vqtok_match = {"codebook_size": K, "budget_seconds": args.seconds}
     if not args.seconds:
         vqtok_match["steps"] = args.steps
-    facts = machine()
+    facts, defaults = machine(), vqtok_defaults()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     probes: dict[str, dict] = {}  # one probe fit per --fit-args: a step costs the same on every fold and seed
     for f in [] if args.table_only else folds:  # --table-only trains nothing
@@ -504,6 +521,7 @@ def main() -> None:
                         metrics = run_vqtok(fold, K, steps, seed, extra.split(), run_dir)
                         del metrics["train_log"]
                         entry.update(label=extra or "defaults", fit_args=extra, **vqtok_match)
+                        entry["vqtok_defaults"] = defaults
                         entry["steps"] = steps
                     else:
                         peer = PEERS[who]
@@ -538,6 +556,9 @@ def main() -> None:
         facts = json.loads(place)
         print(f"runs from: {facts['cores']} cores ({facts['cpu']}), {facts['threads']} threads, torch {facts['torch']}")
     for label in labels:
+        moved = moved_defaults(list(ours[label].values()), defaults)
+        if moved:
+            print(f"\nvqtok fit {label}: some runs were made with other defaults than now: {'; '.join(moved)}")
         print_runs(label, ours[label], peers, folds, seeds)
         for name in references:
             title = f"vqtok fit {label} against {name} ({PEERS[name].label(levels)}); PSNR as mean ± half-range"

@@ -113,3 +113,14 @@ def test_fsq_usage_counts_its_implicit_codes(fit_quality):
     report = evaluate(model, [Batch(images, [f"k{i}" for i in range(4)], ["x"] * 4, [])], examples=False)
     assert report.codebook_size == 1000
     assert report.codes_used == len(codes.unique()) and report.usage == report.codes_used / 1000
+
+
+def test_runs_made_with_other_defaults_are_named(fit_quality):
+    now = fit_quality.vqtok_defaults()
+    before = {"model": {**now["model"], "res_channels": None}, "train": {**now["train"], "lr": 2e-4}}
+    assert fit_quality.moved_defaults([{"vqtok_defaults": now}], now) == []
+    moved = fit_quality.moved_defaults([{"vqtok_defaults": now}, {"vqtok_defaults": before}], now)
+    assert moved == [
+        f"model.res_channels None -> {now['model']['res_channels']!r}",
+        f"train.lr 0.0002 -> {now['train']['lr']!r}",
+    ]
