@@ -478,9 +478,9 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the vqtok fit subprocess
     folds = [int(f) for f in args.folds.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = [name for name in args.runs.split(",") if name]
+    train = [name for name in args.runs.split(",") if name]
     references = [name for name in args.references.split(",") if name]
-    unknown = sorted(set(runs + references) - {"vqtok", *PEERS})
+    unknown = sorted(set(train + references) - {"vqtok", *PEERS})
     if unknown:
         parser.error(f"unknown run {', '.join(unknown)}: choose from vqtok, {', '.join(PEERS)}")
     fit_args = args.fit_args or [""]
@@ -507,7 +507,7 @@ def main() -> None:
     for f in [] if args.table_only else folds:  # --table-only trains nothing
         fold = Fold(f, args.out / f"fold{f}", args.train_crops, args.held_out_crops)
         for seed in seeds:
-            for who in runs:
+            for who in train:
                 for extra in fit_args if who == "vqtok" else [None]:
                     entry = {"who": who, "fold": f, "seed": seed, **common}
                     if who == "vqtok":
@@ -553,8 +553,8 @@ def main() -> None:
     ours = {label: latest(stored, who="vqtok", label=label, **vqtok_match, **common) for label in labels}
     used = [run for runs in [*ours.values(), *peers.values()] for run in runs.values()]
     for place in sorted({json.dumps({k: v for k, v in r["machine"].items() if k != "commit"}) for r in used}):
-        facts = json.loads(place)
-        print(f"runs from: {facts['cores']} cores ({facts['cpu']}), {facts['threads']} threads, torch {facts['torch']}")
+        where = json.loads(place)
+        print(f"runs from: {where['cores']} cores ({where['cpu']}), {where['threads']} threads, torch {where['torch']}")
     for label in labels:
         moved = moved_defaults(list(ours[label].values()), defaults)
         if moved:
