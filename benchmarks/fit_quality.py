@@ -318,6 +318,8 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu": cpu,
+        # vqtok fit takes a GPU where there is one (and bf16 there); the references always train on the CPU
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "system": platform.platform(),
