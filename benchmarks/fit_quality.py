@@ -556,7 +556,10 @@ def main() -> None:
     used = [run for runs in [*ours.values(), *peers.values()] for run in runs.values()]
     for place in sorted({json.dumps({k: v for k, v in r["machine"].items() if k != "commit"}) for r in used}):
         where = json.loads(place)
-        print(f"runs from: {where['cores']} cores ({where['cpu']}), {where['threads']} threads, torch {where['torch']}")
+        print(
+            f"runs from: {where['cores']} cores ({where['cpu']}), {where['threads']} threads, "
+            f"{where['gpu'] or 'no GPU'}, torch {where['torch']}"
+        )
     for label in labels:
         moved = moved_defaults(list(ours[label].values()), defaults)
         if moved:
