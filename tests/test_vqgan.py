@@ -5,69 +5,27 @@ import json
 
 import pytest
 import torch
-from taming.modules.diffusionmodules.model import Decoder as TamingDecoder
-from taming.modules.diffusionmodules.model import Encoder as TamingEncoder
-from taming.modules.vqvae.quantize import VectorQuantizer as TamingQuantizer
+from conftest import TAMING_EMBED_DIM, TAMING_N_EMBED, taming_reference, taming_vqgan
 
 from vqtok import VQGAN, VQVAE, VQGANConfig, load_tokenizer
 from vqtok.config import load_config
 from vqtok.errors import ConfigError, ModelFormatError
 from vqtok.tokenizers import build_tokenizer
 
-# taming's ddconfig for a tiny two-level network, attention at the lowest resolution (16 px of 32)
-DDCONFIG = dict(
-    ch=32,
-    out_ch=3,
-    ch_mult=(1, 2),
-    num_res_blocks=2,
-    attn_resolutions=[16],
-    dropout=0.0,
-    in_channels=3,
-    resolution=32,
-    z_channels=16,
-    double_z=False,
-)
-K, CODE_DIM = 64, 8
-# the same network in vqtok's terms, its codebook learned as taming's (no EMA, no k-means, no restarts)
+# conftest's taming network in vqtok's terms, its codebook learned as taming's (no EMA, no k-means, no restarts)
 CONFIG = VQGANConfig(
     base_channels=32,
     channel_mult=(1, 2),
     num_res_blocks=2,
     attn_levels=(1,),
     z_channels=16,
-    codebook_size=K,
-    code_dim=CODE_DIM,
+    codebook_size=TAMING_N_EMBED,
+    code_dim=TAMING_EMBED_DIM,
     decay=None,
     kmeans_init=False,
     dead_code_window=0,
     image_size=32,
 )
-
-
-class TamingVQGAN(torch.nn.Module):
-    """The modules of taming's VQModel (taming/models/vqgan.py) under its attribute names, without the losses."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = TamingEncoder(**DDCONFIG)
-        self.decoder = TamingDecoder(**DDCONFIG)
-        self.quantize = TamingQuantizer(K, CODE_DIM, beta=0.25)
-        self.quant_conv = torch.nn.Conv2d(DDCONFIG["z_channels"], CODE_DIM, 1)
-        self.post_quant_conv = torch.nn.Conv2d(CODE_DIM, DDCONFIG["z_channels"], 1)
-
-
-def taming_model(images: torch.Tensor) -> TamingVQGAN:
-    """Random weights, with codes drawn from the latents of `images` so that many codes are in use."""
-    torch.manual_seed(0)
-    taming = TamingVQGAN().eval()
-    with torch.no_grad():
-        for module in taming.modules():  # GroupNorm starts as the identity: make its affine part count too
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.normal_(1, 0.2)
-                module.bias.normal_(0, 0.2)
-        z = taming.quant_conv(taming.encoder(images * 2 - 1)).permute(0, 2, 3, 1).reshape(-1, CODE_DIM)
-        taming.quantize.embedding.weight.copy_(z[torch.randperm(z.shape[0])[:K]] + 0.01 * torch.randn(K, CODE_DIM))
-    return taming
 
 
 def renamed(taming_state: dict) -> dict:
@@ -85,7 +43,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def pair(images):
-    taming = taming_model(images)
+    taming = taming_vqgan(images)
     ours = VQGAN(CONFIG).eval()
     missing, unexpected = ours.load_state_dict(renamed(taming.state_dict()), strict=False)
     assert unexpected == []
@@ -104,14 +62,11 @@ def test_parameter_names_are_tamings(pair):
 
 def test_codes_and_images_match_taming(pair, images):
     taming, ours = pair
-    with torch.no_grad():
-        z_q, _, (_, _, indices) = taming.quantize(taming.quant_conv(taming.encoder(images * 2 - 1)))
-        expected = indices.view(4, 8 * 2, 8 * 2)
-        reference = taming.decoder(taming.post_quant_conv(z_q))  # (B, 3, H, W) in about [-1, 1]
+    expected, reference = taming_reference(taming, images)
     codes = ours.encode(images)
     assert codes.shape == (4, 16, 16)
     assert torch.equal(codes, expected)
-    assert len(codes.unique()) > K // 4  # the comparison covers many codes, not one
+    assert len(codes.unique()) > TAMING_N_EMBED // 4  # the comparison covers many codes, not one
     with torch.no_grad():
         raw = ours.decode_latent(ours.quantizer.lookup(codes))
     assert torch.allclose(raw, reference, atol=1e-4, rtol=0)
