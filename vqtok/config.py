@@ -1,10 +1,12 @@
 """Settings as dataclasses: what a model is, and how to train it.
 
-A `ModelConfig` (a tokenizer) or a `PriorConfig` (a prior over its codes) is
-everything needed to rebuild a model's modules; it is the `config` object of a
-model directory's `config.json`. A `TrainConfig` holds the training recipe, a
-`PriorTrainConfig` the prior's. A TOML file has a `[model]` and a `[train]`
-table with these fields; command-line options override it (`load_config`). TOML
+A `ModelConfig` (the VQ-VAE tokenizer), a `VQGANConfig` (the VQGAN tokenizer)
+or a `PriorConfig` (a prior over codes) is everything needed to rebuild a
+model's modules; it is the `config` object of a model directory's
+`config.json`. A `TrainConfig` holds the training recipe, a `PriorTrainConfig`
+the prior's. A TOML file has a `[model]` and a `[train]` table with these
+fields (and `family = "vqgan"` in [model] for a VQGAN); command-line options
+override it (`load_config`). TOML
 has no null, so `false` stands for None where a setting may be None:
 `decay = false` is the paper's codebook loss instead of moving averages.
 """
@@ -127,6 +129,9 @@ class VQGANConfig:
     def from_dict(cls, values: dict) -> VQGANConfig:
         return _from_table(cls, values, "model config")
 
+
+# The tokenizer families `vqtok fit` trains, by the name a TOML file's [model] table gives as `family`.
+TOKENIZER_CONFIGS = {"vqvae": ModelConfig, "vqgan": VQGANConfig}
 
 # The settings that may be None, which a TOML file writes as false.
 NULLABLE = ("res_channels", "decay", "lookup_dim")
@@ -293,6 +298,38 @@ def _from_table(cls, table: dict, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _read_tables(path: str | Path) -> dict:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        tables = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    unknown = sorted(set(tables) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [model] and [train]")
+    return tables
+
+
+def _known_family(family: str, where: str) -> str:
+    if family not in TOKENIZER_CONFIGS:
+        raise ConfigError(f"{where}: unknown family {family!r}; known: {', '.join(TOKENIZER_CONFIGS)}")
+    return family
+
+
+def tokenizer_family(path: str | Path | None = None, family: str | None = None) -> str:
+    """The tokenizer family a training recipe is for: `family` where the command line names one, else the TOML
+    file's [model] table's `family`, else vqvae. A command line that contradicts the file is refused."""
+    in_file = _read_tables(path).get("model", {}).get("family") if path is not None else None
+    if family is not None and in_file is not None and family != in_file:
+        raise ConfigError(f"--family {family}, but {path} says family = {in_file!r} in its [model] table")
+    return _known_family(family or in_file or "vqvae", str(path) if path else "--family")
+
+
 def load_config(
     path: str | Path | None = None,
     model: dict | None = None,
@@ -301,28 +338,17 @@ def load_config(
     train_class: type = TrainConfig,
 ):
     """Settings from a TOML file (or the defaults), then overrides; a None override leaves the value alone.
-    Returns (model_class, train_class) instances: a tokenizer's by default, a prior's with PriorConfig and
-    PriorTrainConfig."""
-    tables: dict = {}
-    if path is not None:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:
-            import tomli as tomllib
-        try:
-            tables = tomllib.loads(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
-        unknown = sorted(set(tables) - {"model", "train"})
-        if unknown:
-            raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [model] and [train]")
+    Returns (model_class, train_class) instances: a tokenizer's by default (VQGANConfig for a VQGAN, whose [model]
+    table says family = "vqgan"), a prior's with PriorConfig and PriorTrainConfig."""
+    tables = _read_tables(path) if path is not None else {}
     where = str(path) if path else "settings"
-    model_file = tables.get("model", {})
+    model_file = dict(tables.get("model", {}))
+    family = model_file.pop("family", None)
+    if family is not None and TOKENIZER_CONFIGS[_known_family(family, where)] is not model_class:
+        raise ConfigError(f"{where}: family = {family!r} in [model], but these are {model_class.__name__} settings")
     for name in NULLABLE:  # TOML has no null: `decay = false` says decay = None (no EMA), and so on
         if model_file.get(name) is False:
             model_file[name] = None
-    model_table = {**tables.get("model", {}), **{k: v for k, v in (model or {}).items() if v is not None}}
+    model_table = {**model_file, **{k: v for k, v in (model or {}).items() if v is not None}}
     train_table = {**tables.get("train", {}), **{k: v for k, v in (train or {}).items() if v is not None}}
     return _from_table(model_class, model_table, where), _from_table(train_class, train_table, where)
