@@ -84,8 +84,9 @@ def cli():
 def info(path, as_json, storage_options):
     """What a model directory, a prior or a token dataset holds.
 
-    A model: its settings, parameter count, K, D, grid size per image size and
-    model id. A prior: its size, the tokens it models (K, grid, classes, the
+    A model: its family, settings, parameter count, K, D, grid size per image
+    size and model id, and for one made by `vqtok import`, where it came from
+    (format, file name, SHA-256). A prior: its size, the tokens it models (K, grid, classes, the
     tokenizer's model id) and its model id. Tokens (a folder written by
     `vqtok encode` or `vqtok prior sample`, or one Parquet file): rows,
     shards, errors, grid, K, model id, codebook usage and perplexity, bits per
@@ -641,7 +642,7 @@ def import_(format_, source, out, config_path, trust_pickle, normalize_codes, st
 
     \b
     Examples:
-        vqtok import taming logs/vqgan/checkpoints/last.ckpt runs/taming/model --config logs/vqgan/configs/model.yaml
+        vqtok import taming logs/vqgan/checkpoints/last.ckpt runs/taming/model --config model.yaml
         vqtok info runs/taming/model
     """
     from vqtok.storage import Location, parse_options
