@@ -2,72 +2,33 @@
 like the VQ-VAE (config, model directory, load_tokenizer)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from taming.modules.diffusionmodules.model import Decoder as TamingDecoder
-from taming.modules.diffusionmodules.model import Encoder as TamingEncoder
-from taming.modules.vqvae.quantize import VectorQuantizer as TamingQuantizer
+from click.testing import CliRunner
+from conftest import TAMING_EMBED_DIM, TAMING_N_EMBED, image_samples, taming_reference, taming_vqgan
 
 from vqtok import VQGAN, VQVAE, VQGANConfig, load_tokenizer
+from vqtok.cli import cli
 from vqtok.config import load_config
 from vqtok.errors import ConfigError, ModelFormatError
 from vqtok.tokenizers import build_tokenizer
 
-# taming's ddconfig for a tiny two-level network, attention at the lowest resolution (16 px of 32)
-DDCONFIG = dict(
-    ch=32,
-    out_ch=3,
-    ch_mult=(1, 2),
-    num_res_blocks=2,
-    attn_resolutions=[16],
-    dropout=0.0,
-    in_channels=3,
-    resolution=32,
-    z_channels=16,
-    double_z=False,
-)
-K, CODE_DIM = 64, 8
-# the same network in vqtok's terms, its codebook learned as taming's (no EMA, no k-means, no restarts)
+# conftest's taming network in vqtok's terms, its codebook learned as taming's (no EMA, no k-means, no restarts)
 CONFIG = VQGANConfig(
     base_channels=32,
     channel_mult=(1, 2),
     num_res_blocks=2,
     attn_levels=(1,),
     z_channels=16,
-    codebook_size=K,
-    code_dim=CODE_DIM,
+    codebook_size=TAMING_N_EMBED,
+    code_dim=TAMING_EMBED_DIM,
     decay=None,
     kmeans_init=False,
     dead_code_window=0,
     image_size=32,
 )
-
-
-class TamingVQGAN(torch.nn.Module):
-    """The modules of taming's VQModel (taming/models/vqgan.py) under its attribute names, without the losses."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = TamingEncoder(**DDCONFIG)
-        self.decoder = TamingDecoder(**DDCONFIG)
-        self.quantize = TamingQuantizer(K, CODE_DIM, beta=0.25)
-        self.quant_conv = torch.nn.Conv2d(DDCONFIG["z_channels"], CODE_DIM, 1)
-        self.post_quant_conv = torch.nn.Conv2d(CODE_DIM, DDCONFIG["z_channels"], 1)
-
-
-def taming_model(images: torch.Tensor) -> TamingVQGAN:
-    """Random weights, with codes drawn from the latents of `images` so that many codes are in use."""
-    torch.manual_seed(0)
-    taming = TamingVQGAN().eval()
-    with torch.no_grad():
-        for module in taming.modules():  # GroupNorm starts as the identity: make its affine part count too
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.normal_(1, 0.2)
-                module.bias.normal_(0, 0.2)
-        z = taming.quant_conv(taming.encoder(images * 2 - 1)).permute(0, 2, 3, 1).reshape(-1, CODE_DIM)
-        taming.quantize.embedding.weight.copy_(z[torch.randperm(z.shape[0])[:K]] + 0.01 * torch.randn(K, CODE_DIM))
-    return taming
 
 
 def renamed(taming_state: dict) -> dict:
@@ -85,7 +46,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def pair(images):
-    taming = taming_model(images)
+    taming = taming_vqgan(images)
     ours = VQGAN(CONFIG).eval()
     missing, unexpected = ours.load_state_dict(renamed(taming.state_dict()), strict=False)
     assert unexpected == []
@@ -104,14 +65,11 @@ def test_parameter_names_are_tamings(pair):
 
 def test_codes_and_images_match_taming(pair, images):
     taming, ours = pair
-    with torch.no_grad():
-        z_q, _, (_, _, indices) = taming.quantize(taming.quant_conv(taming.encoder(images * 2 - 1)))
-        expected = indices.view(4, 8 * 2, 8 * 2)
-        reference = taming.decoder(taming.post_quant_conv(z_q))  # (B, 3, H, W) in about [-1, 1]
+    expected, reference = taming_reference(taming, images)
     codes = ours.encode(images)
     assert codes.shape == (4, 16, 16)
     assert torch.equal(codes, expected)
-    assert len(codes.unique()) > K // 4  # the comparison covers many codes, not one
+    assert len(codes.unique()) > TAMING_N_EMBED // 4  # the comparison covers many codes, not one
     with torch.no_grad():
         raw = ours.decode_latent(ours.quantizer.lookup(codes))
     assert torch.allclose(raw, reference, atol=1e-4, rtol=0)
@@ -160,6 +118,16 @@ def test_config_from_toml_and_json(tmp_path):
     assert VQGANConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+def test_the_small_recipe_builds_a_vqgan():
+    from vqtok.config import tokenizer_family
+
+    path = Path(__file__).resolve().parent.parent / "pipelines" / "vqgan-cpu-small.toml"
+    assert tokenizer_family(path) == "vqgan"
+    config, train = load_config(path, model_class=VQGANConfig)
+    model = build_tokenizer(config)
+    assert isinstance(model, VQGAN) and model.grid_size(config.image_size) == (8, 8) and train.steps == 2000
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
@@ -173,3 +141,80 @@ def test_config_from_toml_and_json(tmp_path):
 def test_config_refuses_bad_settings(settings, message):
     with pytest.raises(ConfigError, match=message):
         VQGANConfig(**settings)
+
+
+TINY_RECIPE = """
+[model]
+family = "vqgan"
+base_channels = 32
+channel_mult = [1, 2]
+num_res_blocks = 1
+attn_levels = [1]
+z_channels = 32
+"""
+TINY_RUN = ["--codebook-size", "16", "--code-dim", "8", "--image-size", "16", "--batch-size", "4", "--num-workers", "0"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fit_trains_a_vqgan_that_every_command_takes(make_shard, tmp_path):
+    train = make_shard("train.tar", image_samples([f"t{j}" for j in range(8)]))
+    val = make_shard("val.tar", image_samples([f"v{j}" for j in range(6)], seed=50))
+    recipe = tmp_path / "vqgan.toml"
+    recipe.write_text(TINY_RECIPE)
+    out = tmp_path / "run"
+    fitted = run("fit", train, "--out", out, "--config", recipe, "--val", val, *TINY_RUN, "--steps", 3, "--decay", 0.9)
+    assert fitted.exit_code == 0, fitted.output
+    assert "held-out PSNR" in fitted.output
+
+    model = load_tokenizer(out / "model")
+    assert isinstance(model, VQGAN)
+    assert model.config.channel_mult == (1, 2) and model.config.codebook_size == 16 and model.config.decay == 0.9
+    assert json.loads((out / "model" / "config.json").read_text())["family"] == "vqgan"
+    with pytest.raises(ModelFormatError, match="holds a vqgan tokenizer, not a vqvae"):
+        VQVAE.from_pretrained(out / "model")
+
+    encoded = run("encode", val, tmp_path / "tokens.parquet", "--model", out / "model", "--num-workers", "0")
+    assert encoded.exit_code == 0, encoded.output
+    decoded = run("decode", tmp_path / "tokens.parquet", tmp_path / "decoded", "--model", out / "model")
+    assert decoded.exit_code == 0, decoded.output
+    assert sorted(p.stem for p in Path(tmp_path / "decoded").rglob("*.png")) == [f"v{j}" for j in range(6)]
+    evaluated = run("eval", out / "model", val, "--num-workers", "0", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["images"] == 6
+    info = json.loads(run("info", out / "model", "--json").output)
+    assert info["family"] == "vqgan" and info["source"] is None and info["grid"] == [8, 8]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fit_family_option_picks_the_network(make_shard, tmp_path):
+    train = make_shard("train.tar", image_samples([f"t{j}" for j in range(4)]))
+    result = run("fit", train, "--out", tmp_path / "run", "--family", "vqgan", *TINY_RUN, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    config = load_tokenizer(tmp_path / "run" / "model").config
+    assert config == VQGANConfig(codebook_size=16, code_dim=8, image_size=16)
+
+
+@pytest.mark.parametrize(
+    "args, recipe, message",
+    [
+        (["--family", "vqgan", "--hidden", "16", "--res-blocks", "1"], None, "--hidden, --res-blocks: VQ-VAE options"),
+        (["--hidden", "16"], TINY_RECIPE, "--hidden: VQ-VAE options"),
+        (["--family", "vqvae"], TINY_RECIPE, "--family vqvae, but"),
+        ([], "[model]\nfamily = 'vqgan'\nhidden_channels = 8\n", "unknown setting(s) hidden_channels"),
+        ([], "[model]\nfamily = 'pixelcnn'\n", "unknown family 'pixelcnn'"),
+    ],
+)
+def test_fit_refuses_options_of_another_family(make_shard, tmp_path, args, recipe, message):
+    train = make_shard("train.tar", image_samples(["a"]))
+    if recipe is not None:
+        (tmp_path / "recipe.toml").write_text(recipe)
+        args = [*args, "--config", tmp_path / "recipe.toml"]
+    result = run("fit", train, "--out", tmp_path / "run", *args)
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert message in lines[-1] and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "run").exists()
