@@ -195,6 +195,61 @@ def model_dir(tmp_path_factory):
     return str(model.save_pretrained(tmp_path_factory.mktemp("model") / "model"))
 
 
+# taming-transformers' ddconfig for a tiny two-level VQGAN, attention at the lowest resolution (16 px of 32)
+TAMING_DDCONFIG = dict(
+    ch=32,
+    out_ch=3,
+    ch_mult=[1, 2],
+    num_res_blocks=2,
+    attn_resolutions=[16],
+    dropout=0.0,
+    in_channels=3,
+    resolution=32,
+    z_channels=16,
+    double_z=False,
+)
+TAMING_N_EMBED, TAMING_EMBED_DIM = 64, 8
+
+
+def taming_vqgan(images, seed: int = 0):
+    """The modules of taming-transformers' VQModel (taming/models/vqgan.py) under its attribute names, losses
+    left out, with random weights (GroupNorm's too) and codes drawn from the latents of `images` (B, 3, 32, 32) in
+    [0, 1], so that many codes are in use."""
+    import torch
+    from taming.modules.diffusionmodules.model import Decoder, Encoder
+    from taming.modules.vqvae.quantize import VectorQuantizer
+
+    torch.manual_seed(seed)
+    model = torch.nn.Module()
+    model.encoder = Encoder(**TAMING_DDCONFIG)
+    model.decoder = Decoder(**TAMING_DDCONFIG)
+    model.quantize = VectorQuantizer(TAMING_N_EMBED, TAMING_EMBED_DIM, beta=0.25)
+    model.quant_conv = torch.nn.Conv2d(TAMING_DDCONFIG["z_channels"], TAMING_EMBED_DIM, 1)
+    model.post_quant_conv = torch.nn.Conv2d(TAMING_EMBED_DIM, TAMING_DDCONFIG["z_channels"], 1)
+    model.eval()
+    with torch.no_grad():
+        for module in model.modules():  # GroupNorm starts as the identity: make its affine part count too
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.normal_(1, 0.2)
+                module.bias.normal_(0, 0.2)
+        z = model.quant_conv(model.encoder(images * 2 - 1)).permute(0, 2, 3, 1).reshape(-1, TAMING_EMBED_DIM)
+        picks = z[torch.randperm(z.shape[0])[:TAMING_N_EMBED]]
+        model.quantize.embedding.weight.copy_(picks + 0.01 * torch.randn_like(picks))
+    return model
+
+
+def taming_reference(model, images):
+    """What taming's own modules make of images (B, 3, H, W) in [0, 1]: (codes (B, h, w), decoded images in
+    about [-1, 1]), as VQModel.encode and VQModel.decode compute them."""
+    import torch
+
+    with torch.no_grad():
+        z_q, _, (_, _, indices) = model.quantize(model.quant_conv(model.encoder(images * 2 - 1)))
+        decoded = model.decoder(model.post_quant_conv(z_q))
+    B, _, h, w = z_q.shape
+    return indices.view(B, h, w), decoded
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Accelerator state is a process-wide singleton; each in-process fit starts from a clean one."""

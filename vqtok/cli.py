@@ -131,6 +131,8 @@ def model_summary(path: str, storage_options: dict) -> tuple[dict, list[tuple[st
     config = model.config
     summary = {
         "path": path,
+        "family": model.FAMILY,
+        "source": model.source,
         "model_id": model.model_id,
         "parameters": sum(p.numel() for p in model.parameters()),
         "codebook_size": config.codebook_size,
@@ -140,10 +142,14 @@ def model_summary(path: str, storage_options: dict) -> tuple[dict, list[tuple[st
         "config": config.to_dict(),
     }
     rows = [
+        ("family", model.FAMILY),
         ("model id", summary["model_id"]),
         ("parameters", f"{summary['parameters']:,}"),
         ("codebook", f"K = {config.codebook_size}, D = {config.code_dim}"),
     ]
+    if model.source:
+        source = model.source
+        rows += [("imported from", f"{source['file']} ({source['format']})"), ("source sha256", source["sha256"])]
     for size in sorted({config.image_size, 64, 128, 256}):
         h, w = model.grid_size(size)
         rows.append((f"grid at {size}x{size}", f"{h}x{w} codes"))
@@ -578,6 +584,59 @@ def demo(out, steps, prior, prior_steps):
     console.print(f"held-out photographs at 128x128: PSNR {result.psnr:.2f} dB, codebook usage {result.usage:.1%}")
     for what, where in result.paths.items():
         console.print(f"{what}: {where}")
+
+
+@cli.command("import")
+@click.argument("format_", metavar="FORMAT")
+@click.argument("source")
+@click.argument("out")
+@click.option("--config", "config_path", help="The checkpoint's config file, where FORMAT needs one (taming: YAML).")
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Load a checkpoint that holds more than tensors, which runs code from the file: only for files you trust.",
+)
+@click.option(
+    "--normalize-codes/--no-normalize-codes",
+    default=None,
+    show_default="the format's",
+    help="l2-normalized code lookup, where the checkpoint cannot tell.",
+)
+@storage_options_option
+@user_errors
+def import_(format_, source, out, config_path, trust_pickle, normalize_codes, storage_options):
+    """Convert another toolkit's checkpoint (SOURCE) into a vqtok model
+    directory (OUT), which every vqtok command then takes.
+
+    \b
+    FORMAT is one of:
+        taming   taming-transformers: SOURCE its last.ckpt, --config its YAML
+
+    Checkpoints are loaded with torch.load(weights_only=True); one that
+    holds more than tensors is refused unless --trust-pickle. config.json
+    records the format, SOURCE's file name and its SHA-256. SOURCE and OUT
+    may be URLs.
+
+    \b
+    Examples:
+        vqtok import taming logs/vqgan/checkpoints/last.ckpt runs/taming/model --config logs/vqgan/configs/model.yaml
+        vqtok info runs/taming/model
+    """
+    from vqtok.storage import Location, parse_options
+    from vqtok.tokenizers.importers import ImportOptions, import_model
+
+    options = parse_options(storage_options)
+    settings = ImportOptions(
+        config=Location.of(config_path, options) if config_path else None,
+        trust_pickle=trust_pickle,
+        normalize_codes=normalize_codes,
+    )
+    model = import_model(format_, source, out, settings, options)
+    h, w = model.grid_size(model.config.image_size)
+    click.echo(
+        f"imported {source} ({format_}) into {out}: a {model.FAMILY} tokenizer, K = {model.codebook_size}, "
+        f"{h}x{w} codes at {model.config.image_size}x{model.config.image_size}, model id {model.model_id}"
+    )
 
 
 @cli.group()

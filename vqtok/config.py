@@ -42,38 +42,10 @@ class ModelConfig:
     rare_code_share: float = 0.0  # also restart codes used less than this share of an even share over the window
 
     def __post_init__(self) -> None:
-        positive = [
-            "in_channels",
-            "hidden_channels",
-            "num_res_blocks",
-            "num_downsamples",
-            "codebook_size",
-            "code_dim",
-            "image_size",
-        ]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("res_channels", "lookup_dim"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
-        for name in ("kmeans_init", "normalize_codes"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.codebook_size < 2:
-            raise ConfigError("codebook_size must be at least 2")
-        if not self.beta >= 0:
-            raise ConfigError(f"beta must be >= 0, got {self.beta!r}")
-        if not 0 <= self.rare_code_share < 1:
-            raise ConfigError(f"rare_code_share must be in [0, 1), got {self.rare_code_share!r}")
-        if self.decay is not None and not 0 < self.decay < 1:
-            raise ConfigError(f"decay must be in (0, 1) or None, got {self.decay!r}")
-        if not isinstance(self.dead_code_window, int) or self.dead_code_window < 0:
-            raise ConfigError(f"dead_code_window must be a non-negative integer, got {self.dead_code_window!r}")
-        if self.image_size % self.stride:
-            raise ConfigError(f"image_size {self.image_size} is not a multiple of the model's stride {self.stride}")
+        _check_positive(self, ("in_channels", "hidden_channels", "num_res_blocks", "num_downsamples"))
+        if self.res_channels is not None:
+            _check_positive(self, ("res_channels",), "or None")
+        _check_quantizer_and_size(self)
 
     @property
     def stride(self) -> int:
@@ -90,12 +62,109 @@ class ModelConfig:
         return _from_table(cls, {**ADDED_SETTINGS, **values}, "model config")
 
 
+@dataclass(frozen=True)
+class VQGANConfig:
+    """The VQGAN network's shape (`vqtok.tokenizers.vqgan`; taming-transformers' ddconfig under vqtok's names)
+    and its quantizer's settings. The defaults are a small network that trains on a CPU at 32 px, stride 4 as the
+    VQ-VAE's default: two widths of 64 channels, then 128 at the grid (taming's f16 ImageNet model is
+    base_channels 128, channel_mult (1, 1, 2, 2, 4), two blocks per level, attention at the last level, z 256,
+    K 1024 of 256 dimensions). The quantizer's defaults are ModelConfig's, for training from scratch with vqtok:
+    an imported model sets decay None, kmeans_init false and dead_code_window 0, as its codebook is learned."""
+
+    in_channels: int = 3
+    base_channels: int = 64  # taming's ch; every level's width base_channels * mult is a multiple of 32 (GroupNorm)
+    channel_mult: tuple[int, ...] = (1, 1, 2)  # one level per entry; each level after the first halves the grid
+    num_res_blocks: int = 1  # per encoder level; the decoder has one more per level, as taming's
+    attn_levels: tuple[int, ...] = (2,)  # levels whose blocks have self-attention (taming's attn_resolutions)
+    z_channels: int = 64  # the encoder's output and the decoder's input, around the 1x1 convolutions
+    dropout: float = 0.0
+    codebook_size: int = 512
+    code_dim: int = 64
+    beta: float = 0.25
+    decay: float | None = 0.99  # None: the codebook is learned by the codebook loss, not moving averages
+    kmeans_init: bool = True
+    dead_code_window: int = 100
+    image_size: int = 32
+    lookup_dim: int | None = None
+    normalize_codes: bool = False  # LlamaGen's l2-normalized lookup
+    rare_code_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("channel_mult", "attn_levels"):  # JSON and TOML give lists
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{name} must be a list of integers, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        _check_positive(self, ("in_channels", "base_channels", "num_res_blocks", "z_channels"))
+        if not self.channel_mult or not all(isinstance(m, int) and not isinstance(m, bool) for m in self.channel_mult):
+            raise ConfigError(f"channel_mult must be a non-empty list of integers, got {list(self.channel_mult)!r}")
+        widths = [self.base_channels * m for m in self.channel_mult]
+        if any(w < 32 or w % 32 for w in widths):
+            raise ConfigError(
+                f"base_channels * channel_mult gives widths {widths}: each must be a positive multiple of 32 "
+                "(GroupNorm's 32 groups)"
+            )
+        levels = len(self.channel_mult)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < levels for i in self.attn_levels):
+            raise ConfigError(f"attn_levels must be level numbers in [0, {levels}), got {list(self.attn_levels)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        _check_quantizer_and_size(self)
+
+    @property
+    def stride(self) -> int:
+        """Image pixels per code along each side."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def to_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "channel_mult": list(self.channel_mult),
+            "attn_levels": list(self.attn_levels),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> VQGANConfig:
+        return _from_table(cls, values, "model config")
+
+
 # The settings that may be None, which a TOML file writes as false.
 NULLABLE = ("res_channels", "decay", "lookup_dim")
 
 # Settings added to ModelConfig after models were first saved, with the value that means "as before they
 # existed". A model directory lacking one was written before it and loads with that value.
 ADDED_SETTINGS = {"lookup_dim": None, "normalize_codes": False, "rare_code_share": 0.0}
+
+
+def _check_positive(config, names, alternative: str = "") -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(
+                f"{name} must be a positive integer{' ' + alternative if alternative else ''}, got {value!r}"
+            )
+
+
+def _check_quantizer_and_size(config) -> None:
+    """The settings every tokenizer family's config shares: the quantizer's (`quantizer_from`) and image_size."""
+    _check_positive(config, ("codebook_size", "code_dim", "image_size"))
+    if config.lookup_dim is not None:
+        _check_positive(config, ("lookup_dim",), "or None")
+    for name in ("kmeans_init", "normalize_codes"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(config, name)!r}")
+    if config.codebook_size < 2:
+        raise ConfigError("codebook_size must be at least 2")
+    if not config.beta >= 0:
+        raise ConfigError(f"beta must be >= 0, got {config.beta!r}")
+    if not 0 <= config.rare_code_share < 1:
+        raise ConfigError(f"rare_code_share must be in [0, 1), got {config.rare_code_share!r}")
+    if config.decay is not None and not 0 < config.decay < 1:
+        raise ConfigError(f"decay must be in (0, 1) or None, got {config.decay!r}")
+    if not isinstance(config.dead_code_window, int) or config.dead_code_window < 0:
+        raise ConfigError(f"dead_code_window must be a non-negative integer, got {config.dead_code_window!r}")
+    if config.image_size % config.stride:
+        raise ConfigError(f"image_size {config.image_size} is not a multiple of the model's stride {config.stride}")
 
 
 @dataclass(frozen=True)

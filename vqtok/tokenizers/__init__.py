@@ -2,6 +2,7 @@
 directory of any of them.
 
     vqvae.py        the paper's network (`VQVAE`), which `vqtok fit` trains by default
+    vqgan.py        the taming-transformers network (`VQGAN`) that LlamaGen and diffusers' VQModel reuse
     quantizers.py   the vector quantizer every family uses
     base.py         the interface every command uses: encode, decode, codebook_size, stride, model_id, ...
 
@@ -19,11 +20,12 @@ from vqtok.pretrained import read_header
 from vqtok.storage import Location
 
 from .base import Tokenizer, family_of, pick_device
+from .vqgan import VQGAN
 from .vqvae import VQVAE
 
-FAMILIES: dict[str, type[Tokenizer]] = {"vqvae": VQVAE}
+FAMILIES: dict[str, type[Tokenizer]] = {"vqvae": VQVAE, "vqgan": VQGAN}
 
-__all__ = ["FAMILIES", "VQVAE", "Tokenizer", "build_tokenizer", "load_tokenizer", "pick_device"]
+__all__ = ["FAMILIES", "VQGAN", "VQVAE", "Tokenizer", "build_tokenizer", "load_tokenizer", "pick_device"]
 
 
 def build_tokenizer(config) -> Tokenizer:

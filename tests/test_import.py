@@ -1,0 +1,140 @@
+"""`vqtok import`: another toolkit's checkpoint -> a vqtok model directory with the same codes and images, its
+provenance recorded, and one-line refusals."""
+
+import argparse
+import hashlib
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import TAMING_DDCONFIG, TAMING_EMBED_DIM, TAMING_N_EMBED, taming_reference, taming_vqgan
+
+from vqtok import VQGAN, load_tokenizer
+from vqtok.cli import cli
+from vqtok.pretrained import weights_hash
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def taming(images):
+    return taming_vqgan(images)
+
+
+def write_taming_run(folder, taming, extra: dict | None = None, state_changes: dict | None = None, **params):
+    """A taming-transformers training run's files: checkpoints/last.ckpt as Lightning saves it (the weights under
+    "state_dict" beside the losses' own, and other entries) and configs/model.yaml."""
+    state = {
+        **taming.state_dict(),
+        "loss.discriminator.main.0.weight": torch.randn(64, 3, 4, 4),
+        "loss.perceptual_loss.net.slice1.0.weight": torch.randn(64, 3, 3, 3),
+    }
+    for name, tensor in (state_changes or {}).items():
+        if tensor is None:
+            del state[name]
+        else:
+            state[name] = tensor
+    (folder / "checkpoints").mkdir(parents=True)
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    torch.save({"epoch": 3, "global_step": 1000, "state_dict": state, **(extra or {})}, ckpt)
+    model = {
+        "base_learning_rate": 4.5e-6,
+        "target": "taming.models.vqgan.VQModel",
+        "params": {
+            "embed_dim": TAMING_EMBED_DIM,
+            "n_embed": TAMING_N_EMBED,
+            "ddconfig": TAMING_DDCONFIG,
+            "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"},
+            **params,
+        },
+    }
+    (folder / "configs").mkdir()
+    config = folder / "configs" / "model.yaml"
+    config.write_text(yaml.safe_dump({"model": model}))
+    return str(ckpt), str(config)
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_refused(result, *phrases):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def test_taming_checkpoint_imports_with_the_same_codes_and_images(tmp_path, taming, images):
+    ckpt, config = write_taming_run(tmp_path / "run", taming)
+    out = tmp_path / "model"
+    result = run("import", "taming", ckpt, out, "--config", config)
+    assert result.exit_code == 0, result.output
+    assert "vqgan tokenizer, K = 64, 16x16 codes at 32x32" in result.output
+
+    model = load_tokenizer(out)
+    assert isinstance(model, VQGAN)
+    assert model.config.channel_mult == (1, 2) and model.config.attn_levels == (1,) and model.config.decay is None
+    expected_codes, reference = taming_reference(taming, images)
+    codes = model.encode(images)
+    assert torch.equal(codes, expected_codes)
+    assert len(codes.unique()) > TAMING_N_EMBED // 4
+    assert torch.allclose(model.decode(codes), ((reference + 1) / 2).clamp(0, 1), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        assert torch.allclose(model.decode_latent(model.quantizer.lookup(codes)), reference, atol=1e-4, rtol=0)
+
+    header = json.loads((out / "config.json").read_text())
+    digest = hashlib.sha256((tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
+    assert header["family"] == "vqgan"
+    assert header["source"] == {"format": "taming", "file": "last.ckpt", "sha256": digest}
+    assert header["model_id"] == model.model_id == weights_hash(model.state_dict())
+
+    table = run("info", out)
+    assert table.exit_code == 0, table.output
+    assert "vqgan" in table.output and "last.ckpt (taming)" in table.output and digest[:12] in table.output
+    summary = json.loads(run("info", out, "--json").output)
+    assert summary["family"] == "vqgan" and summary["source"] == header["source"]
+
+
+def test_a_pickle_only_checkpoint_needs_trust(tmp_path, taming, images):
+    ckpt, config = write_taming_run(tmp_path / "run", taming, extra={"hparams": argparse.Namespace(lr=4.5e-6)})
+    refused = run("import", "taming", ckpt, tmp_path / "model", "--config", config)
+    assert_refused(refused, "last.ckpt", "argparse.Namespace", "--trust-pickle")
+    assert not (tmp_path / "model").exists()
+
+    trusted = run("import", "taming", ckpt, tmp_path / "model", "--config", config, "--trust-pickle")
+    assert trusted.exit_code == 0, trusted.output
+    assert torch.equal(load_tokenizer(tmp_path / "model").encode(images), taming_reference(taming, images)[0])
+
+
+@pytest.mark.parametrize(
+    "changes, phrase",
+    [
+        ({"decoder.conv_out.bias": None}, "missing key decoder.conv_out.bias"),
+        ({"encoder.extra.weight": torch.zeros(1)}, "unexpected key encoder.extra.weight"),
+        (
+            {"quant_conv.weight": torch.zeros(4, 16, 1, 1)},
+            "key quant_conv.weight has shape (4, 16, 1, 1), the config gives (8, 16, 1, 1)",
+        ),
+    ],
+)
+def test_a_state_dict_that_does_not_match_its_config_is_refused(tmp_path, taming, changes, phrase):
+    ckpt, config = write_taming_run(tmp_path / "run", taming, state_changes=changes)
+    assert_refused(run("import", "taming", ckpt, tmp_path / "model", "--config", config), "does not match", phrase)
+    assert not (tmp_path / "model").exists()
+
+
+def test_other_refusals_are_one_line(tmp_path, taming):
+    ckpt, config = write_taming_run(tmp_path / "run", taming)
+    assert_refused(run("import", "nope", ckpt, tmp_path / "model"), "unknown format 'nope'", "taming")
+    assert_refused(run("import", "taming", ckpt, tmp_path / "model"), "--config")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert_refused(run("import", "taming", garbage, tmp_path / "model", "--config", config), "garbage.ckpt")
+    assert not (tmp_path / "model").exists()
