@@ -10,7 +10,7 @@ Input: JPEGs of 256-512 px cut from scikit-image's photographs (benchmarks/encod
 made on the spot. Stages:
 
 - shards: making them (CPU).
-- fit: the default VQ-VAE at 256 px (and a LlamaGen-VQ-16-shaped VQGAN where vqtok has the family), through
+- fit: the default VQ-VAE at 256 px, and a VQGAN of LlamaGen's VQ-16 shape (16x16 grids), through
   `vqtok.train.fit` (what `vqtok fit` runs), bf16 autocast on a GPU that has it: images/s between the first
   and the last log (the first steps' set-up left out), peak GPU memory, and the share of the loop spent
   waiting for the decoding workers; with vqtok's 2 workers and with one per core.
@@ -62,10 +62,11 @@ import quantizer  # noqa: E402
 from encode import make_jpegs, write_shards  # noqa: E402
 from prior import sampling_speed  # noqa: E402
 
-from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, TrainConfig  # noqa: E402
+from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, TrainConfig, VQGANConfig  # noqa: E402
 
 COLUMNS = ("stage", "what", "figure", "unit", "notes")
 STAGES = ("shards", "fit", "encode", "decode", "eval", "prior", "search", "agreement", "multi")
+REPORT_NAME = "gpu-check.json"
 DEFAULT_WORKERS = TrainConfig.num_workers  # what `vqtok fit` and `vqtok encode` use unless told otherwise
 
 
@@ -343,13 +344,8 @@ def stage_fit(check: Check) -> None:
 
 
 def stage_fit_vqgan(check: Check) -> None:
-    import vqtok.config
-
-    if not hasattr(vqtok.config, "VQGANConfig"):
-        check.add("fit", "VQGAN", None, "", "not run: this vqtok has no VQGAN family")
-        return
     s = check.sizes
-    config = vqtok.config.VQGANConfig(**s.vqgan)
+    config = VQGANConfig(**s.vqgan)
     fit_once(check, "VQGAN", config, s.vqgan_steps, s.vqgan_batch, DEFAULT_WORKERS)
 
 
@@ -551,14 +547,30 @@ def stage_multi(check: Check) -> None:
 
 def run_check(out: Path, smoke: bool = False, multi: bool | None = None, compile: bool = False) -> list[Row]:
     """Every stage in turn; a stage that fails is a row saying so, and the others still run. `multi`: run the
-    multi stage (default: in the smoke run, and with two GPUs or more)."""
+    multi stage (default: in the smoke run, and with two GPUs or more). OUT/gpu-check.json is written after
+    every stage, so a run cut short (a lease running out) still leaves the stages it finished."""
     sizes = SMOKE if smoke else GPU
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     if multi is None:  # the smoke run takes it on gloo, so that its code is run too
         multi = smoke or torch.cuda.device_count() >= 2
-    shutil.rmtree(out, ignore_errors=True)
+    report_path = out / REPORT_NAME
+    if out.exists() and any(out.iterdir()) and not report_path.exists():
+        raise SystemExit(f"{out} is not empty and holds no {REPORT_NAME}: choose another --out")
+    shutil.rmtree(out, ignore_errors=True)  # an earlier check's folder
     out.mkdir(parents=True)
     check = Check(sizes, device, out, multi, compile)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "gpus": torch.cuda.device_count(),
+        "cores": cores(),
+        "torch": torch.__version__,
+        "smoke": smoke,
+        "seconds": 0.0,
+        "stage_seconds": {},
+        "columns": list(COLUMNS),
+        "rows": [],
+    }
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
     started = time.perf_counter()
     stages: list[tuple[str, Callable[[Check], None]]] = [
         ("shards", stage_shards),
@@ -573,7 +585,7 @@ def run_check(out: Path, smoke: bool = False, multi: bool | None = None, compile
         ("multi", stage_multi),
     ]
     print(table([]), flush=True)
-    stage_seconds: dict[str, float] = {}
+    spent = report["stage_seconds"]
     for name, stage in stages:
         stage_started = time.perf_counter()
         if check.model_dir is None and name not in ("shards", "fit"):
@@ -587,29 +599,20 @@ def run_check(out: Path, smoke: bool = False, multi: bool | None = None, compile
         except Exception as exc:  # the other stages' figures are worth having: record it and go on
             traceback.print_exc()
             check.add(name, f"{stage.__name__} FAILED", None, "", f"{type(exc).__name__}: {str(exc)[:300]}")
-        stage_seconds[name] = stage_seconds.get(name, 0.0) + round(time.perf_counter() - stage_started, 1)
-    seconds = time.perf_counter() - started
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-        "gpus": torch.cuda.device_count(),
-        "cores": cores(),
-        "torch": torch.__version__,
-        "smoke": smoke,
-        "seconds": round(seconds, 1),
-        "stage_seconds": stage_seconds,
-        "columns": list(COLUMNS),
-        "rows": [dataclasses.asdict(r) for r in check.rows],
-    }
-    (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
-    spent = ", ".join(f"{name} {t:.0f}" for name, t in stage_seconds.items())
-    print(f"\n{report['device']}, {report['cores']} cores, torch {report['torch']}: {seconds:.0f} s ({spent})\n")
+        spent[name] = round(spent.get(name, 0.0) + time.perf_counter() - stage_started, 1)
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        report["rows"] = [dataclasses.asdict(r) for r in check.rows]
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+    stage_times = ", ".join(f"{name} {t:.0f}" for name, t in spent.items())
+    print(f"\n{report['device']}, {report['cores']} cores, torch {report['torch']}: {report['seconds']:.0f} s")
+    print(f"seconds by stage: {stage_times}\n")
     print(table(check.rows))
     return check.rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"), help="emptied first; gpu-check.json")
+    parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"), help=f"emptied first; {REPORT_NAME}")
     parser.add_argument("--smoke", action="store_true", help="the CPU, tiny sizes: checks the code paths only")
     parser.add_argument(
         "--multi",
