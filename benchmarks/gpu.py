@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -243,6 +244,8 @@ def peak_memory(check: Check) -> float | None:
 
 def reset_peak(check: Check) -> None:
     if check.cuda:
+        gc.collect()  # an earlier run's tensors, once unreachable, must not count in this one's peak
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(check.device)
 
 
@@ -316,7 +319,6 @@ def fit_once(check: Check, name: str, config, steps: int, batch: int, workers: i
         log_every=max(1, min(s.log_every, steps // 3)),
         eval_every=steps,
         save_every=steps,
-        warmup_steps=0,
         num_workers=workers,
     )
     out = check.out / f"fit-{name}-{workers}w"
@@ -366,10 +368,14 @@ def stage_encode(check: Check) -> None:
     from vqtok.tokenizers import load_tokenizer
 
     s = check.sizes
-    # The model alone, on tensors already in device memory: the ideal the command is measured against.
+    # JPEG decoding and cropping as the workers do it, on one core; then the model alone on those images
+    # already in device memory: the ideal the command is measured against.
+    started = time.perf_counter()
+    images = crops(check, s.alone_images, s.image_size)  # (N, 3, S, S) uint8
+    per_core = len(images) / (time.perf_counter() - started)
+    images = images.to(check.device)
     model = load_tokenizer(check.model_dir, device=check.device)
     model.to(memory_format=torch.channels_last)
-    images = crops(check, s.alone_images, s.image_size).to(check.device)  # (N, 3, S, S) uint8
     ideal = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         ideal[name] = alone_rate(check, model, images, dtype)
@@ -380,12 +386,7 @@ def stage_encode(check: Check) -> None:
             rate = alone_rate(check, model, images, dtype)
             notes = f"batch 256; {rate / ideal[name]:.2f}x without torch.compile, compiling not counted"
             check.add("encode", f"model alone, {name}, torch.compile", rate, "images/s", notes)
-
-    # JPEG decoding and cropping, as the workers do it, on one core.
-    started = time.perf_counter()
-    crops(check, s.alone_images, s.image_size)
-    per_core = s.alone_images / (time.perf_counter() - started)
-    notes = f"{cores()} cores: at most {per_core * cores():,.0f} images/s for {per_core * cores() / ideal['fp32']:.2f}"
+    notes = f"{cores()} cores: at most {per_core * cores():,.0f} images/s, {per_core * cores() / ideal['fp32']:.2f}"
     check.add("encode", "JPEG decoding and crop, one core", per_core, "images/s", notes + " of the model alone")
 
     for workers in sorted({DEFAULT_WORKERS, cores()}):
@@ -503,6 +504,8 @@ def stage_agreement(check: Check) -> None:
         codes = encode_images(model, images, dtype)
         differ = float((codes != reference).mean())
         notes = f"{reference.size:,} codes of {len(images)} images, the fitted VQ-VAE"
+        if check.cuda and dtype is None:
+            notes += f"; TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'} (PyTorch's default: on)"
         check.add("agreement", f"{name} on {where} vs fp32 on the CPU", differ * 100, "% differ", notes)
 
 
@@ -522,7 +525,6 @@ def stage_multi(check: Check) -> None:
         log_every=max(1, min(s.log_every, s.multi_steps // 3)),
         eval_every=s.multi_steps,
         save_every=s.multi_steps,
-        warmup_steps=0,
     )
     recipe = toml_recipe(check.out / "multi-recipe.toml", s.vqvae, train)
     out = check.out / f"fit-{n}p"
