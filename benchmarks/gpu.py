@@ -332,7 +332,7 @@ def fit_once(check: Check, name: str, config, steps: int, batch: int, workers: i
     notes = f"{precision}, {config.image_size} px -> {grid}x{grid}, K = {config.codebook_size}; waiting for data "
     notes += f"{wait:.0%} of the loop"
     check.add("fit", what, rate, "images/s", notes)
-    if memory is not None:
+    if memory is not None and workers == DEFAULT_WORKERS:  # the workers do not change what the GPU holds
         check.add("fit", f"{name}, batch {batch}: peak GPU memory", memory, "GiB", "torch.cuda.max_memory_allocated")
     return rate, Path(result.model_dir)
 
