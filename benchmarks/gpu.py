@@ -17,7 +17,8 @@ made on the spot. Stages:
 - encode: the model alone on uint8 tensors already in device memory (the ideal; fp32 and bf16), then
   `vqtok.encode.encode` with 2 workers and with one per core (the share of the run the main process waited
   for decoded images says whether JPEG decoding on the CPU limits it), and the whole `vqtok encode` command,
-  start-up included. Also: JPEG decoding and cropping on one core.
+  start-up included. Also: JPEG decoding and cropping on one core, and torchvision's decode_jpeg on the device
+  where torchvision is installed.
 - decode, eval: `vqtok.decode.decode` (PNGs written) and `vqtok.evaluate.evaluate_shards`, images/s.
 - prior: the photographs encoded at 64 px (16x16 grids, as benchmarks/prior.py), `vqtok.prior_fit.fit_prior`
   steps/s, and sampling codes/s with the key/value cache and recomputing every prefix (`Prior.sample`), and
@@ -363,6 +364,26 @@ def alone_rate(check: Check, model, images: torch.Tensor, dtype: torch.dtype | N
     return len(images) / (time.perf_counter() - started)
 
 
+def jpeg_on_device(check: Check, per_core: float) -> None:
+    """torchvision's decode_jpeg on the device, batch 256, where torchvision is installed (vqtok does not need
+    it): whether decoding there would outrun the CPU's cores."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        check.add("encode", "JPEG decoding, torchvision on the device", None, "", "not run: torchvision not installed")
+        return
+    data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in check.jpegs[: check.sizes.alone_images]]
+    decode_jpeg(data[:8], ImageReadMode.RGB, check.device)  # warm-up: the decoder's state is made on the first call
+    check.sync()
+    started = time.perf_counter()
+    for start in range(0, len(data), 256):
+        decode_jpeg(data[start : start + 256], ImageReadMode.RGB, check.device)
+    check.sync()
+    rate = len(data) / (time.perf_counter() - started)
+    notes = f"decoding only, no resize or crop; {rate / (per_core * cores()):.2f}x the CPU's {cores()} cores"
+    check.add("encode", "JPEG decoding, torchvision on the device", rate, "images/s", notes)
+
+
 def stage_encode(check: Check) -> None:
     from vqtok.encode import encode
     from vqtok.tokenizers import load_tokenizer
@@ -400,6 +421,8 @@ def stage_encode(check: Check) -> None:
         check.add(
             "encode", f"vqtok.encode.encode, {workers} workers, fp32", result.images_per_second, "images/s", notes
         )
+
+    jpeg_on_device(check, per_core)
 
     tokens = check.out / "tokens.parquet"
     check.command_seconds = run_timed(
