@@ -28,7 +28,7 @@ made on the spot. Stages:
 - agreement: codes of the fitted VQ-VAE on the same images, the device in bf16 (and in fp32) against the CPU
   in fp32: the share of codes that differ. In --smoke the device is the CPU: bf16 autocast on the CPU
   against fp32.
-- multi: with two or more GPUs (or --processes 2 on the CPU, gloo), fit and encode under
+- multi: with two or more GPUs (or --multi; the smoke run takes it on the CPU, over gloo), fit and encode under
   `accelerate launch --multi_gpu --num_processes 2`, and their scaling over one process.
 
     pip install -e '.[bench]'
