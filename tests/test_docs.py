@@ -18,7 +18,7 @@ from vqtok.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMANDS = ("fit", "eval", "encode", "prior fit", "prior sample", "decode", "info", "demo")
+COMMANDS = ("fit", "eval", "encode", "prior fit", "prior sample", "decode", "info", "import", "demo")
 # Long runs are not run as written here: training for thousands of steps would take hours on CI. The docs show
 # their output (docs/index.md), and tests/test_fit.py, tests/test_prior.py and tests/test_demo.py run the same
 # commands small.

@@ -2,12 +2,15 @@
 like the VQ-VAE (config, model directory, load_tokenizer)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import TAMING_EMBED_DIM, TAMING_N_EMBED, taming_reference, taming_vqgan
+from click.testing import CliRunner
+from conftest import TAMING_EMBED_DIM, TAMING_N_EMBED, image_samples, taming_reference, taming_vqgan
 
 from vqtok import VQGAN, VQVAE, VQGANConfig, load_tokenizer
+from vqtok.cli import cli
 from vqtok.config import load_config
 from vqtok.errors import ConfigError, ModelFormatError
 from vqtok.tokenizers import build_tokenizer
@@ -115,6 +118,16 @@ def test_config_from_toml_and_json(tmp_path):
     assert VQGANConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+def test_the_small_recipe_builds_a_vqgan():
+    from vqtok.config import tokenizer_family
+
+    path = Path(__file__).resolve().parent.parent / "pipelines" / "vqgan-cpu-small.toml"
+    assert tokenizer_family(path) == "vqgan"
+    config, train = load_config(path, model_class=VQGANConfig)
+    model = build_tokenizer(config)
+    assert isinstance(model, VQGAN) and model.grid_size(config.image_size) == (8, 8) and train.steps == 2000
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
@@ -128,3 +141,80 @@ def test_config_from_toml_and_json(tmp_path):
 def test_config_refuses_bad_settings(settings, message):
     with pytest.raises(ConfigError, match=message):
         VQGANConfig(**settings)
+
+
+TINY_RECIPE = """
+[model]
+family = "vqgan"
+base_channels = 32
+channel_mult = [1, 2]
+num_res_blocks = 1
+attn_levels = [1]
+z_channels = 32
+"""
+TINY_RUN = ["--codebook-size", "16", "--code-dim", "8", "--image-size", "16", "--batch-size", "4", "--num-workers", "0"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fit_trains_a_vqgan_that_every_command_takes(make_shard, tmp_path):
+    train = make_shard("train.tar", image_samples([f"t{j}" for j in range(8)]))
+    val = make_shard("val.tar", image_samples([f"v{j}" for j in range(6)], seed=50))
+    recipe = tmp_path / "vqgan.toml"
+    recipe.write_text(TINY_RECIPE)
+    out = tmp_path / "run"
+    fitted = run("fit", train, "--out", out, "--config", recipe, "--val", val, *TINY_RUN, "--steps", 3, "--decay", 0.9)
+    assert fitted.exit_code == 0, fitted.output
+    assert "held-out PSNR" in fitted.output
+
+    model = load_tokenizer(out / "model")
+    assert isinstance(model, VQGAN)
+    assert model.config.channel_mult == (1, 2) and model.config.codebook_size == 16 and model.config.decay == 0.9
+    assert json.loads((out / "model" / "config.json").read_text())["family"] == "vqgan"
+    with pytest.raises(ModelFormatError, match="holds a vqgan tokenizer, not a vqvae"):
+        VQVAE.from_pretrained(out / "model")
+
+    encoded = run("encode", val, tmp_path / "tokens.parquet", "--model", out / "model", "--num-workers", "0")
+    assert encoded.exit_code == 0, encoded.output
+    decoded = run("decode", tmp_path / "tokens.parquet", tmp_path / "decoded", "--model", out / "model")
+    assert decoded.exit_code == 0, decoded.output
+    assert sorted(p.stem for p in Path(tmp_path / "decoded").rglob("*.png")) == [f"v{j}" for j in range(6)]
+    evaluated = run("eval", out / "model", val, "--num-workers", "0", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["images"] == 6
+    info = json.loads(run("info", out / "model", "--json").output)
+    assert info["family"] == "vqgan" and info["source"] is None and info["grid"] == [8, 8]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fit_family_option_picks_the_network(make_shard, tmp_path):
+    train = make_shard("train.tar", image_samples([f"t{j}" for j in range(4)]))
+    result = run("fit", train, "--out", tmp_path / "run", "--family", "vqgan", *TINY_RUN, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    config = load_tokenizer(tmp_path / "run" / "model").config
+    assert config == VQGANConfig(codebook_size=16, code_dim=8, image_size=16)
+
+
+@pytest.mark.parametrize(
+    "args, recipe, message",
+    [
+        (["--family", "vqgan", "--hidden", "16", "--res-blocks", "1"], None, "--hidden, --res-blocks: VQ-VAE options"),
+        (["--hidden", "16"], TINY_RECIPE, "--hidden: VQ-VAE options"),
+        (["--family", "vqvae"], TINY_RECIPE, "--family vqvae, but"),
+        ([], "[model]\nfamily = 'vqgan'\nhidden_channels = 8\n", "unknown setting(s) hidden_channels"),
+        ([], "[model]\nfamily = 'pixelcnn'\n", "unknown family 'pixelcnn'"),
+    ],
+)
+def test_fit_refuses_options_of_another_family(make_shard, tmp_path, args, recipe, message):
+    train = make_shard("train.tar", image_samples(["a"]))
+    if recipe is not None:
+        (tmp_path / "recipe.toml").write_text(recipe)
+        args = [*args, "--config", tmp_path / "recipe.toml"]
+    result = run("fit", train, "--out", tmp_path / "run", *args)
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert message in lines[-1] and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "run").exists()

@@ -84,8 +84,9 @@ def cli():
 def info(path, as_json, storage_options):
     """What a model directory, a prior or a token dataset holds.
 
-    A model: its settings, parameter count, K, D, grid size per image size and
-    model id. A prior: its size, the tokens it models (K, grid, classes, the
+    A model: its family, settings, parameter count, K, D, grid size per image
+    size and model id, and for one made by `vqtok import`, where it came from
+    (format, file name, SHA-256). A prior: its size, the tokens it models (K, grid, classes, the
     tokenizer's model id) and its model id. Tokens (a folder written by
     `vqtok encode` or `vqtok prior sample`, or one Parquet file): rows,
     shards, errors, grid, K, model id, codebook usage and perplexity, bits per
@@ -268,10 +269,20 @@ def load_recipe(config_path, overrides: dict, model_class, train_class):
     )
 
 
+# fit's options that set the VQ-VAE's network, which no other family has: field -> flag
+VQVAE_ONLY = {"hidden_channels": "--hidden", "res_channels": "--res-channels", "num_res_blocks": "--res-blocks"}
+
+
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Run folder (a path or a URL): checkpoints, model, samples.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A TOML recipe.")
+@click.option(
+    "--family",
+    type=click.Choice(["vqvae", "vqgan"]),
+    show_default="the config file's, else vqvae",
+    help="The network: the paper's VQ-VAE, or taming-transformers' VQGAN (its shape from the config file).",
+)
 @override("image_size", ModelConfig, "--image-size", type=click.IntRange(min=1), help="Training crop size.")
 @override("codebook_size", ModelConfig, "--codebook-size", type=click.IntRange(min=2), help="K, codebook entries.")
 @override("code_dim", ModelConfig, "--code-dim", type=click.IntRange(min=1), help="D, code vector size.")
@@ -309,10 +320,14 @@ def load_recipe(config_path, overrides: dict, model_class, train_class):
 @storage_options_option
 @user_errors
 @inputs_help
-def fit(inputs, out, config_path, no_ema, val, resume, image_column, storage_options, **overrides):
-    """Train a VQ-VAE on images in shards, folders or Parquet files.
+def fit(inputs, out, config_path, family, no_ema, val, resume, image_column, storage_options, **overrides):
+    """Train a tokenizer on images in shards, folders or Parquet files.
 
-    Runs on one CPU or GPU, or on many under `accelerate launch`.
+    The paper's VQ-VAE by default; the VQGAN network with --family vqgan or
+    `family = "vqgan"` in the config file's [model] table, where its shape is
+    set (base_channels, channel_mult, ...; the VQ-VAE's --hidden, --res-channels
+    and --res-blocks do not apply). Both train with the pixel and quantizer
+    losses. Runs on one CPU or GPU, or on many under `accelerate launch`.
 
     {INPUTS}
 
@@ -321,12 +336,20 @@ def fit(inputs, out, config_path, no_ema, val, resume, image_column, storage_opt
         vqtok fit shards/train-{000000..000099}.tar --out runs/x --val shards/val.tar
         vqtok fit imagenet/train/ --out runs/imagenet --val imagenet/val/
         vqtok fit shards/ --out runs/cifar --config pipelines/cifar10.toml --steps 250000
+        vqtok fit shards/ --out runs/vqgan --config pipelines/vqgan-cpu-small.toml
         accelerate launch --multi_gpu --num_processes 8 -m vqtok fit shards/ --out runs/x
     """
+    from vqtok.config import TOKENIZER_CONFIGS, tokenizer_family
     from vqtok.storage import parse_options
     from vqtok.train import fit as fit_model
 
-    model_config, train_config = load_recipe(config_path, overrides, ModelConfig, TrainConfig)
+    family = tokenizer_family(config_path, family)
+    not_for_family = [flag for name, flag in VQVAE_ONLY.items() if overrides[name] is not None]
+    if family != "vqvae" and not_for_family:
+        raise click.UsageError(
+            f"{', '.join(not_for_family)}: VQ-VAE options; the {family} network's shape is set in the --config file"
+        )
+    model_config, train_config = load_recipe(config_path, overrides, TOKENIZER_CONFIGS[family], TrainConfig)
     if no_ema:
         if overrides["decay"] is not None:
             raise click.UsageError("--decay and --no-ema exclude each other")
@@ -619,7 +642,7 @@ def import_(format_, source, out, config_path, trust_pickle, normalize_codes, st
 
     \b
     Examples:
-        vqtok import taming logs/vqgan/checkpoints/last.ckpt runs/taming/model --config logs/vqgan/configs/model.yaml
+        vqtok import taming logs/vqgan/checkpoints/last.ckpt runs/taming/model --config model.yaml
         vqtok info runs/taming/model
     """
     from vqtok.storage import Location, parse_options

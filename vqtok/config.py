@@ -1,10 +1,12 @@
 """Settings as dataclasses: what a model is, and how to train it.
 
-A `ModelConfig` (a tokenizer) or a `PriorConfig` (a prior over its codes) is
-everything needed to rebuild a model's modules; it is the `config` object of a
-model directory's `config.json`. A `TrainConfig` holds the training recipe, a
-`PriorTrainConfig` the prior's. A TOML file has a `[model]` and a `[train]`
-table with these fields; command-line options override it (`load_config`). TOML
+A `ModelConfig` (the VQ-VAE tokenizer), a `VQGANConfig` (the VQGAN tokenizer)
+or a `PriorConfig` (a prior over codes) is everything needed to rebuild a
+model's modules; it is the `config` object of a model directory's
+`config.json`. A `TrainConfig` holds the training recipe, a `PriorTrainConfig`
+the prior's. A TOML file has a `[model]` and a `[train]` table with these
+fields (and `family = "vqgan"` in [model] for a VQGAN); command-line options
+override it (`load_config`). TOML
 has no null, so `false` stands for None where a setting may be None:
 `decay = false` is the paper's codebook loss instead of moving averages.
 """
@@ -65,8 +67,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class VQGANConfig:
     """The VQGAN network's shape (`vqtok.tokenizers.vqgan`; taming-transformers' ddconfig under vqtok's names)
-    and its quantizer's settings. The defaults are a small network that trains on a CPU at 32 px, stride 4 as the
-    VQ-VAE's default: two widths of 64 channels, then 128 at the grid (taming's f16 ImageNet model is
+    and its quantizer's settings. The defaults are a small network for 32 px images, stride 4 and about as many
+    parameters (3.2M) as the VQ-VAE's default: two levels of 64 channels, then 128 at the grid, one residual block
+    per level and attention at the grid (pipelines/vqgan-cpu-small.toml has a quarter of that; taming's f16 ImageNet is
     base_channels 128, channel_mult (1, 1, 2, 2, 4), two blocks per level, attention at the last level, z 256,
     K 1024 of 256 dimensions). The quantizer's defaults are ModelConfig's, for training from scratch with vqtok:
     an imported model sets decay None, kmeans_init false and dead_code_window 0, as its codebook is learned."""
@@ -127,6 +130,9 @@ class VQGANConfig:
     def from_dict(cls, values: dict) -> VQGANConfig:
         return _from_table(cls, values, "model config")
 
+
+# The tokenizer families `vqtok fit` trains, by the name a TOML file's [model] table gives as `family`.
+TOKENIZER_CONFIGS = {"vqvae": ModelConfig, "vqgan": VQGANConfig}
 
 # The settings that may be None, which a TOML file writes as false.
 NULLABLE = ("res_channels", "decay", "lookup_dim")
@@ -293,6 +299,38 @@ def _from_table(cls, table: dict, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _read_tables(path: str | Path) -> dict:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        tables = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    unknown = sorted(set(tables) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [model] and [train]")
+    return tables
+
+
+def _known_family(family: str, where: str) -> str:
+    if family not in TOKENIZER_CONFIGS:
+        raise ConfigError(f"{where}: unknown family {family!r}; known: {', '.join(TOKENIZER_CONFIGS)}")
+    return family
+
+
+def tokenizer_family(path: str | Path | None = None, family: str | None = None) -> str:
+    """The tokenizer family a training recipe is for: `family` where the command line names one, else the TOML
+    file's [model] table's `family`, else vqvae. A command line that contradicts the file is refused."""
+    in_file = _read_tables(path).get("model", {}).get("family") if path is not None else None
+    if family is not None and in_file is not None and family != in_file:
+        raise ConfigError(f"--family {family}, but {path} says family = {in_file!r} in its [model] table")
+    return _known_family(family or in_file or "vqvae", str(path) if path else "--family")
+
+
 def load_config(
     path: str | Path | None = None,
     model: dict | None = None,
@@ -301,28 +339,17 @@ def load_config(
     train_class: type = TrainConfig,
 ):
     """Settings from a TOML file (or the defaults), then overrides; a None override leaves the value alone.
-    Returns (model_class, train_class) instances: a tokenizer's by default, a prior's with PriorConfig and
-    PriorTrainConfig."""
-    tables: dict = {}
-    if path is not None:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:
-            import tomli as tomllib
-        try:
-            tables = tomllib.loads(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
-        unknown = sorted(set(tables) - {"model", "train"})
-        if unknown:
-            raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [model] and [train]")
+    Returns (model_class, train_class) instances: a tokenizer's by default (VQGANConfig for a VQGAN, whose [model]
+    table says family = "vqgan"), a prior's with PriorConfig and PriorTrainConfig."""
+    tables = _read_tables(path) if path is not None else {}
     where = str(path) if path else "settings"
-    model_file = tables.get("model", {})
+    model_file = dict(tables.get("model", {}))
+    family = model_file.pop("family", None)
+    if family is not None and TOKENIZER_CONFIGS[_known_family(family, where)] is not model_class:
+        raise ConfigError(f"{where}: family = {family!r} in [model], but these are {model_class.__name__} settings")
     for name in NULLABLE:  # TOML has no null: `decay = false` says decay = None (no EMA), and so on
         if model_file.get(name) is False:
             model_file[name] = None
-    model_table = {**tables.get("model", {}), **{k: v for k, v in (model or {}).items() if v is not None}}
+    model_table = {**model_file, **{k: v for k, v in (model or {}).items() if v is not None}}
     train_table = {**tables.get("train", {}), **{k: v for k, v in (train or {}).items() if v is not None}}
     return _from_table(model_class, model_table, where), _from_table(train_class, train_table, where)

@@ -1,4 +1,4 @@
-"""`fit`: train a VQ-VAE on WebDataset shards with Hugging Face accelerate.
+"""`fit`: train a tokenizer (the VQ-VAE, or the VQGAN network) on images with Hugging Face accelerate.
 
 The loop follows accelerate's own examples: accelerator, trackers, data,
 model, optimizer, one `prepare`, then `accumulate` / `backward` steps, with
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from vqtok.config import ModelConfig, TrainConfig
+from vqtok.config import ModelConfig, TrainConfig, VQGANConfig
 from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import ConfigError
 from vqtok.evaluate import evaluate
@@ -47,7 +47,7 @@ def codebook_digest(model: Tokenizer) -> str:
 def fit(
     shards: list[str],
     out: str | Path,
-    model_config: ModelConfig,
+    model_config: ModelConfig | VQGANConfig,  # the family to train is the one whose config this is
     train_config: TrainConfig,
     val_shards: list[str] | None = None,
     resume: bool = False,
