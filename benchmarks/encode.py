@@ -64,15 +64,15 @@ def make_jpegs(count: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def write_shards(jpegs: list[bytes], folder: Path) -> list[str]:
+def write_shards(jpegs: list[bytes], folder: Path, per_shard: int = PER_SHARD) -> list[str]:
     import webdataset as wds
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for start in range(0, len(jpegs), PER_SHARD):
-        path = folder / f"bench-{start // PER_SHARD:06d}.tar"
+    for start in range(0, len(jpegs), per_shard):
+        path = folder / f"bench-{start // per_shard:06d}.tar"
         with wds.TarWriter(str(path)) as sink:
-            for i, data in enumerate(jpegs[start : start + PER_SHARD], start):
+            for i, data in enumerate(jpegs[start : start + per_shard], start):
                 sink.write({"__key__": f"img{i:07d}", "jpg": data, "cls": str(i % 10)})
         paths.append(str(path))
     return paths

@@ -26,14 +26,14 @@ SIZES = (512, 8192, 65536)
 METHODS = ("vqtok", "matmul", "vector-quantize-pytorch", "cdist")
 
 
-def measure(method: str, K: int, device: str, repeats: int) -> dict:
-    """Runs in a subprocess: time one method, report its peak memory."""
+def measure(method: str, K: int, device: str, repeats: int, n: int = N) -> dict:
+    """Runs in a subprocess: time one method over n vectors, report its peak memory."""
     import torch
 
     from vqtok import quantize
 
     torch.manual_seed(0)
-    flat = torch.randn(N, D, device=device)
+    flat = torch.randn(n, D, device=device)
     codebook = torch.randn(K, D, device=device)
     block_rows = max(1, (quantize.CUDA_BLOCK_BYTES if device == "cuda" else quantize.CPU_BLOCK_BYTES) // (4 * K))
 
@@ -43,10 +43,10 @@ def measure(method: str, K: int, device: str, repeats: int) -> dict:
             return quantize.nearest_codes(flat, codebook)
 
     elif method == "matmul":  # the product alone, block by block: the search's limit
-        out = torch.empty(min(block_rows, N), K, device=device)
+        out = torch.empty(min(block_rows, n), K, device=device)
 
         def run():
-            for start in range(0, N, block_rows):
+            for start in range(0, n, block_rows):
                 chunk = flat[start : start + block_rows]
                 torch.mm(chunk, codebook.t(), out=out[: chunk.shape[0]])
 

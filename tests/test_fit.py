@@ -46,6 +46,7 @@ def test_fit_one_process(shards, tmp_path):
     assert 0 < val_entries[-1]["usage"] <= 1 and val_entries[-1]["psnr"] > 0
     train_entries = [m for m in metrics if m["split"] == "train" and "loss" in m]
     assert train_entries and train_entries[-1]["step"] == 6
+    assert all(0 <= m["data_wait"] <= 1 for m in train_entries)  # the share of the loop spent waiting for data
 
 
 def test_fit_reads_a_toml_recipe_and_options_override_it(shards, tmp_path):

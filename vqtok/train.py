@@ -118,13 +118,18 @@ def fit(
     sums = torch.zeros(3, device=accelerator.device)  # recon, vq, loss since the last log, kept on the device
     summed = 0  # micro-batches in sums
     images_seen, started = 0, time.perf_counter()
+    # The loop's time waiting for the loader since the last log: a share near 1 says the decoding workers, not
+    # the model, set the pace (on a GPU, time the model's queued work has not caught up on counts as model time).
+    waited, window_started = 0.0, started
     last_metrics: dict = {}
     step = start_step
     model.train()
     with progress:
         batches = iter(train_loader)
         while step < cfg.steps:
+            fetching = time.perf_counter()
             batch = next(batches)
+            waited += time.perf_counter() - fetching
             images = batch.images.to(accelerator.device, non_blocking=True)
             images = images.float().div_(255).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
             with accelerator.accumulate(model):
@@ -144,7 +149,10 @@ def fit(
                 recon, vq, loss = (sums / summed).tolist()
                 sums.zero_()
                 summed = 0
-                rate = images_seen / (time.perf_counter() - started)
+                now = time.perf_counter()
+                rate = images_seen / (now - started)
+                data_wait = waited / (now - window_started)
+                waited, window_started = 0.0, now
                 entry = {
                     "split": "train",
                     "step": step,
@@ -155,6 +163,7 @@ def fit(
                     "perplexity": raw_model.quantizer.recent_perplexity(),
                     "lr": scheduler.get_last_lr()[0],
                     "images_per_second": rate,
+                    "data_wait": data_wait,
                 }
                 record(entry)
                 progress.update(
