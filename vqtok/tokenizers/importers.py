@@ -283,7 +283,10 @@ def diffusers(source: Location, options: ImportOptions) -> Converted:
     weights = next((file for file in map(source.join, DIFFUSERS_WEIGHTS) if file.exists()), None)
     if weights is None:
         raise ModelFormatError(f"{source} holds no {' or '.join(DIFFUSERS_WEIGHTS)}")
-    state = read_safetensors(weights) if weights.name.endswith(".safetensors") else read_checkpoint(weights)
+    if weights.name.endswith(".safetensors"):
+        state = read_safetensors(weights)
+    else:
+        state = read_checkpoint(weights, options.trust_pickle)
     levels, blocks = len(config.channel_mult), config.num_res_blocks
     state = as_convolutions(rename(state, diffusers_renames(levels, blocks)))
     if not {**VQMODEL_DEFAULTS, **values}["mid_block_add_attention"]:
