@@ -2,9 +2,10 @@
 made here (nothing is downloaded), and every vqtok command run on an imported model.
 
 diffusers' own `VQModel` is installed: its codes and images are the reference. LlamaGen is not packaged: its
-VQModel is rebuilt below from its published tokenizer/tokenizer_image/vq_model.py, with its module tree and key
-names and its forward (the encoder, the l2-normalized lookup, the decoder), out of taming-transformers' blocks,
-which LlamaGen's file is modified from and whose residual, attention and resampling blocks compute as its do.
+VQModel is rebuilt in conftest.py (`LlamaGenVQ`) from its published tokenizer/tokenizer_image/vq_model.py, with
+its module tree and key names and its forward (the encoder, the l2-normalized lookup, the decoder), out of
+taming-transformers' blocks, which LlamaGen's file is modified from and whose residual, attention and resampling
+blocks compute as its do.
 """
 
 import hashlib
@@ -95,13 +96,9 @@ def test_diffusers_codes_and_images_are_vqmodels(diffusers_dir, imported, images
     tokenizer = load_tokenizer(imported)
     assert tokenizer.FAMILY == "vqgan" and tokenizer.stride == 2 and tokenizer.codebook_size == 64
     config = tokenizer.config
-    assert (config.base_channels, config.channel_mult, config.attn_levels, config.num_res_blocks) == (
-        32,
-        (1, 2),
-        (1,),
-        1,
-    )
-    assert (config.z_channels, config.code_dim, config.normalize_codes) == (4, 4, False)
+    assert config.base_channels == 32 and config.channel_mult == (1, 2) and config.num_res_blocks == 1
+    assert config.attn_levels == (1,) and config.z_channels == 4 and config.code_dim == 4
+    assert config.normalize_codes is False and config.image_size == 256  # not sample_size: see importers.py
     weights = folder / "diffusion_pytorch_model.safetensors"
     assert tokenizer.source == {
         "format": "diffusers",

@@ -287,6 +287,8 @@ def diffusers(source: Location, options: ImportOptions) -> Converted:
         state = read_safetensors(weights)
     else:
         state = read_checkpoint(weights, options.trust_pickle)
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{weights} holds a {type(state).__name__}, not a state dict")
     levels, blocks = len(config.channel_mult), config.num_res_blocks
     state = as_convolutions(rename(state, diffusers_renames(levels, blocks)))
     if not {**VQMODEL_DEFAULTS, **values}["mid_block_add_attention"]:
@@ -305,7 +307,9 @@ def diffusers_config(values: dict, where: Location) -> VQGANConfig:
     def unsupported(setting: str, what: str) -> ConfigError:
         return ConfigError(f"{where}: {setting} {c[setting]!r} means {what}, which vqtok's VQGAN network does not have")
 
-    widths = list(c["block_out_channels"])
+    widths = c["block_out_channels"]
+    if not isinstance(widths, list) or not widths or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ConfigError(f"{where}: block_out_channels must be a list of positive integers, got {widths!r}")
     if c["norm_type"] != "group":
         raise unsupported("norm_type", "a decoder normalized by the quantized latents (MoVQ's spatial norm)")
     if c["act_fn"] != "silu":
