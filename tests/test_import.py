@@ -138,3 +138,30 @@ def test_other_refusals_are_one_line(tmp_path, taming):
     garbage.write_bytes(b"not a checkpoint")
     assert_refused(run("import", "taming", garbage, tmp_path / "model", "--config", config), "garbage.ckpt")
     assert not (tmp_path / "model").exists()
+
+
+def test_import_from_a_bucket_into_a_bucket(bucket, tmp_path, taming, images):
+    ckpt, config = write_taming_run(tmp_path / "run", taming)
+    bucket.fs.put_file(ckpt, f"{bucket.name}/run/last.ckpt")
+    bucket.fs.put_file(config, f"{bucket.name}/run/model.yaml")
+    out = bucket.url("models/taming")
+    result = run("import", "taming", bucket.url("run/last.ckpt"), out, "--config", bucket.url("run/model.yaml"))
+    assert result.exit_code == 0, result.output
+    model = load_tokenizer(out)
+    digest = hashlib.sha256((tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
+    assert model.source == {"format": "taming", "file": "last.ckpt", "sha256": digest}
+    assert torch.equal(model.encode(images), taming_reference(taming, images)[0])
+
+
+def test_normalize_codes_overrides_what_the_format_says(tmp_path, taming, images):
+    ckpt, config = write_taming_run(tmp_path / "run", taming)
+    result = run("import", "taming", ckpt, tmp_path / "model", "--config", config, "--normalize-codes")
+    assert result.exit_code == 0, result.output
+    model = load_tokenizer(tmp_path / "model")
+    assert model.config.normalize_codes
+    with torch.no_grad():  # codes are then the nearest by angle, not by distance
+        z = model.encode_latent(images * 2 - 1)
+        directions = torch.nn.functional.normalize(z, dim=1)
+        table = torch.nn.functional.normalize(model.quantizer.codebook, dim=1)
+        by_angle = torch.einsum("bdhw,kd->bkhw", directions, table).argmax(dim=1)
+    assert torch.equal(model.encode(images), by_angle)

@@ -182,6 +182,11 @@ def test_fit_trains_a_vqgan_that_every_command_takes(make_shard, tmp_path):
     decoded = run("decode", tmp_path / "tokens.parquet", tmp_path / "decoded", "--model", out / "model")
     assert decoded.exit_code == 0, decoded.output
     assert sorted(p.stem for p in Path(tmp_path / "decoded").rglob("*.png")) == [f"v{j}" for j in range(6)]
+    evaluated = run("eval", out / "model", val, "--num-workers", "0", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["images"] == 6
+    info = json.loads(run("info", out / "model", "--json").output)
+    assert info["family"] == "vqgan" and info["source"] is None and info["grid"] == [8, 8]
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")

@@ -67,8 +67,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class VQGANConfig:
     """The VQGAN network's shape (`vqtok.tokenizers.vqgan`; taming-transformers' ddconfig under vqtok's names)
-    and its quantizer's settings. The defaults are a small network that trains on a CPU at 32 px, stride 4 as the
-    VQ-VAE's default: two widths of 64 channels, then 128 at the grid (taming's f16 ImageNet model is
+    and its quantizer's settings. The defaults are a small network for 32 px images, stride 4 and about as many
+    parameters (3.2M) as the VQ-VAE's default: two levels of 64 channels, then 128 at the grid, one residual block
+    per level and attention at the grid (pipelines/vqgan-cpu-small.toml has a quarter of that; taming's f16 ImageNet is
     base_channels 128, channel_mult (1, 1, 2, 2, 4), two blocks per level, attention at the last level, z 256,
     K 1024 of 256 dimensions). The quantizer's defaults are ModelConfig's, for training from scratch with vqtok:
     an imported model sets decay None, kmeans_init false and dead_code_window 0, as its codebook is learned."""

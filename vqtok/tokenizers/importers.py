@@ -30,6 +30,7 @@ from vqtok.config import VQGANConfig
 from vqtok.errors import ConfigError, ModelFormatError
 from vqtok.storage import Location
 
+from . import build_tokenizer
 from .base import Tokenizer
 
 
@@ -77,8 +78,6 @@ def import_model(
     storage_options: dict | None = None,
 ) -> Tokenizer:
     """Convert SOURCE, a checkpoint of `format`, into a vqtok model directory at `out`; returns the model."""
-    from . import build_tokenizer
-
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}: vqtok imports {', '.join(sorted(FORMATS))}")
     where = Location.of(source, storage_options)
