@@ -268,9 +268,10 @@ ATTENTION_NAMES = {
 
 @register("diffusers")
 def diffusers(source: Location, options: ImportOptions) -> Converted:
-    """A diffusers `VQModel` directory (latent-diffusion's VQ-f4 and VQ-f8, aMUSEd's VQGAN): config.json and
-    diffusion_pytorch_model.safetensors (or .bin), local or at a URL such as hf://amused/amused-256/vqvae. A
-    setting vqtok's network does not implement is refused, never imported approximately."""
+    """A diffusers `VQModel` directory (latent-diffusion's VQ-f4 in CompVis/ldm-celebahq-256, aMUSEd's VQGAN):
+    config.json and diffusion_pytorch_model.safetensors (or .bin), local or at a URL such as
+    hf://amused/amused-256/vqvae. A setting vqtok's network does not implement is refused, never imported
+    approximately."""
     config_file = source.join("config.json")
     try:
         values = json.loads(config_file.read_text())
