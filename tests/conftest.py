@@ -14,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 import webdataset
 from PIL import Image
+from torch import nn
 
 
 def image_bytes(image, fmt: str = "PNG", **save_options) -> bytes:
@@ -268,6 +271,156 @@ def taming_reference(model, images):
         decoded = model.decoder(model.post_quant_conv(z_q))
     B, _, h, w = z_q.shape
     return indices.view(B, h, w), decoded
+
+
+# diffusers' VQModel and LlamaGen's VQModel, small, for `vqtok import` (tests/test_import_reference.py, docs)
+
+
+def randomize_norms(model: nn.Module) -> None:
+    """GroupNorm starts as the identity: make its affine part count too."""
+    for module in model.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.weight.normal_(1, 0.2)
+            module.bias.normal_(0, 0.2)
+
+
+def vq_model(images, mid_attention=True, seed=0):
+    """A small diffusers VQModel, attention in its second level, with random weights and a codebook drawn from
+    its latents of `images` so that many codes are in use."""
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    model = VQModel(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=4,
+        num_vq_embeddings=64,
+        vq_embed_dim=4,
+        norm_num_groups=32,
+        sample_size=32,
+        mid_block_add_attention=mid_attention,
+    ).eval()
+    with torch.no_grad():
+        randomize_norms(model)
+        z = model.encode(images * 2 - 1).latents.permute(0, 2, 3, 1).reshape(-1, 4)  # (B*h*w, 4)
+        model.quantize.embedding.weight.copy_(z[torch.randperm(z.shape[0])[:64]])
+    return model
+
+
+class LlamaGenVQ(nn.Module):
+    """LlamaGen's VQModel (tokenizer/tokenizer_image/vq_model.py) for a small configuration: its modules under
+    its names (encoder.conv_blocks[i].res/attn/downsample, a middle ModuleList of block, attention, block; the
+    decoder's conv_blocks from the lowest resolution up; quantize.embedding and the quantize.codebook_used
+    record), attention in every block of the last level, and its encode and decode_code."""
+
+    def __init__(self, ch_mult, ch=32, z_channels=32, codebook_size=64, code_dim=8, blocks=2):
+        from taming.modules.diffusionmodules.model import Downsample, Upsample
+
+        super().__init__()
+        levels, widths = len(ch_mult), [ch * m for m in ch_mult]
+        self.encoder = nn.Module()
+        self.encoder.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.encoder.conv_blocks = nn.ModuleList()
+        width = ch
+        for i, out in enumerate(widths):
+            level = self.level([width] + [out] * (blocks - 1), out, attend=i == levels - 1)
+            if i != levels - 1:
+                level.downsample = Downsample(out, True)
+            self.encoder.conv_blocks.append(level)
+            width = out
+        self.encoder.mid = self.middle(width)
+        self.encoder.norm_out = nn.GroupNorm(32, width, eps=1e-6)
+        self.encoder.conv_out = nn.Conv2d(width, z_channels, 3, padding=1)
+
+        self.decoder = nn.Module()
+        self.decoder.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
+        self.decoder.mid = self.middle(width)
+        self.decoder.conv_blocks = nn.ModuleList()
+        for i in reversed(range(levels)):
+            level = self.level([width] + [widths[i]] * blocks, widths[i], attend=i == levels - 1)
+            if i != 0:
+                level.upsample = Upsample(widths[i], True)
+            self.decoder.conv_blocks.append(level)
+            width = widths[i]
+        self.decoder.norm_out = nn.GroupNorm(32, width, eps=1e-6)
+        self.decoder.conv_out = nn.Conv2d(width, 3, 3, padding=1)
+
+        self.quantize = nn.Module()
+        self.quantize.embedding = nn.Embedding(codebook_size, code_dim)
+        self.quantize.register_buffer("codebook_used", torch.zeros(65536))
+        self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
+        self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 1)
+
+    @staticmethod
+    def level(inputs, width, attend):
+        from taming.modules.diffusionmodules.model import AttnBlock, ResnetBlock
+
+        level = nn.Module()
+        level.res = nn.ModuleList(
+            ResnetBlock(in_channels=c, out_channels=width, temb_channels=0, dropout=0.0) for c in inputs
+        )
+        level.attn = nn.ModuleList(AttnBlock(width) for _ in inputs) if attend else nn.ModuleList()
+        return level
+
+    @staticmethod
+    def middle(width):
+        from taming.modules.diffusionmodules.model import AttnBlock, ResnetBlock
+
+        block = ResnetBlock(in_channels=width, out_channels=width, temb_channels=0, dropout=0.0)
+        other = ResnetBlock(in_channels=width, out_channels=width, temb_channels=0, dropout=0.0)
+        return nn.ModuleList([block, AttnBlock(width), other])
+
+    @staticmethod
+    def run(part, h):
+        for level in part.conv_blocks:
+            for i, block in enumerate(level.res):
+                h = block(h, None)
+                if len(level.attn) > 0:
+                    h = level.attn[i](h)
+            for resample in ("downsample", "upsample"):
+                if hasattr(level, resample):
+                    h = getattr(level, resample)(h)
+        return h
+
+    @staticmethod
+    def run_middle(part, h):
+        h = part.mid[0](h, None)
+        return part.mid[2](part.mid[1](h), None)
+
+    def latents(self, x):
+        """Images in [-1, 1] -> z (B, code_dim, h, w) before the lookup."""
+        h = self.run_middle(self.encoder, self.run(self.encoder, self.encoder.conv_in(x)))
+        return self.quant_conv(self.encoder.conv_out(F.silu(self.encoder.norm_out(h))))
+
+    def encode(self, x):
+        """Images in [-1, 1] -> codes (B, h, w): the nearest code by l2 distance, both sides l2-normalized."""
+        z = self.latents(x)
+        B, D, h, w = z.shape
+        flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, D), dim=-1)
+        embedding = F.normalize(self.quantize.embedding.weight, dim=-1)
+        d = flat.pow(2).sum(1, keepdim=True) + embedding.pow(2).sum(1) - 2 * flat @ embedding.t()
+        return d.argmin(dim=1).view(B, h, w)
+
+    def decode_code(self, codes):
+        """Codes (B, h, w) -> images in about [-1, 1], from the normalized codes as LlamaGen's decoder takes them."""
+        z_q = F.normalize(self.quantize.embedding.weight, dim=-1)[codes].permute(0, 3, 1, 2)  # (B, D, h, w)
+        h = self.decoder.conv_in(self.post_quant_conv(z_q))
+        h = self.run(self.decoder, self.run_middle(self.decoder, h))
+        return self.decoder.conv_out(F.silu(self.decoder.norm_out(h)))
+
+
+def llamagen_vq(ch_mult, images, seed=0):
+    """LlamaGenVQ with random weights and a codebook drawn from its latents of `images` (B, 3, H, W) in [0, 1]."""
+    torch.manual_seed(seed)
+    model = LlamaGenVQ(ch_mult).eval()
+    with torch.no_grad():
+        randomize_norms(model)
+        z = model.latents(images * 2 - 1).permute(0, 2, 3, 1).reshape(-1, 8)
+        picks = z[torch.randint(z.shape[0], (64,))]  # with repeats where the grids hold fewer vectors
+        model.quantize.embedding.weight.copy_(picks + 0.01 * torch.randn(64, 8))
+    return model
 
 
 @pytest.fixture

@@ -74,6 +74,7 @@ def workspace(tmp_path_factory, model_dir):
     from vqtok.pretrained import read_header
     from vqtok.prior import Prior
     from vqtok.prior_sample import sample
+    from vqtok.tokenizers.importers import import_model
 
     root = tmp_path_factory.mktemp("docs")
     (root / "shards").mkdir()
@@ -103,7 +104,32 @@ def workspace(tmp_path_factory, model_dir):
         (root / "imagenet" / "val" / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(image_bytes(random_image(i), "JPEG"))
     cifar = class_images(("airplane", "cat"), per_class=2, seed=7)
     write_hf_parquet(root / "cifar10", cifar, files=1, key_column=None, image_column="img", folder="plain_text")
+    downloaded_checkpoints(root / "checkpoints")
+    import_model("llamagen", root / "checkpoints" / "vq_ds16_c2i.pt", root / "runs" / "llamagen" / "model")
+    three = [str(root / "shards" / f"train-{i:06d}.tar") for i in range(3)]  # as docs/pretrained.md encodes
+    encode(three, root / "llamagen.parquet", root / "runs" / "llamagen" / "model", keep=["cls"], num_workers=0)
     return root
+
+
+def downloaded_checkpoints(folder):
+    """What docs/pretrained.md downloads, where it puts it: checkpoints of the same formats and key names, of
+    tiny networks with random weights (tests/test_import_reference.py checks these formats against their
+    reference code)."""
+    import torch
+    import yaml
+    from conftest import TAMING_DDCONFIG, TAMING_EMBED_DIM, TAMING_N_EMBED, llamagen_vq, taming_vqgan, vq_model
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    folder.mkdir()
+    for name, ch_mult in (("vq_ds16_c2i.pt", (1, 1, 2, 2, 4)), ("vq_ds8_c2i.pt", (1, 2, 2, 4))):
+        torch.save({"model": llamagen_vq(ch_mult, images).state_dict()}, folder / name)
+    vq_model(images, mid_attention=False).save_pretrained(folder / "amused-256" / "vqvae")
+    vq_model(images).save_pretrained(folder / "ldm-celebahq-256" / "vqvae", safe_serialization=False)  # a .bin
+    taming = folder / "vqgan_imagenet_f16_16384"
+    taming.mkdir()
+    torch.save({"state_dict": taming_vqgan(images).state_dict()}, taming / "last.ckpt")
+    params = {"embed_dim": TAMING_EMBED_DIM, "n_embed": TAMING_N_EMBED, "ddconfig": TAMING_DDCONFIG}
+    (taming / "model.yaml").write_text(yaml.safe_dump({"model": {"params": params}}))
 
 
 @pytest.fixture

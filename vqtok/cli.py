@@ -725,7 +725,10 @@ def import_(format_, source, out, config_path, trust_pickle, normalize_codes, st
 
     \b
     FORMAT is one of:
-        taming   taming-transformers: SOURCE its last.ckpt, --config its YAML
+        taming     taming-transformers: SOURCE its last.ckpt, --config its YAML
+        llamagen   LlamaGen: SOURCE its vq_ds8_c2i.pt or vq_ds16_c2i.pt
+        diffusers  a diffusers VQModel folder (config.json and weights),
+                   local or hf://ORG/REPO/vqvae
 
     Checkpoints are loaded with torch.load(weights_only=True); one that
     holds more than tensors is refused unless --trust-pickle. config.json
@@ -735,6 +738,8 @@ def import_(format_, source, out, config_path, trust_pickle, normalize_codes, st
     \b
     Examples:
         vqtok import taming logs/vqgan/checkpoints/last.ckpt runs/taming/model --config model.yaml
+        vqtok import llamagen vq_ds16_c2i.pt runs/llamagen/model
+        vqtok import diffusers hf://amused/amused-256/vqvae runs/amused/model
         vqtok info runs/taming/model
     """
     from vqtok.storage import Location, parse_options

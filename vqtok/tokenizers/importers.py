@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from collections.abc import Callable
@@ -227,3 +228,239 @@ def taming(source: Location, options: ImportOptions) -> Converted:
         raise ModelFormatError(f"{source} is not a taming checkpoint: it has no 'state_dict'")
     state = rename(state, {"quantize.embedding.weight": "quantizer.codebook"}, drop=("loss.",))
     return Converted(config, state, source)
+
+
+# -- diffusers ---------------------------------------------------------------------------------------------------
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# VQModel's defaults (diffusers/models/autoencoders/vq_model.py), for the settings an older config.json leaves out
+VQMODEL_DEFAULTS = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 3,
+    "num_vq_embeddings": 256,
+    "norm_num_groups": 32,
+    "vq_embed_dim": None,
+    "norm_type": "group",
+    "mid_block_add_attention": True,
+}
+# the block types that are this network's levels, and whether each attends
+DOWN_BLOCKS = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}
+UP_BLOCKS = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
+# diffusers' attention names (today's, and the deprecated ones older checkpoints keep) -> taming's
+ATTENTION_NAMES = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "query": "q",
+    "to_k": "k",
+    "key": "k",
+    "to_v": "v",
+    "value": "v",
+    "to_out.0": "proj_out",
+    "proj_attn": "proj_out",
+}
+
+
+@register("diffusers")
+def diffusers(source: Location, options: ImportOptions) -> Converted:
+    """A diffusers `VQModel` directory (latent-diffusion's VQ-f4 in CompVis/ldm-celebahq-256, aMUSEd's VQGAN):
+    config.json and diffusion_pytorch_model.safetensors (or .bin), local or at a URL such as
+    hf://amused/amused-256/vqvae. A setting vqtok's network does not implement is refused, never imported
+    approximately."""
+    config_file = source.join("config.json")
+    try:
+        values = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{config_file} is not JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ModelFormatError(f"{config_file} is not a JSON object")
+    config = diffusers_config(values, config_file)
+    weights = next((file for file in map(source.join, DIFFUSERS_WEIGHTS) if file.exists()), None)
+    if weights is None:
+        raise ModelFormatError(f"{source} holds no {' or '.join(DIFFUSERS_WEIGHTS)}")
+    if weights.name.endswith(".safetensors"):
+        state = read_safetensors(weights)
+    else:
+        state = read_checkpoint(weights, options.trust_pickle)
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{weights} holds a {type(state).__name__}, not a state dict")
+    levels, blocks = len(config.channel_mult), config.num_res_blocks
+    state = as_convolutions(rename(state, diffusers_renames(levels, blocks)))
+    if not {**VQMODEL_DEFAULTS, **values}["mid_block_add_attention"]:
+        width = config.base_channels * config.channel_mult[-1]
+        for part in ("encoder", "decoder"):
+            state |= identity_attention(f"{part}.mid.attn_1", width)
+    return Converted(config, state, weights)
+
+
+def diffusers_config(values: dict, where: Location) -> VQGANConfig:
+    """A VQModel's config.json as a VQGANConfig; ConfigError naming the first setting vqtok's network lacks."""
+    if values.get("_class_name", "VQModel") != "VQModel":
+        raise ConfigError(f"{where} describes a diffusers {values['_class_name']}, not a VQModel")
+    c = {**VQMODEL_DEFAULTS, **values}
+
+    def unsupported(setting: str, what: str) -> ConfigError:
+        return ConfigError(f"{where}: {setting} {c[setting]!r} means {what}, which vqtok's VQGAN network does not have")
+
+    widths = c["block_out_channels"]
+    if not isinstance(widths, list) or not widths or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ConfigError(f"{where}: block_out_channels must be a list of positive integers, got {widths!r}")
+    if c["norm_type"] != "group":
+        raise unsupported("norm_type", "a decoder normalized by the quantized latents (MoVQ's spatial norm)")
+    if c["act_fn"] != "silu":
+        raise unsupported("act_fn", "another activation than swish")
+    if c["norm_num_groups"] != 32:
+        raise unsupported("norm_num_groups", "GroupNorm with other than 32 groups")
+    if c["out_channels"] != c["in_channels"]:
+        raise unsupported("out_channels", f"images of other than the input's {c['in_channels']} channels")
+    for setting, known in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+        if any(kind not in known for kind in c[setting]):
+            raise unsupported(setting, f"{next(k for k in c[setting] if k not in known)} blocks")
+        if len(c[setting]) != len(widths):
+            raise unsupported(setting, f"other than one block per width of block_out_channels {widths}")
+    if any(width % widths[0] for width in widths):
+        raise unsupported("block_out_channels", f"widths that are not multiples of the first, {widths[0]}")
+    attends = [DOWN_BLOCKS[kind] for kind in c["down_block_types"]]
+    if attends != [UP_BLOCKS[kind] for kind in reversed(c["up_block_types"])]:  # the decoder's run last level first
+        raise unsupported("up_block_types", "attention at other levels of the decoder than of the encoder")
+    return imported_config(
+        in_channels=c["in_channels"],
+        base_channels=widths[0],
+        channel_mult=tuple(width // widths[0] for width in widths),
+        num_res_blocks=c["layers_per_block"],
+        attn_levels=tuple(level for level, attention in enumerate(attends) if attention),
+        z_channels=c["latent_channels"],
+        codebook_size=c["num_vq_embeddings"],
+        code_dim=c["vq_embed_dim"] or c["latent_channels"],
+        # config.json's sample_size is often VQModel's default (32, aMUSEd's): the published models take 256 px
+        image_size=256,
+    )
+
+
+def diffusers_renames(levels: int, blocks: int) -> dict[str, str]:
+    """diffusers' VQModel prefixes -> taming's. The decoder's `up_blocks` run lowest resolution first, so
+    `up_blocks.0` is taming's `up.{levels - 1}`; each of its levels has one residual block more than the
+    encoder's."""
+    renames = {"quantize.embedding.weight": "quantizer.codebook"}
+    for part in ("encoder", "decoder"):
+        renames[f"{part}.conv_norm_out."] = f"{part}.norm_out."
+        renames[f"{part}.mid_block.resnets.0."] = f"{part}.mid.block_1."
+        renames[f"{part}.mid_block.resnets.1."] = f"{part}.mid.block_2."
+        renames |= attention_renames(f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.")
+    for i in range(levels):
+        up = levels - 1 - i
+        renames[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+        renames[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{up}.upsample."
+        for theirs, ours, count in (
+            (f"encoder.down_blocks.{i}", f"encoder.down.{i}", blocks),
+            (f"decoder.up_blocks.{i}", f"decoder.up.{up}", blocks + 1),
+        ):
+            for j in range(count):
+                renames[f"{theirs}.resnets.{j}."] = f"{ours}.block.{j}."
+                renames[f"{theirs}.resnets.{j}.conv_shortcut."] = f"{ours}.block.{j}.nin_shortcut."
+                renames |= attention_renames(f"{theirs}.attentions.{j}.", f"{ours}.attn.{j}.")
+    return renames
+
+
+def attention_renames(theirs: str, ours: str) -> dict[str, str]:
+    return {f"{theirs}{name}.": f"{ours}{taming}." for name, taming in ATTENTION_NAMES.items()}
+
+
+def as_convolutions(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' attention projections are Linear layers: their (C, C) weights become the (C, C, 1, 1) of the
+    1x1 convolutions taming uses, the same map."""
+    projection = re.compile(r"\.(attn\.\d+|attn_1)\.(q|k|v|proj_out)\.weight$")
+    return {
+        name: tensor[:, :, None, None] if tensor.ndim == 2 and projection.search(name) else tensor
+        for name, tensor in state.items()
+    }
+
+
+def identity_attention(prefix: str, channels: int) -> dict[str, torch.Tensor]:
+    """Weights with which an attention block, x + proj_out(attention(norm(x))), returns x exactly: proj_out is
+    zero. vqtok's middle block always attends; a VQModel built without that attention (aMUSEd's) is the same
+    function with these weights in its place."""
+    state = {f"{prefix}.norm.weight": torch.ones(channels), f"{prefix}.norm.bias": torch.zeros(channels)}
+    for projection in ("q", "k", "v", "proj_out"):
+        state[f"{prefix}.{projection}.weight"] = torch.zeros(channels, channels, 1, 1)
+        state[f"{prefix}.{projection}.bias"] = torch.zeros(channels)
+    return state
+
+
+def read_safetensors(where: Location) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    try:
+        # a local file is mapped, not read; from a store the bytes come whole
+        return load_file(where.path) if where.local else load(where.read_bytes())
+    except (SafetensorError, OSError) as e:
+        raise ModelFormatError(f"{where} cannot be read: {first_line(str(e))}") from None
+
+
+# -- LlamaGen ----------------------------------------------------------------------------------------------------
+
+
+@register("llamagen")
+def llamagen(source: Location, options: ImportOptions) -> Converted:
+    """LlamaGen's VQ tokenizers (tokenizer/tokenizer_image/vq_model.py): vq_ds8_c2i.pt (VQ-8) or vq_ds16_c2i.pt
+    (VQ-16), a dict whose "model" entry is the state dict. Everything but the l2-normalized lookup is read from
+    the weights; that is on, as in LlamaGen, unless --no-normalize-codes."""
+    checkpoint = read_checkpoint(source, options.trust_pickle)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or "encoder.conv_in.weight" not in state:
+        raise ModelFormatError(f"{source} is not a LlamaGen VQ checkpoint: no 'model' holds an encoder's weights")
+    config = llamagen_config(state, source)
+    state = rename(state, llamagen_renames(len(config.channel_mult)), drop=("quantize.codebook_used",))
+    return Converted(config, state, source)
+
+
+def llamagen_config(state: dict[str, torch.Tensor], where: Location) -> VQGANConfig:
+    """What a LlamaGen state dict tells of its network: its levels (4: VQ-8, 5: VQ-16), their widths and blocks,
+    the levels that attend (LlamaGen's last), z channels, K and the code dimension (the codebook's shape)."""
+
+    def shape(name: str) -> torch.Size:
+        if not isinstance(state.get(name), torch.Tensor):
+            raise ModelFormatError(f"{where} is not a LlamaGen VQ checkpoint: it has no {name}")
+        return state[name].shape
+
+    def count(pattern: str) -> int:
+        return 1 + max((int(m[1]) for name in state if (m := re.match(pattern, name))), default=-1)
+
+    levels, blocks = count(r"encoder\.conv_blocks\.(\d+)\."), count(r"encoder\.conv_blocks\.0\.res\.(\d+)\.")
+    base = shape("encoder.conv_in.weight")[0]
+    widths = [shape(f"encoder.conv_blocks.{level}.res.0.conv1.weight")[0] for level in range(levels)]
+    if any(width % base for width in widths):
+        raise ModelFormatError(f"{where}: level widths {widths} are not multiples of conv_in's {base} channels")
+    codebook_size, code_dim = shape("quantize.embedding.weight")
+    return imported_config(
+        base_channels=base,
+        channel_mult=tuple(width // base for width in widths),
+        num_res_blocks=blocks,
+        attn_levels=tuple(i for i in range(levels) if f"encoder.conv_blocks.{i}.attn.0.q.weight" in state),
+        z_channels=shape("encoder.conv_out.weight")[0],
+        codebook_size=codebook_size,
+        code_dim=code_dim,
+        normalize_codes=True,
+        image_size=256,  # the c2i tokenizers' training size
+    )
+
+
+def llamagen_renames(levels: int) -> dict[str, str]:
+    """LlamaGen's prefixes -> taming's. Its levels are `conv_blocks` with `res` and `attn` lists, its middle
+    block a list (block, attention, block), and its decoder's levels run lowest resolution first."""
+    renames = {"quantize.embedding.weight": "quantizer.codebook"}
+    for part in ("encoder", "decoder"):
+        renames |= {f"{part}.mid.0.": f"{part}.mid.block_1.", f"{part}.mid.1.": f"{part}.mid.attn_1."}
+        renames[f"{part}.mid.2."] = f"{part}.mid.block_2."
+    for i in range(levels):
+        renames[f"encoder.conv_blocks.{i}.res."] = f"encoder.down.{i}.block."
+        renames[f"encoder.conv_blocks.{i}."] = f"encoder.down.{i}."  # attn, downsample
+        renames[f"decoder.conv_blocks.{i}.res."] = f"decoder.up.{levels - 1 - i}.block."
+        renames[f"decoder.conv_blocks.{i}."] = f"decoder.up.{levels - 1 - i}."  # attn, upsample
+    return renames
