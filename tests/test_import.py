@@ -165,3 +165,25 @@ def test_normalize_codes_overrides_what_the_format_says(tmp_path, taming, images
         table = torch.nn.functional.normalize(model.quantizer.codebook, dim=1)
         by_angle = torch.einsum("bdhw,kd->bkhw", directions, table).argmax(dim=1)
     assert torch.equal(model.encode(images), by_angle)
+
+
+def test_an_existing_model_is_replaced_only_with_overwrite(tmp_path, taming):
+    ckpt, config = write_taming_run(tmp_path / "run", taming)
+    out = tmp_path / "model"
+    assert run("import", "taming", ckpt, out, "--config", config).exit_code == 0
+    first = (out / "config.json").read_text()
+    assert_refused(run("import", "taming", ckpt, out, "--config", config, "--image-size", "64"), "--overwrite")
+    assert (out / "config.json").read_text() == first
+    result = run("import", "taming", ckpt, out, "--config", config, "--image-size", "64", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert load_tokenizer(out).config.image_size == 64
+
+
+def test_image_size_must_suit_the_stride(tmp_path, taming):
+    ckpt, config = write_taming_run(tmp_path / "run", taming)
+    stride = 2 ** (len(TAMING_DDCONFIG["ch_mult"]) - 1)
+    assert_refused(
+        run("import", "taming", ckpt, tmp_path / "model", "--config", config, "--image-size", str(stride * 3 + 1)),
+        "not a multiple",
+    )
+    assert not (tmp_path / "model").exists()

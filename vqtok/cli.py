@@ -717,9 +717,16 @@ def demo(out, steps, prior, prior_steps):
     show_default="the format's",
     help="l2-normalized code lookup, where the checkpoint cannot tell.",
 )
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    show_default="the checkpoint's training size",
+    help="The crop size commands use by default (a multiple of the model's stride).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a model already at OUT.")
 @storage_options_option
 @user_errors
-def import_(format_, source, out, config_path, trust_pickle, normalize_codes, storage_options):
+def import_(format_, source, out, config_path, trust_pickle, normalize_codes, image_size, overwrite, storage_options):
     """Convert another toolkit's checkpoint (SOURCE) into a vqtok model
     directory (OUT), which every vqtok command then takes.
 
@@ -750,6 +757,8 @@ def import_(format_, source, out, config_path, trust_pickle, normalize_codes, st
         config=Location.of(config_path, options) if config_path else None,
         trust_pickle=trust_pickle,
         normalize_codes=normalize_codes,
+        image_size=image_size,
+        overwrite=overwrite,
     )
     model = import_model(format_, source, out, settings, options)
     h, w = model.grid_size(model.config.image_size)

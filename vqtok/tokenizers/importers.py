@@ -28,6 +28,7 @@ import torch
 
 from vqtok.config import VQGANConfig
 from vqtok.errors import ConfigError, ModelFormatError
+from vqtok.pretrained import CONFIG_NAME
 from vqtok.storage import Location
 
 from . import build_tokenizer
@@ -41,6 +42,8 @@ class ImportOptions:
     config: Location | None = None  # a separate config file, for formats whose checkpoints lack one (taming's YAML)
     trust_pickle: bool = False  # load checkpoints that need pickle's arbitrary code to load
     normalize_codes: bool | None = None  # l2-normalized lookup, where the checkpoint cannot tell; None: the format's
+    image_size: int | None = None  # the size commands crop to by default; None: the format's (its training size)
+    overwrite: bool = False  # replace a model already at OUT
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,9 @@ def import_model(
     """Convert SOURCE, a checkpoint of `format`, into a vqtok model directory at `out`; returns the model."""
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}: vqtok imports {', '.join(sorted(FORMATS))}")
+    target = Location.of(out, storage_options)
+    if not options.overwrite and target.join(CONFIG_NAME).exists():
+        raise ConfigError(f"{target} already holds a model: pass --overwrite to replace it")
     where = Location.of(source, storage_options)
     if not where.exists():
         raise ModelFormatError(f"{where}: no such file or folder")
@@ -87,6 +93,8 @@ def import_model(
     config = converted.config
     if options.normalize_codes is not None:
         config = replace(config, normalize_codes=options.normalize_codes)
+    if options.image_size is not None:
+        config = replace(config, image_size=options.image_size)
     model = build_tokenizer(config)
     model.load_state_dict(complete_state(model, converted.state, where))
     model.source = {"format": format, "file": converted.file.name, "sha256": sha256(converted.file)}
