@@ -247,7 +247,9 @@ def run_vqtok(fold: Fold, codebook_size: int, steps: int, seed: int, fit_args: l
     command = [sys.executable, "-m", "vqtok", "fit", str(fold.train_shard), "--out", str(out)]
     command += ["--val", str(fold.held_out_shard), "--steps", str(steps), "--batch-size", str(BATCH)]
     command += ["--image-size", str(SIZE), "--seed", str(seed), "--codebook-size", str(codebook_size)]
-    command += ["--code-dim", str(D), "--hidden", str(HIDDEN), "--eval-every", str(10**9), *fit_args]
+    # The width is the VQ-VAE's; another --family sets its network's shape in its own config.
+    width = [] if "--family" in fit_args else ["--hidden", str(HIDDEN)]
+    command += ["--code-dim", str(D), *width, "--eval-every", str(10**9), *fit_args]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start

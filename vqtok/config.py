@@ -79,6 +79,7 @@ class VQGANConfig:
     channel_mult: tuple[int, ...] = (1, 1, 2)  # one level per entry; each level after the first halves the grid
     num_res_blocks: int = 1  # per encoder level; the decoder has one more per level, as taming's
     attn_levels: tuple[int, ...] = (2,)  # levels whose blocks have self-attention (taming's attn_resolutions)
+    mid_attention: bool = True  # self-attention in the middle block (aMUSEd's VQGAN has none)
     z_channels: int = 64  # the encoder's output and the decoder's input, around the 1x1 convolutions
     dropout: float = 0.0
     codebook_size: int = 512
@@ -112,6 +113,8 @@ class VQGANConfig:
             raise ConfigError(f"attn_levels must be level numbers in [0, {levels}), got {list(self.attn_levels)!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.mid_attention, bool):
+            raise ConfigError(f"mid_attention must be true or false, got {self.mid_attention!r}")
         _check_quantizer_and_size(self)
 
     @property

@@ -299,10 +299,6 @@ def diffusers(source: Location, options: ImportOptions) -> Converted:
         raise ModelFormatError(f"{weights} holds a {type(state).__name__}, not a state dict")
     levels, blocks = len(config.channel_mult), config.num_res_blocks
     state = as_convolutions(rename(state, diffusers_renames(levels, blocks)))
-    if not {**VQMODEL_DEFAULTS, **values}["mid_block_add_attention"]:
-        width = config.base_channels * config.channel_mult[-1]
-        for part in ("encoder", "decoder"):
-            state |= identity_attention(f"{part}.mid.attn_1", width)
     return Converted(config, state, weights)
 
 
@@ -342,6 +338,7 @@ def diffusers_config(values: dict, where: Location) -> VQGANConfig:
         channel_mult=tuple(width // widths[0] for width in widths),
         num_res_blocks=c["layers_per_block"],
         attn_levels=tuple(level for level, attention in enumerate(attends) if attention),
+        mid_attention=c["mid_block_add_attention"],
         z_channels=c["latent_channels"],
         codebook_size=c["num_vq_embeddings"],
         code_dim=c["vq_embed_dim"] or c["latent_channels"],
@@ -387,17 +384,6 @@ def as_convolutions(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name: tensor[:, :, None, None] if tensor.ndim == 2 and projection.search(name) else tensor
         for name, tensor in state.items()
     }
-
-
-def identity_attention(prefix: str, channels: int) -> dict[str, torch.Tensor]:
-    """Weights with which an attention block, x + proj_out(attention(norm(x))), returns x exactly: proj_out is
-    zero. vqtok's middle block always attends; a VQModel built without that attention (aMUSEd's) is the same
-    function with these weights in its place."""
-    state = {f"{prefix}.norm.weight": torch.ones(channels), f"{prefix}.norm.bias": torch.zeros(channels)}
-    for projection in ("q", "k", "v", "proj_out"):
-        state[f"{prefix}.{projection}.weight"] = torch.zeros(channels, channels, 1, 1)
-        state[f"{prefix}.{projection}.bias"] = torch.zeros(channels)
-    return state
 
 
 def read_safetensors(where: Location) -> dict[str, torch.Tensor]:

@@ -121,12 +121,13 @@ class Level(nn.Module):
 
 
 class Middle(nn.Module):
-    """Residual block, self-attention, residual block at the lowest resolution (taming's `mid`)."""
+    """Residual block, self-attention (unless the config leaves it out), residual block at the lowest resolution
+    (taming's `mid`)."""
 
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, attention: bool) -> None:
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
+        self.attn_1 = AttnBlock(channels) if attention else nn.Identity()
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ class Encoder(nn.Module):
             downsample = Downsample(c_out) if i != levels - 1 else None
             self.down.append(Level(blocks, i in config.attn_levels, config.dropout, downsample=downsample))
             c_in = c_out
-        self.mid = Middle(c_in, config.dropout)
+        self.mid = Middle(c_in, config.dropout, config.mid_attention)
         self.norm_out = Normalize(c_in)
         self.conv_out = nn.Conv2d(c_in, config.z_channels, 3, padding=1)
 
@@ -169,7 +170,7 @@ class Decoder(nn.Module):
         widths = [config.base_channels * m for m in config.channel_mult]
         c_in = widths[-1]
         self.conv_in = nn.Conv2d(config.z_channels, c_in, 3, padding=1)
-        self.mid = Middle(c_in, config.dropout)
+        self.mid = Middle(c_in, config.dropout, config.mid_attention)
         up = []
         for i in reversed(range(len(widths))):
             c_out = widths[i]
