@@ -137,6 +137,13 @@ def test_other_refusals_are_one_line(tmp_path, taming):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     assert_refused(run("import", "taming", garbage, tmp_path / "model", "--config", config), "garbage.ckpt")
+    noise = tmp_path / "noise.ckpt"  # bytes that fail inside the unpickler rather than as a zip
+    noise.write_bytes(b"this is not a checkpoint at all" * 10)
+    assert_refused(run("import", "taming", noise, tmp_path / "model", "--config", config), "noise.ckpt")
+    assert_refused(run("import", "taming", ckpt, tmp_path / "model", "--config", ckpt), "not a YAML file")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump({"model": {"params": {"ddconfig": {"ch": 32}, "n_embed": 8, "embed_dim": 4}}}))
+    assert_refused(run("import", "taming", ckpt, tmp_path / "model", "--config", bare), "ddconfig must hold")
     assert not (tmp_path / "model").exists()
 
 

@@ -197,3 +197,14 @@ def test_the_papers_recipe_loads_as_the_paper_has_it():
     assert model.lookup_dim is None and not model.normalize_codes
     assert (train.lr, train.batch_size, train.steps) == (2e-4, 128, 250000)
     assert (train.warmup_steps, train.min_lr_ratio) == (0, 1)  # constant
+
+
+def test_the_first_import_paths_still_work():
+    """tokenizers/ holds the code now; scripts written against vqtok.model and vqtok.quantize keep working."""
+    import vqtok.model
+    import vqtok.quantize
+    from vqtok.tokenizers import base, quantizers, vqvae
+
+    assert vqtok.model is vqvae and vqtok.quantize is quantizers
+    assert vqtok.model.pick_device is base.pick_device and vqtok.model.VQVAEOutput is base.TokenizerOutput
+    assert VQVAE is vqvae.VQVAE and vqtok.quantize.VectorQuantizer is quantizers.VectorQuantizer

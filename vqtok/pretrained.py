@@ -99,17 +99,22 @@ def read_header(directory: str | os.PathLike | Location, kind: str | None = None
     return header
 
 
-def load_weights(directory: str | os.PathLike | Location, module: torch.nn.Module, header: dict) -> None:
-    """Load DIR/model.safetensors into module, refusing weights that do not fit it or its model id."""
+def read_safetensors(weights: Location) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, a local path or a URL; ModelFormatError if it cannot be read."""
     from safetensors import SafetensorError
     from safetensors.torch import load, load_file
 
-    weights = Location.of(directory).join(WEIGHTS_NAME)
     try:
         # A local file is mapped, not read; from a store the bytes come whole.
-        state = load_file(weights.path) if weights.local else load(weights.read_bytes())
+        return load_file(weights.path) if weights.local else load(weights.read_bytes())
     except (SafetensorError, OSError) as e:
         raise ModelFormatError(f"{weights} cannot be read: {e}") from None
+
+
+def load_weights(directory: str | os.PathLike | Location, module: torch.nn.Module, header: dict) -> None:
+    """Load DIR/model.safetensors into module, refusing weights that do not fit it or its model id."""
+    weights = Location.of(directory).join(WEIGHTS_NAME)
+    state = read_safetensors(weights)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -28,7 +28,7 @@ import torch
 
 from vqtok.config import VQGANConfig
 from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.pretrained import CONFIG_NAME
+from vqtok.pretrained import CONFIG_NAME, read_safetensors
 from vqtok.storage import Location
 
 from . import build_tokenizer
@@ -147,16 +147,18 @@ def read_checkpoint(where: Location, trust_pickle: bool = False):
     try:
         return torch.load(data, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if trust_pickle:
+        # weights_only refuses what only pickle's code could rebuild: say so, and how to load it anyway
+        refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n|$)", str(e))
+        if refused is None or trust_pickle:
             raise ModelFormatError(f"{where} cannot be read as a PyTorch checkpoint: {first_line(str(e))}") from None
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n|$)", str(e))
-        reason = found.group(1).strip() if found else first_line(str(e))
         raise ModelFormatError(
-            f"{where} holds more than tensors ({reason}), and loading it would run code from the file: "
-            "pass --trust-pickle if you trust where it came from"
+            f"{where} holds more than tensors ({refused.group(1).strip()}), and loading it would run code from the "
+            "file: pass --trust-pickle if you trust where it came from"
         ) from None
-    except (RuntimeError, EOFError, OSError, AttributeError, ModuleNotFoundError) as e:
-        raise ModelFormatError(f"{where} cannot be read as a PyTorch checkpoint: {first_line(str(e))}") from None
+    except Exception as e:  # noqa: BLE001 (bytes that are no checkpoint fail in many ways inside the unpickler)
+        raise ModelFormatError(
+            f"{where} cannot be read as a PyTorch checkpoint: {first_line(str(e)) or type(e).__name__}"
+        ) from None
 
 
 def first_line(message: str) -> str:
@@ -168,6 +170,8 @@ def read_yaml(where: Location) -> dict:
 
     try:
         values = yaml.safe_load(where.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not a YAML file (it is not text)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{where} is not valid YAML: {first_line(str(e))}") from None
     if not isinstance(values, dict):
@@ -210,6 +214,9 @@ def taming(source: Location, options: ImportOptions) -> Converted:
     if not isinstance(params, dict) or not {"ddconfig", "n_embed", "embed_dim"} <= set(params):
         raise ConfigError(f"{options.config}: expected model.params with ddconfig, n_embed and embed_dim")
     dd = params["ddconfig"]
+    required = ("resolution", "ch", "ch_mult", "num_res_blocks", "z_channels")
+    if not isinstance(dd, dict) or not set(required) <= set(dd):
+        raise ConfigError(f"{options.config}: model.params.ddconfig must hold {', '.join(required)}")
     if dd.get("double_z", True):
         raise ConfigError(f"{options.config}: double_z is true, a KL autoencoder's setting, not a VQGAN's")
     if params.get("remap") is not None:
@@ -384,17 +391,6 @@ def as_convolutions(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name: tensor[:, :, None, None] if tensor.ndim == 2 and projection.search(name) else tensor
         for name, tensor in state.items()
     }
-
-
-def read_safetensors(where: Location) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load, load_file
-
-    try:
-        # a local file is mapped, not read; from a store the bytes come whole
-        return load_file(where.path) if where.local else load(where.read_bytes())
-    except (SafetensorError, OSError) as e:
-        raise ModelFormatError(f"{where} cannot be read: {first_line(str(e))}") from None
 
 
 # -- LlamaGen ----------------------------------------------------------------------------------------------------

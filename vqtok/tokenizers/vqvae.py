@@ -13,7 +13,11 @@ from torch import nn
 
 from vqtok.config import ModelConfig
 
-from .base import Tokenizer, quantizer_from
+from .base import Tokenizer, TokenizerOutput, pick_device, quantizer_from
+
+# vqtok.model is this module (vqtok/model.py): these are the names scripts imported from it before tokenizers/.
+__all__ = ["VQVAE", "VQVAEOutput", "Encoder", "Decoder", "ResidualBlock", "ResidualStack", "pick_device"]
+VQVAEOutput = TokenizerOutput
 
 
 class ResidualBlock(nn.Module):
