@@ -127,7 +127,7 @@ def fit_prior(
     cfg = train_config
     data = open_tokens(tokens, val, config, cond)
     config = data.config
-    decoder = load_tokenizer(tokenizer, config) if tokenizer else None
+    decoder = tokenizer_of_tokens(tokenizer, config) if tokenizer else None
     settings = {"prior": config.to_dict(), "steps": cfg.steps, "cond": cond}
     draw_views = data.has_views and not plain_only
     if data.has_views:  # recorded only then, so that runs on plain tokens keep the run.json of before
@@ -265,7 +265,7 @@ def held_out_nll(prior: Prior, loader, cond: str | None, device: torch.device) -
     return nats, grids
 
 
-def load_tokenizer(path: str | Path, config: PriorConfig):
+def tokenizer_of_tokens(path: str | Path, config: PriorConfig):
     """The tokenizer that made the tokens, to decode samples with; ConfigError for another one."""
     from vqtok.tokenizers import load_tokenizer
 
