@@ -14,7 +14,7 @@ from skimage.metrics import structural_similarity
 from vqtok import VQVAE, ModelConfig
 from vqtok.cli import cli
 from vqtok.data import iter_samples, sample_image
-from vqtok.evaluate import BAND, FONT_SIZE, MIN_TILE, psnr, ssim, tile_scale
+from vqtok.evaluate import BAND, FONT_SIZE, GAP, MIN_TILE, psnr, ssim, tile_scale
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_eval_reports_what_a_count_by_hand_gives(model_dir, shards, tmp_path):
 
     # 8 worst over theirs, 8 typical over theirs: 16 px crops shown 8 times larger, each row between text bands
     with Image.open(out / "reconstructions.png") as picture:
-        assert picture.size == (8 * 128, 4 * (128 + 2 * BAND)) and picture.mode == "RGB"
+        assert picture.size == (8 * 128 + 7 * GAP, 4 * (128 + 2 * BAND)) and picture.mode == "RGB"
     assert json.loads((out / "report.json").read_text())["images"] == 13
 
 
@@ -142,7 +142,7 @@ def test_compare_gives_the_rows_of_single_runs_and_shows_the_same_images(model_d
     tile = 16 * scale
     strips = 2 * (1 + 2)
     with Image.open(out / "reconstructions.png") as picture:
-        assert picture.size == (8 * tile, strips * (tile + 2 * BAND))
+        assert picture.size == (8 * tile + 7 * GAP, strips * (tile + 2 * BAND))
         pixels = np.asarray(picture).astype(int)
 
     def row(r):  # the title band, the tiles and the band under them of row r
@@ -155,7 +155,7 @@ def test_compare_gives_the_rows_of_single_runs_and_shows_the_same_images(model_d
     assert all(row(r)[0].max() == 255 for r in range(strips))  # every row is named, each model otherwise
     assert not np.array_equal(row(1)[0], row(2)[0])
     for j, i in enumerate(worst):
-        column = slice(tile * j, tile * (j + 1))
+        column = slice((tile + GAP) * j, (tile + GAP) * j + tile)
         _, tiles, captions = row(0)
         assert np.array_equal(tiles[:, column], enlarged(sample_image(samples[i], 16).permute(1, 2, 0).numpy()))
         assert np.array_equal(captions[:, column], band(samples[i].key, tile))

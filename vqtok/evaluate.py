@@ -46,6 +46,7 @@ EXAMPLES = 8  # images in each row of the picture: the worst, and typical ones
 PICTURE_NAME = "reconstructions.png"
 MIN_TILE = 128  # pixels: the picture enlarges smaller images until their shorter side is at least this
 FONT_SIZE, BAND = 12, 18  # pixels: the picture's text (Pillow's default font), and the band that holds a line
+GAP = 4  # black pixels between tiles side by side, without which images of noise run into each other
 RESERVOIR = 64  # images kept at random, from which the typical ones are picked once the median is known
 
 
@@ -144,11 +145,12 @@ def picture(reports: Sequence[Report]) -> np.ndarray | None:
     them each model's reconstructions in the order of `reports`, then typical ones likewise; None if none.
 
     Each image is enlarged by `tile_scale` into a tile of T = scale * H by scale * W pixels, n tiles to a row
-    (n the most of worst or typical ones; fewer are padded with black). Each row of tiles has a text band of
-    BAND pixels above it naming the row ("worst: original", "worst: " and the model directory, or
-    "reconstruction" when a report names none) and one below it, under each tile: the image's key under an
-    original, the reconstruction's PSNR under a reconstruction. So the picture is (worst and typical shown)
-    2 * (1 + M) * (T + 2 * BAND) pixels high and n * scale * W wide. Text is white on black, tiles are exact.
+    GAP pixels apart (n the most of worst or typical ones; fewer are padded with black). Each row of tiles has
+    a text band of BAND pixels above it naming the row ("worst: original", "worst: " and the model directory,
+    or "reconstruction" when a report names none) and one below it, under each tile: the image's key under
+    an original, the reconstruction's PSNR under a reconstruction. So the picture is (worst and typical
+    shown) 2 * (1 + M) * (T + 2 * BAND) pixels high and n * scale * W + (n - 1) * GAP wide. Text is white on
+    black; the tiles hold the images' pixels unchanged.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -161,17 +163,19 @@ def picture(reports: Sequence[Report]) -> np.ndarray | None:
     tile_h, tile_w = scale * height, scale * width
     columns = max(len(shown[0]) for _, shown in sections)
     names = ["original"] + [report.model or "reconstruction" for report in reports]
-    pixels = np.zeros((len(sections) * len(names) * (tile_h + 2 * BAND), columns * tile_w, 3), dtype=np.uint8)
+    full_width = columns * (tile_w + GAP) - GAP
+    pixels = np.zeros((len(sections) * len(names) * (tile_h + 2 * BAND), full_width, 3), dtype=np.uint8)
     texts = []  # (x, y, width, text): drawn once the tiles are in place
     y = 0
     for kind, shown in sections:
         for r, name in enumerate(names):
-            texts.append((0, y, columns * tile_w, f"{kind}: {name}"))
+            texts.append((0, y, full_width, f"{kind}: {name}"))
             y += BAND
             for j, example in enumerate(shown[max(r - 1, 0)]):
                 image = example.original if r == 0 else example.reconstruction  # (H, W, 3)
-                pixels[y : y + tile_h, j * tile_w : (j + 1) * tile_w] = image.repeat(scale, 0).repeat(scale, 1)
-                texts.append((j * tile_w, y + tile_h, tile_w, example.key if r == 0 else f"{example.psnr:.2f} dB"))
+                x = j * (tile_w + GAP)
+                pixels[y : y + tile_h, x : x + tile_w] = image.repeat(scale, 0).repeat(scale, 1)
+                texts.append((x, y + tile_h, tile_w, example.key if r == 0 else f"{example.psnr:.2f} dB"))
             y += tile_h + BAND
     canvas = Image.fromarray(pixels)
     draw = ImageDraw.Draw(canvas)
