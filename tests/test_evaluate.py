@@ -8,13 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import image_samples
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from skimage.metrics import structural_similarity
 
 from vqtok import VQVAE, ModelConfig
 from vqtok.cli import cli
 from vqtok.data import iter_samples, sample_image
-from vqtok.evaluate import psnr, ssim
+from vqtok.evaluate import BAND, FONT_SIZE, GAP, MIN_TILE, psnr, ssim, tile_scale
 
 
 @pytest.fixture
@@ -70,9 +70,23 @@ def test_eval_reports_what_a_count_by_hand_gives(model_dir, shards, tmp_path):
     worst = [entry["psnr"] for entry in report["worst"]]
     assert len(worst) == 8 and worst == sorted(worst)
 
-    with Image.open(out / "reconstructions.png") as picture:  # 8 worst over theirs, 8 typical over theirs
-        assert picture.size == (8 * 16, 4 * 16) and picture.mode == "RGB"
+    # 8 worst over theirs, 8 typical over theirs: 16 px crops shown 8 times larger, each row between text bands
+    with Image.open(out / "reconstructions.png") as picture:
+        assert picture.size == (8 * 128 + 7 * GAP, 4 * (128 + 2 * BAND)) and picture.mode == "RGB"
     assert json.loads((out / "report.json").read_text())["images"] == 13
+
+
+def band(text: str, width: int) -> np.ndarray:
+    """A text band of the picture: white text in Pillow's default font on black, (BAND, width, 3)."""
+    canvas = Image.new("RGB", (width, BAND))
+    ImageDraw.Draw(canvas).text((3, 2), text, fill=(255, 255, 255), font=ImageFont.load_default(size=FONT_SIZE))
+    return np.asarray(canvas).astype(int)
+
+
+def test_tiles_are_enlarged_to_at_least_min_tile_and_never_shrunk():
+    assert (tile_scale(32, 32), tile_scale(16, 16), tile_scale(100, 300)) == (4, 8, 2)
+    assert tile_scale(MIN_TILE - 1, MIN_TILE - 1) == 2 and tile_scale(MIN_TILE, MIN_TILE) == 1
+    assert tile_scale(256, 256) == tile_scale(1024, 512) == 1
 
 
 def small_model(directory, seed: int, image_size: int = 16, **config) -> str:
@@ -122,17 +136,34 @@ def test_compare_gives_the_rows_of_single_runs_and_shows_the_same_images(model_d
         assert [e["key"] for e in row["worst"]] == [samples[i].key for i in worst]
         assert [e["psnr"] for e in row["worst"]] == pytest.approx([psnrs[m][i].item() for i in worst], abs=1e-4)
 
-    # The picture: the worst originals, under them each model's reconstructions, then typical ones likewise.
+    # The picture: the worst originals, under them each model's reconstructions, then typical ones likewise;
+    # each row of tiles with its name in a band above it, and under each tile its key or its PSNR.
+    scale = 128 // 16
+    tile = 16 * scale
+    strips = 2 * (1 + 2)
     with Image.open(out / "reconstructions.png") as picture:
-        assert picture.size == (8 * 16, 2 * (1 + 2) * 16)
+        assert picture.size == (8 * tile + 7 * GAP, strips * (tile + 2 * BAND))
         pixels = np.asarray(picture).astype(int)
+
+    def row(r):  # the title band, the tiles and the band under them of row r
+        strip = pixels[r * (tile + 2 * BAND) : (r + 1) * (tile + 2 * BAND)]
+        return strip[:BAND], strip[BAND : BAND + tile], strip[BAND + tile :]
+
+    def enlarged(image):  # (16, 16, 3) -> (tile, tile, 3), nearest neighbour
+        return image.repeat(scale, axis=0).repeat(scale, axis=1)
+
+    assert all(row(r)[0].max() == 255 for r in range(strips))  # every row is named, each model otherwise
+    assert not np.array_equal(row(1)[0], row(2)[0])
     for j, i in enumerate(worst):
-        tile = pixels[:16, 16 * j : 16 * (j + 1)]
-        assert np.array_equal(tile, sample_image(samples[i], 16).permute(1, 2, 0).numpy())
+        column = slice((tile + GAP) * j, (tile + GAP) * j + tile)
+        _, tiles, captions = row(0)
+        assert np.array_equal(tiles[:, column], enlarged(sample_image(samples[i], 16).permute(1, 2, 0).numpy()))
+        assert np.array_equal(captions[:, column], band(samples[i].key, tile))
         for m, recon in enumerate(recons):
-            tile = pixels[16 * (1 + m) : 16 * (2 + m), 16 * j : 16 * (j + 1)]
-            expected = recon[i].clamp(0, 1).mul(255).round().permute(1, 2, 0).numpy()
-            assert np.abs(tile - expected).max() <= 1
+            _, tiles, captions = row(1 + m)
+            expected = enlarged(recon[i].clamp(0, 1).mul(255).round().permute(1, 2, 0).numpy())
+            assert np.abs(tiles[:, column] - expected).max() <= 1
+            assert np.array_equal(captions[:, column], band(f"{rows[m]['worst'][j]['psnr']:.2f} dB", tile))
 
 
 def test_compare_table_and_refusals(model_dir, other_model, shards, tmp_path):

@@ -44,6 +44,9 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (K1 * L)^2, (K2 * L)^2 for a data range L
 MAX_PSNR = 100.0  # a perfect reconstruction's PSNR, instead of infinity
 EXAMPLES = 8  # images in each row of the picture: the worst, and typical ones
 PICTURE_NAME = "reconstructions.png"
+MIN_TILE = 128  # pixels: the picture enlarges smaller images until their shorter side is at least this
+FONT_SIZE, BAND = 12, 18  # pixels: the picture's text (Pillow's default font), and the band that holds a line
+GAP = 4  # black pixels between tiles side by side, without which images of noise run into each other
 RESERVOIR = 64  # images kept at random, from which the typical ones are picked once the median is known
 
 
@@ -123,27 +126,73 @@ class Report:
         return {**measured, **self.metrics()}
 
     def picture(self) -> np.ndarray | None:
-        """uint8 (4H, n*W, 3): the worst originals over their reconstructions, then typical ones likewise."""
+        """uint8 pixels: the worst originals over their reconstructions, then typical ones likewise (`picture`)."""
         return picture([self])
 
     def save_picture(self, path: Path) -> bool:
         return save_picture([self], path)
 
 
+def tile_scale(height: int, width: int) -> int:
+    """The whole factor by which the picture enlarges an image, nearest neighbour: the least that makes its
+    shorter side at least MIN_TILE pixels (4 for 32 px crops). Images that large already keep their size (1);
+    none is ever shrunk."""
+    return max(1, -(-MIN_TILE // min(height, width)))
+
+
 def picture(reports: Sequence[Report]) -> np.ndarray | None:
-    """uint8 ((1 + M) * 2H, n*W, 3) for M reports of the same images: the worst originals, under them each
-    model's reconstructions in the order of `reports`, then typical ones likewise; n the most of either."""
-    rows = []
-    for kind in ("worst", "typical"):
-        shown = [getattr(report, kind) for report in reports]  # the same images in each report
-        if shown[0]:
-            rows.append(np.concatenate([e.original for e in shown[0]], axis=1))
-            rows += [np.concatenate([e.reconstruction for e in examples], axis=1) for examples in shown]
-    if not rows:
+    """uint8 RGB pixels of the images `reports` show (M reports of the same images): the worst originals, under
+    them each model's reconstructions in the order of `reports`, then typical ones likewise; None if none.
+
+    Each image is enlarged by `tile_scale` into a tile of T = scale * H by scale * W pixels, n tiles to a row
+    GAP pixels apart (n the most of worst or typical ones; fewer are padded with black). Each row of tiles has
+    a text band of BAND pixels above it naming the row ("worst: original", "worst: " and the model directory,
+    or "reconstruction" when a report names none) and one below it, under each tile: the image's key under
+    an original, the reconstruction's PSNR under a reconstruction. So the picture is (worst and typical
+    shown) 2 * (1 + M) * (T + 2 * BAND) pixels high and n * scale * W + (n - 1) * GAP wide. Text is white on
+    black; the tiles hold the images' pixels unchanged.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    sections = [(kind, [getattr(report, kind) for report in reports]) for kind in ("worst", "typical")]
+    sections = [(kind, shown) for kind, shown in sections if shown[0]]  # the same images in each report
+    if not sections:
         return None
-    width = max(row.shape[1] for row in rows)  # fewer typical images than worst ones: pad with black
-    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
-    return np.concatenate(rows, axis=0)
+    height, width = sections[0][1][0][0].original.shape[:2]
+    scale = tile_scale(height, width)
+    tile_h, tile_w = scale * height, scale * width
+    columns = max(len(shown[0]) for _, shown in sections)
+    names = ["original"] + [report.model or "reconstruction" for report in reports]
+    full_width = columns * (tile_w + GAP) - GAP
+    pixels = np.zeros((len(sections) * len(names) * (tile_h + 2 * BAND), full_width, 3), dtype=np.uint8)
+    texts = []  # (x, y, width, text): drawn once the tiles are in place
+    y = 0
+    for kind, shown in sections:
+        for r, name in enumerate(names):
+            texts.append((0, y, full_width, f"{kind}: {name}"))
+            y += BAND
+            for j, example in enumerate(shown[max(r - 1, 0)]):
+                image = example.original if r == 0 else example.reconstruction  # (H, W, 3)
+                x = j * (tile_w + GAP)
+                pixels[y : y + tile_h, x : x + tile_w] = image.repeat(scale, 0).repeat(scale, 1)
+                texts.append((x, y + tile_h, tile_w, example.key if r == 0 else f"{example.psnr:.2f} dB"))
+            y += tile_h + BAND
+    canvas = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=FONT_SIZE)
+    for x, y, room, text in texts:
+        draw.text((x + 3, y + 2), _fit(text, font, room - 6), fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
+def _fit(text: str, font, room: float) -> str:
+    """text, or its end after "..." if it is wider than room pixels: the end of a key or a path tells most."""
+    if font.getlength(text) <= room:
+        return text
+    for start in range(1, len(text)):
+        if font.getlength("..." + text[start:]) <= room:
+            return "..." + text[start:]
+    return ""
 
 
 def save_picture(reports: Sequence[Report], path: Path) -> bool:

@@ -8,7 +8,7 @@ or many processes under `accelerate launch`.
 Layout of OUT (run.json, checkpoints/ and metrics.jsonl as every trainer's, see `vqtok.runs`):
     model/                     the exported model (config.json + model.safetensors)
     samples/step-000500.png    the worst reconstructed validation images and typical ones, each over
-                               its reconstruction
+                               its reconstruction and its PSNR (`vqtok.evaluate.picture`)
 """
 
 from __future__ import annotations
