@@ -1,10 +1,12 @@
 """A run that encodes or evaluates nothing fails: every sample failed, or more than --max-error-rate of them."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import class_images, image_samples, write_image_folder, write_path_only_parquet
+from conftest import class_images, free_port, image_samples, write_image_folder, write_path_only_parquet
 
 from vqtok.cli import cli
 from vqtok.encode import RETRY, encode
@@ -149,3 +151,25 @@ def test_eval_fails_on_broken_inputs_and_names_the_reason(model_dir, make_shard,
     assert allowed.exit_code == 0, allowed.output
     report = json.loads(allowed.output)
     assert (report["images"], report["errors"]) == (2, 3)
+
+
+def test_eval_under_two_processes_judges_every_process_at_the_end(model_dir, make_shard):
+    """Process 0 sees 1,000 failures, enough to stop a lone process early; stopping alone would leave process
+    1 in all_reduce (gloo then fails it with "Connection closed by peer", NCCL waits). Both go on to the end
+    and fail on the merged counts, with the same line."""
+    broken = make_shard("0-broken.tar", [{"__key__": f"t{i}", "jpg": b"hello"} for i in range(1000)])
+    good = make_shard("1-good.tar", image_samples(["g0", "g1"]))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", str(free_port()), "-m", "vqtok", "eval", model_dir, broken, good]
+    proc = subprocess.run([*map(str, launch), "--num-workers", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert "Connection closed by peer" not in proc.stderr  # process 1 was not left talking to a process gone
+    assert (
+        lines
+        == [
+            "Error: 1,000 of 1,002 samples could not be evaluated, more than --max-error-rate 0.5; "
+            "the commonest reason (1,000 samples): not an image"
+        ]
+        * 2
+    ), proc.stderr[-3000:]
