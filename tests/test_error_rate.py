@@ -1,13 +1,15 @@
 """A run that encodes or evaluates nothing fails: every sample failed, or more than --max-error-rate of them."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import class_images, image_samples, write_image_folder, write_path_only_parquet
+from conftest import class_images, free_port, image_samples, write_image_folder, write_path_only_parquet
 
 from vqtok.cli import cli
-from vqtok.encode import encode
+from vqtok.encode import RETRY, encode
 from vqtok.sources import TooManyErrors
 from vqtok.store import STATS_DIR, SUCCESS_NAME, read_codes, read_errors
 
@@ -55,9 +57,16 @@ def test_an_encode_whose_every_sample_failed_exits_non_zero_and_overwrite_redoes
     assert [json.loads(p.read_text())["status"] for p in (out / STATS_DIR).iterdir()] == ["done"]
     assert not (out / SUCCESS_NAME).exists() and read_codes(out)[0] == []
 
-    # A plain rerun counts the shard as done; --overwrite with the root encodes it.
-    rerun = invoke("encode", parquet, out, "--model", model_dir, "--image-root", root, "--num-workers", "0")
-    assert rerun.exit_code == 0 and "0 encoded, 1 already done" in rerun.output
+    # A plain rerun skips the shard, done, but judges the whole dataset: it fails as the first run did, even
+    # with the root given, since the shard is not read again; --overwrite with the root encodes it.
+    for extra in ([], ["--image-root", root]):
+        rerun = invoke("encode", parquet, out, "--model", model_dir, "--num-workers", "0", *extra)
+        assert rerun.exit_code == 1
+        assert error_line(rerun.output) == (
+            f"Error: none of the 3 samples could be encoded into {out}; the commonest reason (3 samples): "
+            f"only a path, no image bytes: a/0.png {HINT}. {RETRY}"
+        )
+        assert not (out / SUCCESS_NAME).exists()
     args = ["--image-root", root, "--overwrite", "--num-workers", "0"]
     redone = invoke("encode", parquet, out, "--model", model_dir, *args)
     assert redone.exit_code == 0, redone.output
@@ -85,6 +94,25 @@ def test_the_share_of_errors_a_run_may_have(model_dir, make_shard, tmp_path):
     assert everything.exit_code == 1 and "none of the 2 samples could be encoded" in everything.output
     outside = invoke("encode", shard, tmp_path / "x.parquet", *common, "--max-error-rate", "1.5")
     assert outside.exit_code == 2 and "1.5 is not in the range 0<=x<=1" in outside.output
+
+
+def test_the_process_that_finishes_judges_the_whole_dataset(model_dir, make_shard, tmp_path, monkeypatch):
+    """Two processes: rank 0's shard all failed and it stopped; rank 1's own samples are fine, but it finds
+    every shard done and must not write _SUCCESS over the other's errors."""
+    broken = make_shard("0-broken.tar", [{"__key__": f"t{i}", "jpg": b"hello"} for i in range(3)])
+    good = make_shard("1-good.tar", image_samples(["g0"]))
+    out = tmp_path / "tokens.parquet"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(TooManyErrors) as raised:
+            encode([str(broken), str(good)], out, model_dir, num_workers=0, show_progress=False)
+        assert not (out / SUCCESS_NAME).exists()
+    assert str(raised.value).startswith(
+        f"3 of 4 samples could not be encoded into {out}, more than --max-error-rate 0.5; "
+        "the commonest reason (3 samples): not an image"
+    )
+    assert len(read_codes(out)[0]) == 1 and len(read_errors(out)) == 3
 
 
 def test_a_run_stops_once_1000_samples_show_too_many_errors(model_dir, tmp_path):
@@ -123,3 +151,25 @@ def test_eval_fails_on_broken_inputs_and_names_the_reason(model_dir, make_shard,
     assert allowed.exit_code == 0, allowed.output
     report = json.loads(allowed.output)
     assert (report["images"], report["errors"]) == (2, 3)
+
+
+def test_eval_under_two_processes_judges_every_process_at_the_end(model_dir, make_shard):
+    """Process 0 sees 1,000 failures, enough to stop a lone process early; stopping alone would leave process
+    1 in all_reduce (gloo then fails it with "Connection closed by peer", NCCL waits). Both go on to the end
+    and fail on the merged counts, with the same line."""
+    broken = make_shard("0-broken.tar", [{"__key__": f"t{i}", "jpg": b"hello"} for i in range(1000)])
+    good = make_shard("1-good.tar", image_samples(["g0", "g1"]))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", str(free_port()), "-m", "vqtok", "eval", model_dir, broken, good]
+    proc = subprocess.run([*map(str, launch), "--num-workers", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert "Connection closed by peer" not in proc.stderr  # process 1 was not left talking to a process gone
+    assert (
+        lines
+        == [
+            "Error: 1,000 of 1,002 samples could not be evaluated, more than --max-error-rate 0.5; "
+            "the commonest reason (1,000 samples): not an image"
+        ]
+        * 2
+    ), proc.stderr[-3000:]

@@ -192,6 +192,33 @@ def test_path_only_rows_are_read_under_image_root_and_refused_outside_it(tmp_pat
         expand_inputs([parquet], image_root="s3://bucket/images")
 
 
+def test_a_crafted_path_in_a_row_is_an_error_row_not_a_crash(model_dir, tmp_path):
+    """A path with a NUL byte (os.path.realpath raises ValueError) or one stored as bytes (TypeError) is
+    that row's error; the run goes on with the other rows."""
+    images = class_images(("a",), per_class=1)
+    root = write_image_folder(tmp_path / "images", images)
+    folder = tmp_path / "paths"
+    folder.mkdir()
+    for name, path_type, crafted in [("nul", pa.string(), "a/0.png\x00.png"), ("bytes", pa.binary(), b"a/0.png")]:
+        good = "a/0.png" if path_type == pa.string() else b"a/0.png"  # the same column type: a file of one schema
+        column = pa.array(
+            [{"bytes": None, "path": good}, {"bytes": None, "path": crafted}],
+            pa.struct([("bytes", pa.binary()), ("path", path_type)]),
+        )
+        pq.write_table(pa.table({"image": column}), folder / f"{name}.parquet")
+
+    nul, binary = (samples_of(expand_inputs([str(folder / f"{n}.parquet")], image_root=root)) for n in ("nul", "bytes"))
+    assert nul[0].fields == {"image": images["a/0"]} and nul[0].error is None
+    assert nul[1].fields == {} and nul[1].error == "not a path: 'a/0.png\\x00.png': embedded null byte"
+    assert [s.error for s in binary] == ["not a path: b'a/0.png' is bytes, not text"] * 2
+
+    out = tmp_path / "tokens.parquet"
+    args = ["--image-root", root, "--num-workers", "0", "--max-error-rate", "1"]
+    result = invoke("encode", folder / "nul.parquet", folder / "bytes.parquet", out, "--model", model_dir, *args)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert read_codes(out)[0] == ["nul/0"] and len(read_errors(out)) == 3
+
+
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_encode_and_fit_read_path_only_rows_with_image_root(model_dir, tmp_path):
     images = class_images(per_class=2)

@@ -172,7 +172,8 @@ def encode(
 
     TooManyErrors when every sample this process read failed, or more than `max_error_rate` of them (judged
     once 1,000 were seen, and at the end): the shards committed until then stay done, and `_SUCCESS` is not
-    written. Each process judges its own samples."""
+    written. Each process judges its own samples; whichever finds every shard done judges the whole dataset,
+    earlier runs included, so that a rerun skipping shards of nothing but errors fails as the first run did."""
     if augment not in AUGMENT_VIEWS:
         raise ConfigError(f"augment must be one of {', '.join(AUGMENT_VIEWS)}, not {augment!r}")
     started = time.perf_counter()
@@ -228,7 +229,7 @@ def encode(
         with progress:
             _run(loader, model, store, autocast_dtype, result, progress, started)
     tally.check("encoded", final=True, advice=RETRY)
-    result.totals = store.finish(urls)
+    result.totals = store.finish(urls, max_error_rate, advice=RETRY)
     result.seconds = time.perf_counter() - started
     return result
 

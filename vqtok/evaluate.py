@@ -361,8 +361,9 @@ def evaluate_models(
     turn; one report per model, in order. The images shown (worst and typical) are chosen by their mean PSNR
     over the models, and are the same in every report.
 
-    With `tally`, the samples are counted in it and TooManyErrors stops a process that has seen too many fail
-    (`ErrorTally.check`); under torch.distributed it ends up holding every process's counts.
+    With `tally`, the samples are counted in it and TooManyErrors stops a lone process that has seen too many
+    fail (`ErrorTally.check`); under torch.distributed it ends up holding every process's counts, for the
+    caller to judge.
     """
     training = [model.training for model in models]
     for model in models:
@@ -381,7 +382,8 @@ def evaluate_models(
             images, keys = images[:room], keys[:room]
         if tally is not None:
             tally.add(len(images), [reason for _, _, reason in batch.errors])
-            tally.check("evaluated")
+            if not _distributed():  # one process stopping alone would leave the others waiting in all_reduce
+                tally.check("evaluated")
         if len(images):
             images = images.to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W) in [0, 1]
             images = images.contiguous(memory_format=torch.channels_last)
@@ -465,7 +467,7 @@ def evaluate_inputs(
     images (by the mean PSNR over the models) over each model's reconstructions, then typical ones.
 
     TooManyErrors when every sample, or more than `max_error_rate` of them, could not be read or decoded
-    (judged per process once 1,000 were seen, and over all processes at the end).
+    (judged once 1,000 were seen when there is one process, and over all processes at the end).
 
     Under `accelerate launch` or torchrun, unit i goes to process i mod world size, and `limit` is shared
     out among them.

@@ -31,6 +31,7 @@ import glob
 import hashlib
 import json
 import os
+import reprlib
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -653,9 +654,14 @@ def _read_path(path: str | None, root: str | None) -> tuple[bytes | None, str | 
     read only under `root`, resolved (symbolic links, `..`) before it is checked."""
     if path is None:
         return None, "no image (null)"
+    if not isinstance(path, str):  # a crafted file's path field can hold bytes or a number
+        return None, f"not a path: {reprlib.repr(path)} is {type(path).__name__}, not text"
     if root is None:
         return None, f"only a path, no image bytes: {path} (a path inside a file is read only with --image-root DIR)"
-    resolved = os.path.realpath(os.path.join(root, path))  # an absolute path stays itself
+    try:
+        resolved = os.path.realpath(os.path.join(root, path))  # an absolute path stays itself
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        return None, f"not a path: {path!r}: {exc}"
     if os.path.commonpath([root, resolved]) != root:
         return None, f"path outside --image-root: {path} is not under {root}"
     try:

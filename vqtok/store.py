@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from vqtok import __version__
 from vqtok.errors import StoreError
+from vqtok.sources import ErrorTally
 from vqtok.storage import Location, reported
 
 FORMAT_VERSION = 1
@@ -409,8 +410,12 @@ class TokenStore:
     def writer(self, shard: str) -> ShardWriter:
         return ShardWriter(self, shard)
 
-    def finish(self, shards: Sequence[str]) -> dict | None:
-        """Write _SUCCESS with the totals if every shard is done (whichever process gets here last does)."""
+    def finish(self, shards: Sequence[str], max_error_rate: float | None = None, advice: str = "") -> dict | None:
+        """Write _SUCCESS with the totals if every shard is done (whichever process gets here last does).
+
+        With `max_error_rate`, the whole dataset is judged first, whichever run or process committed its
+        shards: TooManyErrors (`advice` after the reason) instead of _SUCCESS when every sample failed, or more
+        than that share. Otherwise a rerun that skips shards done with nothing but errors would finish them."""
         found = read_markers(self.location, [part_name(shard) for shard in shards])
         markers = [found.get(part_name(shard)) for shard in shards]
         if not all(m is not None and m.get("status") == "done" for m in markers):
@@ -421,8 +426,22 @@ class TokenStore:
             "errors": sum(m["errors"] for m in markers),
             "settings": self.settings.to_dict(),
         }
+        if max_error_rate is not None:
+            self._check_errors(shards, totals["rows"], totals["errors"], max_error_rate, advice)
         _write_json(self.location.join(SUCCESS_NAME), totals)
         return totals
+
+    def _check_errors(self, shards: Sequence[str], rows: int, errors: int, max_rate: float, advice: str) -> None:
+        """TooManyErrors naming the commonest reason among the shards' `_errors/` rows, read only when the
+        markers' counts are already too many."""
+        counted = ErrorTally(max_rate)
+        counted.seen, counted.failed = rows + errors, errors
+        if not counted.too_many(final=True):
+            return
+        wanted = set(shards)
+        tally = ErrorTally(max_rate)
+        tally.add(rows, [e["reason"] for e in read_errors(self.location).to_pylist() if e["shard"] in wanted])
+        tally.check(f"encoded into {self.path}", final=True, advice=advice)
 
 
 def check_listings(recorded: dict[str, dict], listings: dict[str, dict]) -> None:
