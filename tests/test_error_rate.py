@@ -10,7 +10,7 @@ from conftest import class_images, free_port, image_samples, write_image_folder,
 
 from vqtok.cli import cli
 from vqtok.encode import RETRY, encode
-from vqtok.sources import TooManyErrors
+from vqtok.errors import TooManyErrors
 from vqtok.store import STATS_DIR, SUCCESS_NAME, read_codes, read_errors
 
 HINT = "(a path inside a file is read only with --image-root DIR)"

@@ -74,7 +74,7 @@ def image_root_option(command):
 
 def max_error_rate_option(command):
     """--max-error-rate: the share of failed samples above which encode and eval fail."""
-    from vqtok.sources import ERROR_RATE_AFTER, MAX_ERROR_RATE
+    from vqtok.errors import ERROR_RATE_AFTER, MAX_ERROR_RATE
 
     return click.option(
         "--max-error-rate",

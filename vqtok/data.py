@@ -25,11 +25,8 @@ from vqtok.errors import DataError
 from vqtok.sources import (  # noqa: F401  (BrokenShardError, expand_inputs...: part of this module's interface)
     IMAGE_EXTENSIONS,
     IMAGE_FIELD,
-    MAX_ERROR_RATE,
     BrokenShardError,
-    ErrorTally,
     Sample,
-    TooManyErrors,
     Unit,
     expand_inputs,
     iter_samples,

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vqtok.data import MAX_ERROR_RATE, ErrorTally, sample_image
-from vqtok.errors import ConfigError, DataError
+from vqtok.data import sample_image
+from vqtok.errors import MAX_ERROR_RATE, ConfigError, DataError, ErrorTally
 from vqtok.progress import ProgressBar
 from vqtok.sources import FILES_PER_PART, Unit, expand_inputs, iter_samples
 from vqtok.store import AUGMENT_VIEWS, TEN_CROP_RANGE, TokenSettings, TokenStore, check_keep, parse_kept
@@ -214,8 +214,7 @@ def encode(
     pending = set(store.pending(mine))
     todo = [unit for unit in found.units[rank::world_size] if unit.name in pending]
 
-    result = EncodeResult(store.path, rank, world_size, shards=len(mine), skipped=len(mine) - len(todo))
-    result.tally = tally
+    result = EncodeResult(store.path, rank, world_size, shards=len(mine), skipped=len(mine) - len(todo), tally=tally)
     progress = ProgressBar("encode shards", len(mine), len(mine) - len(todo), enabled=show_progress and rank == 0)
     if todo:
         large_size = int(image_size * TEN_CROP_RANGE) if augment == "ten-crop" else None  # LlamaGen's crop_size

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vqtok.data import MAX_ERROR_RATE, ErrorTally, expand_inputs, make_loader
-from vqtok.errors import ConfigError, DataError
+from vqtok.data import expand_inputs, make_loader
+from vqtok.errors import MAX_ERROR_RATE, ConfigError, DataError, ErrorTally
 from vqtok.tokenizers import load_tokenizer, pick_device
 
 SSIM_SIGMA, SSIM_WINDOW = 1.5, 11  # Wang et al.'s window: 11 taps, as scikit-image's gaussian_weights=True

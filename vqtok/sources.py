@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 from braceexpand import UnbalancedBracesError, braceexpand
 
-from vqtok.errors import ConfigError, DataError
+from vqtok.errors import DataError
 from vqtok.storage import Location, is_storage_error, is_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
@@ -52,8 +52,6 @@ REMOTE_FILES_AT_ONCE = 64  # a folder in a store: files fetched concurrently, in
 # Schemes webdataset opens itself (a shell pipe, curl), without fsspec; nothing can be listed there.
 WEBDATASET_SCHEMES = ("pipe:", "http://", "https://")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
-MAX_ERROR_RATE = 0.5  # the share of failed samples above which encode and eval fail
-ERROR_RATE_AFTER = 1000  # samples seen before the share is judged during a run; at its end it always is
 
 
 class BrokenShardError(DataError):
@@ -62,67 +60,6 @@ class BrokenShardError(DataError):
     def __init__(self, message: str, key: str = "") -> None:
         super().__init__(message)
         self.key = key
-
-
-class TooManyErrors(DataError):
-    """A run in which every sample, or more than the share allowed, could not be read or decoded."""
-
-
-class ErrorTally:
-    """The samples a run has seen and the reasons of those that failed, judged against `max_rate`.
-
-    Reasons are counted by their kind, the text before the first ": " ("truncated or corrupt", "cannot read"),
-    since what follows names the file or the decoder's words; the message quotes the first reason of the
-    commonest kind in full.
-    """
-
-    def __init__(self, max_rate: float = MAX_ERROR_RATE) -> None:
-        if not 0 <= max_rate <= 1:
-            raise ConfigError(f"the maximum error rate is a share in [0, 1], not {max_rate}")
-        self.max_rate = max_rate
-        self.seen = 0
-        self.failed = 0
-        self.kinds: dict[str, list] = {}  # kind -> [count, the first full reason]
-
-    def add(self, good: int, reasons: Sequence[str]) -> None:
-        self.seen += good + len(reasons)
-        self.failed += len(reasons)
-        for reason in reasons:
-            entry = self.kinds.setdefault(reason.split(": ", 1)[0], [0, reason])
-            entry[0] += 1
-
-    def merge(self, other: ErrorTally) -> None:
-        self.seen += other.seen
-        self.failed += other.failed
-        for kind, (count, reason) in other.kinds.items():
-            self.kinds.setdefault(kind, [0, reason])[0] += count
-
-    def too_many(self, final: bool = False) -> bool:
-        """Every sample failed, or more than max_rate of them; during a run only once ERROR_RATE_AFTER were seen."""
-        if self.failed == 0 or (not final and self.seen < ERROR_RATE_AFTER):
-            return False
-        return self.failed == self.seen or self.failed > self.max_rate * self.seen
-
-    def check(self, what: str, final: bool = False, advice: str = "") -> None:
-        """TooManyErrors, in one line naming the commonest reason, when `too_many(final)`; `what` is the verb
-        ("encoded"), `advice` what to do next."""
-        if not self.too_many(final):
-            return
-        if self.failed == self.seen:
-            summary = f"none of the {self.seen:,} samples could be {what}"
-        else:
-            summary = f"{self.failed:,} of {self.seen:,} samples could not be {what}, more than --max-error-rate "
-            summary += f"{self.max_rate:g}"
-        stopped = "" if final else " (stopped early)"
-        advice = f". {advice}" if advice else ""
-        raise TooManyErrors(f"{summary}{stopped}; {self.commonest()}{advice}")
-
-    def commonest(self) -> str:
-        """The commonest kind of reason, its count and its first reason in full ("" when nothing failed)."""
-        if not self.kinds:
-            return ""
-        count, reason = max(self.kinds.values(), key=lambda entry: entry[0])
-        return f"the commonest reason ({count:,} samples): {reason}"
 
 
 class Sample(NamedTuple):

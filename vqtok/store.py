@@ -43,8 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vqtok import __version__
-from vqtok.errors import StoreError
-from vqtok.sources import ErrorTally
+from vqtok.errors import ErrorTally, StoreError
 from vqtok.storage import Location, reported
 
 FORMAT_VERSION = 1
