@@ -20,7 +20,10 @@ timed as its training loop over tensors already in memory, and evaluated by the 
 same crops (usage: the share of its K codes, FSQ's implicit ones included, seen on the held-out crops).
 `--seconds N` gives vqtok a wall-time budget instead of `--steps`: a short probe fit measures the seconds per
 step and the fixed cost of the command, and the fit runs the steps that fill N (the learning-rate schedule
-needs its length in advance, so the budget is spent as steps, and the record keeps both).
+needs its length in advance, so the budget is spent as steps, and the record keeps both). `--equal-time`
+compares settings at equal wall time: the first `--fit-args` runs `--steps`, every other the steps that take
+as long, by a probe fit of each setting. The probes are kept in `--results` and reused on the same machine
+and thread count, so every fold and seed gets the same steps; make them on a quiet machine.
 
 Each run appends a line to `--results` (benchmarks/results/fit_quality.jsonl, kept in the repository, so runs
 made in other sessions and on other machines add up); the table matches vqtok's runs with the references' of
@@ -31,6 +34,7 @@ the same fold, seed, K, steps and crops, the latest of each, so the parts can be
     python benchmarks/fit_quality.py --folds 0 --seeds 1 --runs vqtok --fit-args "--decay 0.95"
     python benchmarks/fit_quality.py --runs light,fsq --folds 2,3
     python benchmarks/fit_quality.py --runs vqtok --seconds 500 --fit-args "--res-channels 128"
+    python benchmarks/fit_quality.py --runs vqtok --equal-time --fit-args "" --fit-args "--res-channels 128"
     python benchmarks/fit_quality.py --codebook-size 8192 --folds 0,2 --seeds 0
     python benchmarks/fit_quality.py --table-only                          # the table of runs made before
     python benchmarks/fit_quality.py --table-only --fit-args "" --fit-args "--res-channels 64"   # side by side
@@ -286,6 +290,27 @@ def probe(fold: Fold, codebook_size: int, steps: int, seed: int, fit_args: list[
     }
 
 
+def stored_probe(stored: list[dict], label: str, codebook_size: int, probe_steps: int, facts: dict) -> dict | None:
+    """The latest probe of `label` kept in the results, made on this machine with as many threads."""
+    same_place = ("cores", "cpu", "threads", "gpu", "torch")
+    probes = [
+        r["probe"]
+        for r in stored
+        if r["who"] == "probe"
+        and r["label"] == label
+        and r["codebook_size"] == codebook_size
+        and r["batch"] == BATCH
+        and r["probe"]["steps"] == probe_steps
+        and all(r["machine"][k] == facts[k] for k in same_place)
+    ]
+    return probes[-1] if probes else None
+
+
+def equal_time_steps(steps: int, baseline: dict, probe_of_setting: dict) -> int:
+    """The steps of a setting that take as long as `steps` of the baseline, both measured by their probes."""
+    return steps_for_budget(baseline["fixed_seconds"] + steps * baseline["seconds_per_step"], probe_of_setting)
+
+
 def vqtok_defaults() -> dict:
     """This checkout's defaults, which a run's `--fit-args` only partly override: when they move, runs labelled
     alike were trained alike only where these agree."""
@@ -462,7 +487,14 @@ def main() -> None:
     parser.add_argument("--fsq-levels", help="FSQ's levels, e.g. 8,8,8,6,5 (default: 8,5,5,5 up to K = 1,024).")
     parser.add_argument("--steps", type=int, default=2000, help="Steps of every side (vqtok's unless --seconds).")
     parser.add_argument("--seconds", type=float, help="vqtok's wall-time budget, spent as steps after a probe.")
-    parser.add_argument("--probe-steps", type=int, default=150, help="Steps of the probe fit that --seconds makes.")
+    parser.add_argument(
+        "--equal-time",
+        action="store_true",
+        help="Run each --fit-args after the first for the steps that take as long as the first's --steps.",
+    )
+    parser.add_argument(
+        "--probe-steps", type=int, default=150, help="Steps of the probe fit that --seconds and --equal-time make."
+    )
     parser.add_argument("--train-crops", type=int, default=400, help="Training crops per photograph.")
     parser.add_argument("--held-out-crops", type=int, default=400, help="Held-out crops per photograph.")
     parser.add_argument("--threads", type=int, help="torch threads for every side (default: torch's choice).")
@@ -476,6 +508,11 @@ def main() -> None:
     parser.add_argument(
         "--table-only", action="store_true", help="Print the table of the runs made before, training nothing."
     )
+    parser.add_argument(
+        "--missing-only",
+        action="store_true",
+        help="Train only the runs --results lacks, e.g. to finish a table made in parts.",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -488,6 +525,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown run {', '.join(unknown)}: choose from vqtok, {', '.join(PEERS)}")
     fit_args = args.fit_args or [""]
+    if args.equal_time and (args.seconds or len(fit_args) < 2):
+        parser.error("--equal-time compares two or more --fit-args, the first at --steps; it replaces --seconds")
     K = args.codebook_size
     levels = [int(n) for n in args.fsq_levels.split(",")] if args.fsq_levels else default_levels(K)
     peer_size = {name: math.prod(levels) if peer.quantizer == "FSQ" else K for name, peer in PEERS.items()}
@@ -502,29 +541,65 @@ def main() -> None:
 
     # Fields every record carries and the table matches on; vqtok's steps are matched unless it had a budget.
     common = {"batch": BATCH, "train_crops": args.train_crops, "held_out_crops": args.held_out_crops}
-    vqtok_match = {"codebook_size": K, "budget_seconds": args.seconds}
+    vqtok_match = {"codebook_size": K, "budget_seconds": args.seconds, "equal_time_to": None}
     if not args.seconds:
         vqtok_match["steps"] = args.steps
+    labels = [extra or "defaults" for extra in fit_args]
+    # Under --equal-time the settings after the first are matched by the time they were given, not their steps.
+    match = {label: vqtok_match for label in labels}
+    if args.equal_time:
+        timed = {k: v for k, v in vqtok_match.items() if k != "steps"}
+        timed["equal_time_to"] = {"label": labels[0], "steps": args.steps}
+        match.update({label: timed for label in labels[1:]})
+
+    def record_match(who: str, extra: str | None) -> dict:
+        """The fields the table matches a run of `who` (with vqtok's `extra` --fit-args) on."""
+        if who == "vqtok":
+            return {"label": extra or "defaults", **match[extra or "defaults"]}
+        return {"label": PEERS[who].label(levels), "codebook_size": peer_size[who], "steps": args.steps}
+
     facts, defaults = machine(), vqtok_defaults()
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    stored = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
     probes: dict[str, dict] = {}  # one probe fit per --fit-args: a step costs the same on every fold and seed
+
+    def kept_probe(fold: Fold, seed: int, extra: str, label: str, run_dir: Path) -> dict:
+        """--equal-time's probe of a setting: the one kept in --results, or a new one, kept there."""
+        found = stored_probe(stored, label, K, args.probe_steps, facts)
+        if found is None:
+            found = probe(fold, K, args.probe_steps, seed, extra.split(), run_dir)
+            record = {"who": "probe", "label": label, "fit_args": extra, "codebook_size": K, "batch": BATCH}
+            record.update(probe=found, machine=facts)
+            stored.append(record)
+            with args.results.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+            print(f"probe {label}: {found['seconds_per_step']:.3f} s a step, {found['fixed_seconds']:.0f} s fixed")
+        return found
+
     for f in [] if args.table_only else folds:  # --table-only trains nothing
         fold = Fold(f, args.out / f"fold{f}", args.train_crops, args.held_out_crops)
         for seed in seeds:
             for who in train:
                 for extra in fit_args if who == "vqtok" else [None]:
                     entry = {"who": who, "fold": f, "seed": seed, **common}
+                    if args.missing_only and (f, seed) in latest(stored, **entry, **record_match(who, extra)):
+                        continue
                     if who == "vqtok":
                         run_dir = args.out / f"run-f{f}-s{seed}"
+                        label = extra or "defaults"
                         steps = args.steps
                         if args.seconds:
                             if extra not in probes:
                                 probes[extra] = probe(fold, K, args.probe_steps, seed, extra.split(), run_dir)
                             entry["probe"] = probes[extra]
                             steps = steps_for_budget(args.seconds, entry["probe"])
+                        elif args.equal_time and label != labels[0]:
+                            baseline = kept_probe(fold, seed, fit_args[0], labels[0], run_dir)
+                            entry["probe"] = kept_probe(fold, seed, extra, label, run_dir)
+                            steps = equal_time_steps(args.steps, baseline, entry["probe"])
                         metrics = run_vqtok(fold, K, steps, seed, extra.split(), run_dir)
                         del metrics["train_log"]
-                        entry.update(label=extra or "defaults", fit_args=extra, **vqtok_match)
+                        entry.update(label=label, fit_args=extra, **match[label])
                         entry["vqtok_defaults"] = defaults
                         entry["steps"] = steps
                     else:
@@ -547,14 +622,11 @@ def main() -> None:
                     )
 
     stored = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
-    peers = {
-        name: latest(
-            stored, who=name, label=PEERS[name].label(levels), codebook_size=peer_size[name], steps=args.steps, **common
-        )
-        for name in references
+    peers = {name: latest(stored, who=name, **record_match(name, None), **common) for name in references}
+    ours = {
+        label: latest(stored, who="vqtok", **record_match("vqtok", extra), **common)
+        for extra, label in zip(fit_args, labels, strict=True)
     }
-    labels = [extra or "defaults" for extra in fit_args]
-    ours = {label: latest(stored, who="vqtok", label=label, **vqtok_match, **common) for label in labels}
     used = [run for runs in [*ours.values(), *peers.values()] for run in runs.values()]
     for place in sorted({json.dumps({k: v for k, v in r["machine"].items() if k != "commit"}) for r in used}):
         where = json.loads(place)
@@ -573,6 +645,8 @@ def main() -> None:
             print_comparison(title, compare(ours[label], peers[name], folds, seeds), tuple(VERDICTS))
     for label in labels[1:]:
         title = f"vqtok fit {label} against vqtok fit {labels[0]}"
+        if args.equal_time:
+            title += f" at equal time (the time of {args.steps} steps of {labels[0]})"
         print_comparison(title, compare(ours[label], ours[labels[0]], folds, seeds), ("gain", "worst_fold", "psnr"))
 
 

@@ -90,6 +90,35 @@ def test_budget_becomes_steps(fit_quality):
     assert fit_quality.steps_for_budget(500.0, {"fixed_seconds": 20.0, "seconds_per_step": 0.25}) == 1920
 
 
+def test_equal_time_gives_the_slower_setting_fewer_steps(fit_quality):
+    baseline = {"fixed_seconds": 15.0, "seconds_per_step": 0.1}  # 2,000 steps: 215 s
+    wider = {"fixed_seconds": 17.0, "seconds_per_step": 0.125}
+    assert fit_quality.equal_time_steps(2000, baseline, wider) == 1584  # (215 - 17) / 0.125
+    assert fit_quality.equal_time_steps(2000, baseline, baseline) == 2000
+
+
+def test_probes_are_reused_only_from_the_same_machine_and_threads(fit_quality):
+    here = {"cores": 2, "cpu": "x", "threads": 1, "gpu": None, "torch": "2.13.0", "commit": "a"}
+    made = {"steps": 150, "seconds_per_step": 0.1, "fixed_seconds": 15.0}
+
+    def kept(label="wide", machine=here, steps=150):
+        return {
+            "who": "probe",
+            "label": label,
+            "codebook_size": 512,
+            "batch": 64,
+            "probe": {**made, "steps": steps},
+            "machine": machine,
+        }
+
+    newer = {**made, "seconds_per_step": 0.2}
+    stored = [kept(), {**kept(), "probe": newer}, kept(machine={**here, "threads": 2}), kept(label="other")]
+    assert fit_quality.stored_probe(stored, "wide", 512, 150, {**here, "commit": "b"}) == newer
+    assert fit_quality.stored_probe(stored, "wide", 8192, 150, here) is None
+    assert fit_quality.stored_probe(stored, "wide", 512, 300, here) is None
+    assert fit_quality.stored_probe([kept(machine={**here, "cpu": "y"})], "wide", 512, 150, here) is None
+
+
 def test_reference_widths_do_not_follow_vqtok_defaults(fit_quality):
     widths = {
         name: {block.conv3.out_channels for block in fit_quality.Reference(peer, 16, [8, 5, 5, 5]).encoder.res}
