@@ -179,7 +179,8 @@ def _check_quantizer_and_size(config) -> None:
 @dataclass(frozen=True)
 class TrainConfig:
     """The training recipe: Adam with a warm-up and a cosine decay. The peak learning rate is 5x the paper's
-    2e-4: on held-out photographs it was worth about 0.6 dB at equal steps (docs/performance.md)."""
+    2e-4: on held-out photographs it was worth about 0.6 dB at equal steps, one seed on one fold
+    (docs/performance.md)."""
 
     steps: int = 10_000
     batch_size: int = 64  # per process
