@@ -465,6 +465,10 @@ def print_runs(label: str, ours: dict, references: dict, folds: list[int], seeds
         print(line + "".join(f" {runs[key]['psnr']:>6.2f}" if key in runs else " " * 7 for runs in references.values()))
 
 
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def latest(stored: list[dict], **match) -> dict:
     """The latest stored run of each (fold, seed) whose fields equal `match`, on any machine."""
     return {(r["fold"], r["seed"]): r for r in stored if all(r.get(k) == v for k, v in match.items())}
@@ -545,22 +549,20 @@ def main() -> None:
     if not args.seconds:
         vqtok_match["steps"] = args.steps
     labels = [extra or "defaults" for extra in fit_args]
-    # Under --equal-time the settings after the first are matched by the time they were given, not their steps.
-    match = {label: vqtok_match for label in labels}
-    if args.equal_time:
-        timed = {k: v for k, v in vqtok_match.items() if k != "steps"}
-        timed["equal_time_to"] = {"label": labels[0], "steps": args.steps}
-        match.update({label: timed for label in labels[1:]})
 
     def record_match(who: str, extra: str | None) -> dict:
         """The fields the table matches a run of `who` (with vqtok's `extra` --fit-args) on."""
-        if who == "vqtok":
-            return {"label": extra or "defaults", **match[extra or "defaults"]}
-        return {"label": PEERS[who].label(levels), "codebook_size": peer_size[who], "steps": args.steps}
+        if who != "vqtok":
+            return {"label": PEERS[who].label(levels), "codebook_size": peer_size[who], "steps": args.steps}
+        label = extra or "defaults"
+        if args.equal_time and label != labels[0]:  # matched by the time it was given, not by its steps
+            timed = {k: v for k, v in vqtok_match.items() if k != "steps"}
+            return {"label": label, **timed, "equal_time_to": {"label": labels[0], "steps": args.steps}}
+        return {"label": label, **vqtok_match}
 
     facts, defaults = machine(), vqtok_defaults()
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    stored = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
+    stored = read_results(args.results)
     probes: dict[str, dict] = {}  # one probe fit per --fit-args: a step costs the same on every fold and seed
 
     def kept_probe(fold: Fold, seed: int, extra: str, label: str, run_dir: Path) -> dict:
@@ -599,7 +601,7 @@ def main() -> None:
                             steps = equal_time_steps(args.steps, baseline, entry["probe"])
                         metrics = run_vqtok(fold, K, steps, seed, extra.split(), run_dir)
                         del metrics["train_log"]
-                        entry.update(label=label, fit_args=extra, **match[label])
+                        entry.update(fit_args=extra, **record_match(who, extra))
                         entry["vqtok_defaults"] = defaults
                         entry["steps"] = steps
                     else:
@@ -621,7 +623,7 @@ def main() -> None:
                         flush=True,
                     )
 
-    stored = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
+    stored = read_results(args.results)  # again: runs another process made meanwhile count too
     peers = {name: latest(stored, who=name, **record_match(name, None), **common) for name in references}
     ours = {
         label: latest(stored, who="vqtok", **record_match("vqtok", extra), **common)
