@@ -8,6 +8,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -153,6 +154,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_two_processes(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m vqtok ARGS`: two processes on the CPU."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", str(free_port()), "-m", "vqtok", *map(str, args)]
+    return subprocess.run(launch, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -1,9 +1,13 @@
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from click.testing import CliRunner
 
-from vqtok import VQVAE
+from vqtok import VQVAE, __version__
 from vqtok.cli import cli
 from vqtok.config import ModelConfig
 
@@ -29,3 +33,33 @@ def test_info_on_a_folder_that_is_neither_is_one_clear_line(tmp_path):
     assert result.output.strip() == (
         f"Error: {tmp_path} is neither a model directory (no config.json) nor a token dataset (no .parquet files)"
     )
+
+
+SHUTDOWN_PROBE = """
+import atexit, sys
+
+class Finalized:
+    def __del__(self):
+        print("interpreter shut down", flush=True)
+
+probe = Finalized()
+atexit.register(lambda: print("exit handlers ran", flush=True))
+from vqtok.cli import main
+
+sys.argv = ["vqtok", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_launched_process_exits_without_the_interpreter_shutdown(world_size):
+    """Under a launcher (WORLD_SIZE > 1), gloo threads still running at the interpreter's shutdown can abort a
+    finished run: `vqtok` runs the exit handlers, flushes its output and leaves with the command's exit code."""
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    for args, code, printed in ((["--version"], 0, __version__), (["no-such-command"], 2, "No such command")):
+        probe = [sys.executable, "-c", SHUTDOWN_PROBE, *args]
+        proc = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == code, proc.stderr
+        assert printed in proc.stdout + proc.stderr
+        assert "exit handlers ran" in proc.stdout
+        assert ("interpreter shut down" in proc.stdout) == (world_size == "1")

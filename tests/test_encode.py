@@ -1,7 +1,6 @@
 """vqtok encode: codes equal to the model's, every sample accounted for, resume, several processes, readers."""
 
 import json
-import subprocess
 import sys
 import tarfile
 
@@ -10,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import bad_samples, broken_copy, free_port, image_samples, kill_when
+from conftest import bad_samples, broken_copy, image_samples, kill_when, launch_two_processes
 
 from vqtok import VQVAE
 from vqtok.cli import cli
@@ -138,10 +137,7 @@ def test_two_processes_give_the_rows_of_one(model_dir, shards, tmp_path):
     one = tmp_path / "one.parquet"
     assert run_encode(*shards, one, "--model", model_dir, "--num-workers", "0").exit_code == 0
     two = tmp_path / "two.parquet"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--main_process_port", str(free_port()), "-m", "vqtok", "encode", *shards, str(two)]
-    launch += ["--model", model_dir, "--num-workers", "1"]
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    proc = launch_two_processes("encode", *shards, two, "--model", model_dir, "--num-workers", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     assert sorted(p.name for p in two.glob("part-*")) == sorted(p.name for p in one.glob("part-*"))

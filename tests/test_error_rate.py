@@ -1,12 +1,16 @@
 """A run that encodes or evaluates nothing fails: every sample failed, or more than --max-error-rate of them."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import class_images, free_port, image_samples, write_image_folder, write_path_only_parquet
+from conftest import (
+    class_images,
+    image_samples,
+    launch_two_processes,
+    write_image_folder,
+    write_path_only_parquet,
+)
 
 from vqtok.cli import cli
 from vqtok.encode import RETRY, encode
@@ -159,9 +163,7 @@ def test_eval_under_two_processes_judges_every_process_at_the_end(model_dir, mak
     and fail on the merged counts, with the same line."""
     broken = make_shard("0-broken.tar", [{"__key__": f"t{i}", "jpg": b"hello"} for i in range(1000)])
     good = make_shard("1-good.tar", image_samples(["g0", "g1"]))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--main_process_port", str(free_port()), "-m", "vqtok", "eval", model_dir, broken, good]
-    proc = subprocess.run([*map(str, launch), "--num-workers", "0"], capture_output=True, text=True, timeout=300)
+    proc = launch_two_processes("eval", model_dir, broken, good, "--num-workers", "0")
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert "Connection closed by peer" not in proc.stderr  # process 1 was not left talking to a process gone

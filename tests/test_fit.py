@@ -1,12 +1,11 @@
 """vqtok fit: one process, two processes, kill and resume, and clear errors."""
 
-import subprocess
 import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import free_port, image_samples, kill_and_resume, read_metrics
+from conftest import image_samples, kill_and_resume, launch_two_processes, read_metrics
 
 from vqtok import VQVAE
 from vqtok.cli import cli
@@ -92,10 +91,8 @@ def test_fit_refuses_missing_shards_and_empty_data(make_shard, tmp_path):
 def test_fit_two_processes(shards, tmp_path):
     train, val = shards
     out = tmp_path / "run"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--main_process_port", str(free_port()), "-m", "vqtok", "fit", *train, "--out", str(out)]
-    launch += ["--val", val, *TINY, "--steps", "6", "--save-every", "3", "--num-workers", "1"]
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    fit = ["fit", *train, "--out", out, "--val", val, *TINY, "--steps", "6", "--save-every", "3", "--num-workers", "1"]
+    proc = launch_two_processes(*fit)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     final = read_metrics(out)[-1]

@@ -2,7 +2,6 @@
 kill and resume, refusals, and the loop tokens -> prior -> sampled grids -> `vqtok decode` -> images."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import free_port, kill_and_resume, read_metrics
+from conftest import kill_and_resume, launch_two_processes, read_metrics
 from PIL import Image
 
 from vqtok import VQVAE
@@ -268,10 +267,8 @@ def test_sampling_is_reproducible_and_resumes(model_dir, tmp_path):
 def test_fit_two_processes_ends_with_identical_weights(tokens, tmp_path):
     train, val = tokens
     out = tmp_path / "run"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--main_process_port", str(free_port()), "-m", "vqtok", "prior", "fit", str(train), "--out", str(out)]
-    launch += ["--val", str(val), "--cond", "cls", *TINY, "--steps", "6", "--save-every", "3"]
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    fit = ["prior", "fit", train, "--out", out, "--val", val, "--cond", "cls", *TINY]
+    proc = launch_two_processes(*fit, "--steps", "6", "--save-every", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = read_metrics(out)[-1]
     assert final["processes"] == 2 and len(final["weights_digests"]) == 2

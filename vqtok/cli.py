@@ -7,9 +7,12 @@ torch is imported inside command bodies so that `vqtok --help` answers at once.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import json
+import os
+import sys
 
 import click
 
@@ -898,4 +901,21 @@ def prior_sample(prior_dir, out, **options):
 
 
 def main():
-    cli()
+    """`vqtok`. A process that `accelerate launch` or torchrun started leaves without the interpreter's shutdown,
+    once its exit handlers have run and its output is flushed. One of torch's gloo threads can still be freeing a
+    finished collective as a run ends; if the interpreter is shutting down by then, the process aborts
+    ("terminate called without an active exception") and a run that had finished fails. The threads cannot be
+    stopped first: with torch 2.13 the process group outlives `destroy_process_group` once DDP has imported
+    torch._dynamo, and freeing it while Python holds the GIL can deadlock."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        cli()
+        return
+    try:
+        cli()
+        code = 0
+    except SystemExit as stop:  # how click ends every command, with its exit code
+        code = stop.code or 0
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
