@@ -36,7 +36,7 @@ def main() -> None:
 
     from vqtok import VQVAE
     from vqtok.decode import decode
-    from vqtok.store import read_codes
+    from vqtok.tokens import read_codes
 
     shutil.rmtree(args.out, ignore_errors=True)
     jpegs = make_jpegs(args.images)

@@ -167,9 +167,9 @@ def ideal_seconds(jpegs: list[bytes], model_dir: str) -> dict:
 
 
 def code_entropy_bytes(codes: np.ndarray) -> float:
-    from vqtok.store import code_entropy
+    from vqtok.usage import CodeUsage
 
-    return code_entropy(np.bincount(codes.ravel(), minlength=512)) * codes[0].size / 8
+    return CodeUsage.of(np.bincount(codes.ravel(), minlength=512)).bits_per_code * codes[0].size / 8
 
 
 def main() -> None:
@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--skip-bf16", action="store_true", help="do not measure bf16's code changes")
     args = parser.parse_args()
 
-    from vqtok.store import read_codes
+    from vqtok.tokens import read_codes
 
     shutil.rmtree(args.out, ignore_errors=True)
     jpegs = make_jpegs(args.images)

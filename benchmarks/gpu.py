@@ -20,9 +20,9 @@ made on the spot. Stages:
   start-up included. Also: JPEG decoding and cropping on one core, and torchvision's decode_jpeg on the device
   where torchvision is installed.
 - decode, eval: `vqtok.decode.decode` (PNGs written) and `vqtok.evaluate.evaluate_shards`, images/s.
-- prior: the photographs encoded at 64 px (16x16 grids, as benchmarks/prior.py), `vqtok.prior_fit.fit_prior`
+- prior: the photographs encoded at 64 px (16x16 grids, as benchmarks/prior.py), `vqtok.prior.fit.fit_prior`
   steps/s, and sampling codes/s with the key/value cache and recomputing every prefix (`Prior.sample`), and
-  `vqtok.prior_sample.sample` (Parquet written).
+  `vqtok.prior.sample.sample` (Parquet written).
 - search: nearest-code search at K = 8,192 and 65,536 against the device's matrix-product rate, measured as
   benchmarks/quantizer.py measures it.
 - agreement: codes of the fitted VQ-VAE on the same images, the device in bf16 (and in fp32) against the CPU
@@ -462,8 +462,8 @@ def stage_eval(check: Check) -> None:
 def stage_prior(check: Check) -> None:
     from vqtok.encode import encode
     from vqtok.prior import Prior
-    from vqtok.prior_fit import fit_prior
-    from vqtok.prior_sample import sample
+    from vqtok.prior.fit import fit_prior
+    from vqtok.prior.sample import sample
 
     s = check.sizes
     tokens = check.out / "prior-tokens.parquet"
@@ -493,7 +493,7 @@ def stage_prior(check: Check) -> None:
     check.add("prior", "sampling, every prefix recomputed", speeds["recomputed"], "codes/s", f"cache: {ratio:.1f}x")
     result = sample(fitted.model_dir, check.out / "sampled.parquet", n=s.prior_samples, show_progress=False)
     notes = f"{result.grids} grids, Parquet written, on {check.device.type}"
-    check.add("prior", "vqtok.prior_sample.sample", result.codes_per_second, "codes/s", notes)
+    check.add("prior", "vqtok.prior.sample.sample", result.codes_per_second, "codes/s", notes)
 
 
 def stage_search(check: Check) -> None:
@@ -533,7 +533,7 @@ def stage_agreement(check: Check) -> None:
 
 
 def stage_multi(check: Check) -> None:
-    from vqtok.store import read_markers
+    from vqtok.tokens.writer import read_markers
 
     s = check.sizes
     n = 2

@@ -130,7 +130,7 @@ class Tokens:
     def __init__(self, paths: dict) -> None:
         import pandas as pd
 
-        from vqtok.store import read_codes
+        from vqtok.tokens import read_codes
 
         self.train, self.train_cls = self._read(paths["train"], pd, read_codes)
         self.held_out, self.held_out_cls = self._read(paths["held_out"], pd, read_codes)
@@ -305,7 +305,7 @@ def held_out_bits(model, tokens: Tokens) -> float:
 def run_vqtok(tokens: Tokens, budget: float, clock: str, overrides: dict, seed: int) -> dict:
     from vqtok.config import PriorConfig, PriorTrainConfig
     from vqtok.prior import Prior
-    from vqtok.prior_fit import configure_optimizer
+    from vqtok.prior.fit import configure_optimizer
 
     model_fields = {f.name for f in dataclasses.fields(PriorConfig)}
     config = PriorConfig(
@@ -355,7 +355,7 @@ def save_samples(prior, tokens: Tokens, tokenizer: str, path: Path) -> None:
     """A row per class (eight spread over the seventeen): two held-out crops as the tokenizer decodes them, a
     gap, then eight grids sampled for that class, decoded."""
     from vqtok.model import VQVAE
-    from vqtok.prior_fit import sample_classes
+    from vqtok.prior.fit import sample_classes
 
     decoder = VQVAE.from_pretrained(tokenizer)
     rows = []

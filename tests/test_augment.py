@@ -17,16 +17,8 @@ from vqtok.cli import cli
 from vqtok.data import center_crop, decode_image, to_tensor
 from vqtok.pretrained import read_header
 from vqtok.prior import Prior
-from vqtok.store import (
-    SETTINGS_NAME,
-    STATS_DIR,
-    TokenSettings,
-    TokenStore,
-    codes_array,
-    read_codes,
-    read_metadata,
-)
-from vqtok.tokens import TokenDataset
+from vqtok.tokens import TokenDataset, TokenSettings, TokenStore, read_codes, read_metadata
+from vqtok.tokens.format import SETTINGS_NAME, STATS_DIR, codes_array
 
 SIZE = 32  # the crop: 8x8 grids of the conftest's model (stride 4); ten-crop's square is int(1.1 * 32) = 35
 

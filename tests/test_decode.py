@@ -15,7 +15,8 @@ from PIL import Image
 from vqtok import VQVAE, ModelConfig
 from vqtok.cli import cli
 from vqtok.decode import key_path
-from vqtok.store import TokenSettings, TokenStore, read_codes
+from vqtok.tokens import TokenSettings, TokenStore, read_codes
+from vqtok.tokens.format import STATS_DIR
 
 
 def invoke(*args):
@@ -191,7 +192,7 @@ def test_info_reports_a_token_dataset(tmp_path):
     assert info["complete"] is False  # finish() was never called: no _SUCCESS
     store.finish(["a.tar", "b.tar"])
     table = invoke("info", tmp_path / "t")
-    assert table.exit_code == 0 and "yes (_SUCCESS)" in table.output and "50.0%" in table.output
+    assert table.exit_code == 0 and "│ yes" in table.output and "50.0%" in table.output
 
 
 def test_decode_writes_nothing_half_done(model_dir, tokens, tmp_path):
@@ -252,6 +253,9 @@ def test_every_file_of_a_folder_is_checked_against_the_model(model_dir, tokens, 
     assert encoded.exit_code == 0, encoded.output
     foreign = next(samples.glob("part-*.parquet"))
     (tokens / "part-zzz.parquet").write_bytes(foreign.read_bytes())  # sorts last: the first file is fine
+    result = invoke("decode", tokens, tmp_path / "plain", "--model", model_dir)  # no commit marker: not read
+    assert result.exit_code == 0 and "1 part file without a commit marker" in result.output
+    (tokens / STATS_DIR / "part-zzz.json").write_bytes(next((samples / STATS_DIR).glob("*.json")).read_bytes())
     result = invoke("decode", tokens, tmp_path / "out", "--model", model_dir)
     assert result.exit_code == 1 and "hold codes of different tokenizers (model_id" in result.output
     assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ from PIL import Image
 
 from vqtok.cli import cli
 from vqtok.demo import HELD_OUT_PHOTOS, HELD_OUT_SIZE, MARKER
-from vqtok.store import read_codes
+from vqtok.tokens import read_codes
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -73,7 +73,7 @@ def workspace(tmp_path_factory, model_dir):
     from vqtok.encode import encode
     from vqtok.pretrained import read_header
     from vqtok.prior import Prior
-    from vqtok.prior_sample import sample
+    from vqtok.prior.sample import sample
     from vqtok.tokenizers.importers import import_model
 
     root = tmp_path_factory.mktemp("docs")

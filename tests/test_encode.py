@@ -14,7 +14,8 @@ from conftest import bad_samples, broken_copy, image_samples, kill_when, launch_
 from vqtok import VQVAE
 from vqtok.cli import cli
 from vqtok.data import center_crop, decode_image, to_tensor
-from vqtok.store import STATS_DIR, SUCCESS_NAME, part_name, read_codes, read_errors, read_metadata
+from vqtok.tokens import UnfinishedDataset, read_codes, read_errors, read_metadata
+from vqtok.tokens.format import STATS_DIR, SUCCESS_NAME, part_name
 
 
 @pytest.fixture
@@ -69,7 +70,9 @@ def test_every_sample_is_a_row_of_codes_or_of_errors(model_dir, make_shard, tmp_
     result = run_encode(mixed, truncated, whole, out, "--model", model_dir, "--num-workers", "0")
     assert result.exit_code == 1
     assert "1 shard(s) could not be read to the end" in result.output and truncated in result.output
-    keys, _ = read_codes(out)
+    with pytest.raises(UnfinishedDataset, match="2 of 3 shards done, 1 failed"):
+        read_codes(out)
+    keys, _ = read_codes(out, partial=True)  # a failed shard's readable rows are committed too
     errors = read_errors(out).to_pylist()
     assert sorted(keys) == ["g0", "g1", "g2", "w0", "w1", "w2", "w3"]  # the cut shard keeps what came before
     assert sorted(e["key"] for e in errors) == ["bomb", "empty", "g3", "label-only", "text", "truncated"]
@@ -80,7 +83,7 @@ def test_every_sample_is_a_row_of_codes_or_of_errors(model_dir, make_shard, tmp_
     # A rerun retries only the failed shard.
     result = run_encode(mixed, truncated, whole, out, "--model", model_dir, "--num-workers", "0")
     assert result.exit_code == 1 and "1 encoded, 2 already done, 1 failed" in result.output
-    assert sorted(read_codes(out)[0]) == sorted(keys) and len(read_errors(out)) == len(errors)
+    assert sorted(read_codes(out, partial=True)[0]) == sorted(keys) and len(read_errors(out)) == len(errors)
 
 
 def test_rerun_skips_done_shards_and_refuses_other_settings(model_dir, shards, tmp_path):
@@ -156,7 +159,10 @@ def test_killed_run_reruns_to_every_key_exactly_once(model_dir, make_shard, tmp_
     done_before = kill_when(command, lambda: len(list((out / STATS_DIR).glob("*.json"))), 3)
     assert 3 <= done_before < 40, "the run was not killed mid-way"
 
-    keys, _ = read_codes(out)  # what a reader sees after the crash: whole shards only
+    with pytest.raises(UnfinishedDataset, match=rf"{done_before} of 40 shards done\. Run .* --partial"):
+        read_codes(out)  # a reader that trains on it is told, rather than given a part of it
+    keys, _ = read_codes(out, partial=True)  # the committed shards, whole
+    assert len(keys) == 6 * done_before and len(keys) == len(set(keys))
     assert len(keys) % 6 == 0 and len(keys) == len(set(keys))
     result = run_encode(*shards, out, "--model", model_dir, "--num-workers", "0")
     assert result.exit_code == 0, result.output

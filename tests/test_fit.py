@@ -120,7 +120,7 @@ def test_killed_run_resumes_from_its_checkpoint(shards, tmp_path):
 def test_fit_and_encode_with_a_codebook_of_16384(shards, tmp_path):
     """Large codebooks work end to end: k-means from fewer vectors than codes, the grouped argmin, uint16."""
     from vqtok.encode import encode
-    from vqtok.store import read_codes
+    from vqtok.tokens import read_codes
 
     train, val = shards
     out = tmp_path / "run"

@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from vqtok import load_tokenizer
 from vqtok.cli import cli
 from vqtok.data import iter_samples, sample_image
-from vqtok.store import read_codes
 from vqtok.tokenizers.importers import VQMODEL_DEFAULTS
+from vqtok.tokens import read_codes
 
 SIZE = 16  # the images' size in the command tests: 8x8 grids of the stride-2 test model
 

@@ -17,7 +17,7 @@ from vqtok.cli import cli
 from vqtok.config import PriorConfig, PriorTrainConfig, load_config
 from vqtok.pretrained import read_header
 from vqtok.prior import Prior
-from vqtok.store import TokenSettings, TokenStore, read_codes
+from vqtok.tokens import TokenSettings, TokenStore, read_codes
 
 CLASSES, CODES_PER_CLASS = 8, 4  # class c's grids are drawn from the codes [4c, 4c + 4) of K = 32
 TINY = ["--layers", "2", "--width", "32", "--heads", "2", "--batch-size", "32", "--num-workers", "0"]

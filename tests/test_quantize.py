@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from vqtok.quantize import VectorQuantizer, _argmin_rows, kmeans, nearest_codes, perplexity
+from vqtok.quantize import VectorQuantizer, _argmin_rows, kmeans, nearest_codes
+from vqtok.usage import CodeUsage
 
 
 def brute_force_codes(flat, codebook):
@@ -163,9 +164,10 @@ def test_usage_counts_only_recent_steps():
 
 
 def test_perplexity():
-    assert math.isclose(perplexity(torch.ones(512)).item(), 512, rel_tol=1e-9)
-    assert math.isclose(perplexity(torch.tensor([5.0, 0.0, 0.0])).item(), 1.0)
-    assert math.isclose(perplexity(torch.tensor([1.0, 1.0, 0.0, 0.0])).item(), 2.0)
+    assert math.isclose(CodeUsage.of(torch.ones(512).numpy()).perplexity, 512, rel_tol=1e-9)
+    assert math.isclose(CodeUsage.of([5.0, 0.0, 0.0]).perplexity, 1.0)
+    usage = CodeUsage.of([1.0, 1.0, 0.0, 0.0])
+    assert (usage.perplexity, usage.bits_per_code, usage.codes_used, usage.usage) == (2.0, 1.0, 2, 0.5)
 
 
 def test_autocast_input_is_quantized_in_float32():

@@ -33,7 +33,8 @@ from PIL import Image
 from vqtok import VQVAE
 from vqtok.cli import cli
 from vqtok.prior import Prior
-from vqtok.store import SUCCESS_NAME, read_codes, read_errors, read_metadata
+from vqtok.tokens import read_codes, read_errors, read_metadata
+from vqtok.tokens.format import SUCCESS_NAME
 
 
 def invoke(*args):
@@ -76,7 +77,7 @@ def test_encode_from_a_bucket_into_a_bucket_killed_and_rerun_gives_every_key_onc
 
     done_before = kill_when(command, markers, 3)
     assert 3 <= done_before < 40, "the run was not killed mid-way"
-    keys, _ = read_codes(tokens)  # what a reader sees after the crash: whole shards only
+    keys, _ = read_codes(tokens, partial=True)  # what a reader sees after the crash: whole shards only
     assert len(keys) % 6 == 0 and len(keys) == len(set(keys)) and len(keys) >= 6 * done_before
 
     result = invoke("encode", bucket.url("shards/"), tokens, "--model", bucket.url("models/x"), "--num-workers", "1")

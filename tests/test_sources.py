@@ -26,7 +26,8 @@ from vqtok.cli import cli
 from vqtok.data import center_crop, decode_image, to_tensor
 from vqtok.errors import DataError
 from vqtok.sources import expand_inputs, iter_samples, listing_record
-from vqtok.store import SETTINGS_NAME, STATS_DIR, read_codes, read_errors, read_metadata
+from vqtok.tokens import read_codes, read_errors, read_metadata
+from vqtok.tokens.format import SETTINGS_NAME, STATS_DIR
 
 pytestmark = pytest.mark.usefixtures("offline_datasets")
 
@@ -313,7 +314,7 @@ def test_a_killed_folder_encode_reruns_to_every_file_once_and_refuses_a_changed_
     command += ["--num-workers", "0", "--batch-size", "2", "--files-per-part", "4"]
     done_before = kill_when(command, lambda: len(list((out / STATS_DIR).glob("*.json"))), 3)
     assert 3 <= done_before < 40, "the run was not killed mid-way"
-    keys, _ = read_codes(out)
+    keys, _ = read_codes(out, partial=True)
     assert len(keys) % 4 == 0 and len(keys) == len(set(keys))  # whole slices only
 
     (root / "c00" / "late.png").write_bytes(image_bytes(random_image(99)))  # shifts every slice after it

@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from vqtok.errors import StoreError
-from vqtok.store import (
-    ERRORS_DIR,
-    SUCCESS_NAME,
-    TokenSettings,
-    TokenStore,
-    codes_array,
-    part_name,
-    read_codes,
-    read_errors,
-    read_metadata,
-)
+from vqtok.tokens import TokenSettings, TokenStore, read_codes, read_errors, read_metadata
+from vqtok.tokens.format import ERRORS_DIR, SUCCESS_NAME, codes_array, part_name
+from vqtok.tokens.writer import completion
 
 
 def settings(**changes) -> TokenSettings:
@@ -102,7 +94,7 @@ def test_uncommitted_shard_is_invisible_and_not_done(tmp_path):
     store.open(["a.tar"], ["a.tar"])
     writer = store.writer("a.tar")
     writer.add(["k"], np.zeros((1, 4, 3), int))
-    assert read_codes(out)[0] == [] and not store.done("a.tar")
+    assert completion(out).parts == () and not store.done("a.tar")
     writer.abort()
     assert not list(out.glob(".*"))
 
@@ -114,7 +106,7 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path):
         TokenStore(out, settings(model_id="xyz")).open(["a.tar"], ["a.tar"])
     store = TokenStore(out, settings(model_id="xyz"))
     store.open(["b.tar"], ["b.tar"], overwrite=True, tidy=True)
-    assert read_codes(out)[0] == [] and not (out / SUCCESS_NAME).exists()
+    assert completion(out).parts == () and not (out / SUCCESS_NAME).exists()
     assert not list((out / ERRORS_DIR).iterdir())
 
 
@@ -223,7 +215,7 @@ def test_token_dataset_gives_every_process_rows_of_a_single_row_group_and_repeat
 
 
 def test_token_set_reads_several_datasets_as_one_and_refuses_two_tokenizers(tmp_path):
-    from vqtok.store import TokenSet
+    from vqtok.tokens import TokenSet
 
     write(tmp_path / "a", ["1.tar", "2.tar"])
     write(tmp_path / "b", ["3.tar"], seed=1)

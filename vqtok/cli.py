@@ -89,6 +89,19 @@ def max_error_rate_option(command):
     )(command)
 
 
+# Columns of a table printed to a pipe or a log, where rich would otherwise cut it at 80: as wide as it needs.
+UNBOUNDED_WIDTH = 10_000
+
+
+def console():
+    """rich's console: the terminal's width in a terminal (or COLUMNS'), else as wide as a table needs."""
+    from rich.console import Console
+
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return Console()
+    return Console(width=UNBOUNDED_WIDTH)
+
+
 def one_line(message: str) -> str:
     """A DataLoader worker's error arrives as "Caught X in DataLoader worker ... Original Traceback ...";
     its last line holds the message."""
@@ -126,94 +139,50 @@ def info(path, as_json, storage_options):
         vqtok info runs/p/model
         vqtok info tokens.parquet --json
     """
-    from vqtok.pretrained import CONFIG_NAME, read_header
-    from vqtok.storage import Location, parse_options
+    from vqtok.info import describe
+    from vqtok.storage import parse_options
 
-    options = parse_options(storage_options)
-    where = Location.of(path, options)
-    if where.join(CONFIG_NAME).exists():
-        kind = read_header(where)["kind"]
-        summary, rows = prior_summary(path, options) if kind == "prior" else model_summary(path, options)
-    else:
-        from vqtok.store import summarize
-
-        summary = summarize(path, options)
-        rows = token_rows(summary)
+    summary = describe(path, parse_options(storage_options))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
 
-    from rich.console import Console
     from rich.table import Table
 
+    rows = {"tokenizer": tokenizer_rows, "prior": prior_rows, "tokens": token_rows}[summary["kind"]](summary)
     table = Table(title=path, show_header=False)
     for name, value in rows:
         table.add_row(name, value)
-    Console().print(table)
+    console().print(table)
 
 
-def model_summary(path: str, storage_options: dict) -> tuple[dict, list[tuple[str, str]]]:
-    from vqtok.tokenizers import load_tokenizer
-
-    model = load_tokenizer(path, storage_options=storage_options)
-    config = model.config
-    summary = {
-        "path": path,
-        "family": model.FAMILY,
-        "source": model.source,
-        "model_id": model.model_id,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "codebook_size": config.codebook_size,
-        "code_dim": config.code_dim,
-        "image_size": config.image_size,
-        "grid": list(model.grid_size(config.image_size)),
-        "config": config.to_dict(),
-    }
+def tokenizer_rows(s: dict) -> list[tuple[str, str]]:
     rows = [
-        ("family", model.FAMILY),
-        ("model id", summary["model_id"]),
-        ("parameters", f"{summary['parameters']:,}"),
-        ("codebook", f"K = {config.codebook_size}, D = {config.code_dim}"),
+        ("family", s["family"]),
+        ("model id", s["model_id"]),
+        ("parameters", f"{s['parameters']:,}"),
+        ("codebook", f"K = {s['codebook_size']}, D = {s['code_dim']}"),
     ]
-    if model.source:
-        source = model.source
+    if s["source"]:
+        source = s["source"]
         rows += [("imported from", f"{source['file']} ({source['format']})"), ("source sha256", source["sha256"])]
-    for size in sorted({config.image_size, 64, 128, 256}):
-        h, w = model.grid_size(size)
-        rows.append((f"grid at {size}x{size}", f"{h}x{w} codes"))
-    rows += [(name, str(value)) for name, value in config.to_dict().items()]
-    return summary, rows
+    rows += [(f"grid at {size}x{size}", f"{h}x{w} codes") for size, (h, w) in s["grids"].items()]
+    return rows + [(name, str(value)) for name, value in s["config"].items()]
 
 
-def prior_summary(path: str, storage_options: dict) -> tuple[dict, list[tuple[str, str]]]:
-    from vqtok.prior import Prior
-
-    prior = Prior.from_pretrained(path, storage_options=storage_options)
-    config = prior.config
-    summary = {
-        "path": path,
-        "kind": "prior",
-        "model_id": prior.model_id,
-        "parameters": sum(p.numel() for p in prior.parameters()),
-        "codebook_size": config.codebook_size,
-        "grid": list(config.grid),
-        "num_classes": config.num_classes,
-        "tokenizer": config.tokenizer,
-        "image_size": config.image_size,
-        "config": config.to_dict(),
-    }
-    h, w = config.grid
+def prior_rows(s: dict) -> list[tuple[str, str]]:
+    config = s["config"]
+    h, w = s["grid"]
     rows = [
         ("kind", "prior over token grids"),
-        ("model id", summary["model_id"]),
-        ("parameters", f"{summary['parameters']:,}"),
-        ("transformer", f"{config.layers} layers, width {config.width}, {config.heads} heads"),
-        ("tokens", f"{h}x{w} grids of codes from a codebook of K = {config.codebook_size}"),
-        ("classes", f"{config.num_classes}" if config.num_classes else "none (unconditional)"),
-        ("tokenizer", f"{config.tokenizer} ({config.image_size}x{config.image_size} images)"),
+        ("model id", s["model_id"]),
+        ("parameters", f"{s['parameters']:,}"),
+        ("transformer", f"{config['layers']} layers, width {config['width']}, {config['heads']} heads"),
+        ("tokens", f"{h}x{w} grids of codes from a codebook of K = {s['codebook_size']}"),
+        ("classes", f"{s['num_classes']}" if s["num_classes"] else "none (unconditional)"),
+        ("tokenizer", f"{s['tokenizer']} ({s['image_size']}x{s['image_size']} images)"),
     ]
-    rows += [(name, str(value)) for name, value in config.to_dict().items()]
-    return summary, rows
+    return rows + [(name, str(value)) for name, value in config.items()]
 
 
 def token_rows(s: dict) -> list[tuple[str, str]]:
@@ -232,7 +201,10 @@ def token_rows(s: dict) -> list[tuple[str, str]]:
         ("perplexity", f"{s['perplexity']:.1f}"),
         ("bits per code", f"{s['bits_per_code']:.3f} (entropy)"),
         ("bytes per image", known("bytes_per_image", lambda b: f"{b:,.1f} on disk")),
-        ("complete", known("complete", lambda done: "yes (_SUCCESS)" if done else "no: rerun vqtok encode to finish")),
+        (
+            "complete",
+            known("complete", lambda done: "yes" if done else f"no: {s['progress']}; rerun the command to finish"),
+        ),
     ]
     if s["classes"]:
         names = s["classes"]
@@ -465,14 +437,12 @@ def eval_(model_dir, inputs, compare, as_json, storage_options, **options):
         click.echo(json.dumps(rows if compare else rows[0], indent=2))
         return
 
-    from rich.console import Console
-
     notes = []
     if reports[0].errors:
         notes.append(("errors", f"{reports[0].errors:,} samples could not be decoded"))
     if options["out"]:
         notes.append(("written", f"{options['out']}/report.json, {options['out']}/reconstructions.png"))
-    Console().print(compare_table(reports, notes) if compare else report_table(reports[0], notes))
+    console().print(compare_table(reports, notes) if compare else report_table(reports[0], notes))
 
 
 def report_table(report, notes: list[tuple[str, str]]):
@@ -595,7 +565,6 @@ def encode(inputs, out, model_dir, keep, storage_options, **options):
 
 
 def print_encode_summary(result) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
@@ -611,7 +580,7 @@ def print_encode_summary(result) -> None:
     if result.totals:
         totals = result.totals
         table.add_row("dataset", f"{totals['rows']:,} rows, {totals['errors']:,} errors in {totals['shards']} shards")
-    Console().print(table)
+    console().print(table)
 
 
 @cli.command()
@@ -659,6 +628,8 @@ def decode(tokens, out, model_dir, format_, keys, storage_options, **options):
     )
     if result.renamed:
         click.echo(f"{result.renamed} key(s) mapped to a name another key had taken; written with a ~hash suffix")
+    for path, progress in result.unfinished.items():
+        click.echo(f"note: {path} is unfinished ({progress}): decoded its committed parts only")
 
 
 @cli.command()
@@ -683,7 +654,6 @@ def demo(out, steps, prior, prior_steps):
         vqtok demo --out vqtok-demo
         vqtok demo --out vqtok-demo --prior
     """
-    from rich.console import Console
     from rich.table import Table
 
     from vqtok.demo import run_demo
@@ -697,11 +667,11 @@ def demo(out, steps, prior, prior_steps):
     for stage, images in result.images.items():
         seconds = result.seconds[stage]
         table.add_row(stage, f"{images:,}", f"{seconds:.1f}", f"{images / seconds:,.1f}")
-    console = Console()
-    console.print(table)
-    console.print(f"held-out photographs at 128x128: PSNR {result.psnr:.2f} dB, codebook usage {result.usage:.1%}")
+    out = console()
+    out.print(table)
+    out.print(f"held-out photographs at 128x128: PSNR {result.psnr:.2f} dB, codebook usage {result.usage:.1%}")
     for what, where in result.paths.items():
-        console.print(f"{what}: {where}")
+        out.print(f"{what}: {where}")
 
 
 @cli.command("import")
@@ -828,7 +798,7 @@ def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, plain_only
         vqtok prior fit tokens.parquet --out runs/p --config pipelines/prior-cpu-small.toml
         accelerate launch --multi_gpu --num_processes 8 -m vqtok prior fit tokens.parquet --out runs/p
     """
-    from vqtok.prior_fit import fit_prior
+    from vqtok.prior.fit import fit_prior
 
     config, train_config = load_recipe(config_path, overrides, PriorConfig, PriorTrainConfig)
     result = fit_prior(
@@ -888,7 +858,7 @@ def prior_sample(prior_dir, out, **options):
         vqtok prior sample runs/p/model samples.parquet --per-class 8 --guidance 2 --top-k 100
         vqtok decode samples.parquet images/ --model runs/x/model
     """
-    from vqtok.prior_sample import sample
+    from vqtok.prior.sample import sample
 
     result = sample(prior_dir, out, **options)
     if result.rank == 0:
@@ -907,7 +877,9 @@ def main():
     ("terminate called without an active exception") and a run that had finished fails. The threads cannot be
     stopped first: with torch 2.13 the process group outlives `destroy_process_group` once DDP has imported
     torch._dynamo, and freeing it while Python holds the GIL can deadlock."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    from vqtok.distributed import launched
+
+    if not launched():
         cli()
         return
     try:

@@ -1,7 +1,8 @@
 """Token dataset -> images: the decoder behind `vqtok decode`.
 
 Reads a token dataset written by `vqtok encode`, one of its Parquet files, or any Parquet file with a `key`
-and a `codes` column of (h, w) grids (what a prior samples). Everything is checked before the first image is
+and a `codes` column of (h, w) grids (what a prior samples). Of a dataset whose run did not finish, the committed
+parts are decoded, and the result says how far it got. Everything is checked before the first image is
 written: that every file's codes were made by this model, that every code lies in [0, K) (for vqtok's own
 files, from the row-group statistics, and again on each batch as it is decoded), that the keys asked for
 exist. Keys are data from strangers: they become file names only through `key_path`, which keeps every file
@@ -17,7 +18,7 @@ import time
 import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -27,8 +28,9 @@ from vqtok.errors import ConfigError, StoreError
 from vqtok.files import write_atomically
 from vqtok.progress import ProgressBar
 from vqtok.storage import is_url
-from vqtok.store import RESERVED_COLUMNS, TokenSet, check_code_range, codes_array
 from vqtok.tokenizers import load_tokenizer, pick_device
+from vqtok.tokens.format import RESERVED_COLUMNS, codes_array
+from vqtok.tokens.reader import TokenSet, check_code_range
 
 FORMATS = ("png", "wds")
 WDS_SHARD_SAMPLES = 10_000
@@ -44,6 +46,7 @@ class DecodeResult:
     seconds: float = 0.0
     decode_seconds: float = 0.0  # the model
     write_seconds: float = 0.0  # the main process waiting for PNG encoding and writing
+    unfinished: dict[str, str] = field(default_factory=dict)  # token dataset -> how far it got, if it did not finish
 
     @property
     def images_per_second(self) -> float:
@@ -117,7 +120,8 @@ def decode(
     started = time.perf_counter()
     model = load_tokenizer(model_dir, device=pick_device(device), storage_options=storage_options)
     model.to(memory_format=torch.channels_last)
-    token_set = TokenSet(tokens, storage_options=storage_options)  # every file's columns, and one tokenizer
+    # Every file's columns, and one tokenizer; an unfinished dataset's committed parts, which the result notes.
+    token_set = TokenSet(tokens, storage_options=storage_options, partial=True)
     token_set.check_tokenizer(model.model_id, model.codebook_size, model.grid_size, force)
     first = next(iter(token_set.schemas.values()))
     carried = [name for name in first.names if name not in RESERVED_COLUMNS] if format == "wds" else []
@@ -125,7 +129,7 @@ def decode(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = DecodeResult(out)
+    result = DecodeResult(out, unfinished={path: done.describe() for path, done in token_set.unfinished.items()})
     progress = ProgressBar("decode", sum(len(rows) for rows in selection.values()), enabled=show_progress)
     writer = PngWriter(out) if format == "png" else WdsWriter(out)
     with progress, writer:

@@ -109,7 +109,7 @@ def run_demo(
     from vqtok.data import iter_samples, sample_image
     from vqtok.decode import decode, key_path
     from vqtok.encode import encode
-    from vqtok.store import read_codes, summarize
+    from vqtok.tokens import read_codes, summarize
     from vqtok.train import fit
 
     out = Path(out)
@@ -173,8 +173,8 @@ def demo_prior(out: Path, train_shards: list[str], model_dir: Path, steps: int, 
     from vqtok.config import PriorConfig, PriorTrainConfig
     from vqtok.decode import decode
     from vqtok.encode import encode
-    from vqtok.prior_fit import fit_prior
-    from vqtok.prior_sample import sample
+    from vqtok.prior.fit import fit_prior
+    from vqtok.prior.sample import sample
 
     tokens = out / "train-tokens.parquet"
     encoded = encode(train_shards, tokens, model_dir, keep=["cls"], show_progress=show_progress)

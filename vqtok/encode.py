@@ -1,13 +1,13 @@
 """Images -> token dataset: the batch tokenizer behind `vqtok encode`.
 
 The unit of work is a shard, a slice of an image folder's listing or a Parquet file (`vqtok.sources`; all
-called shards here): it becomes one part file, committed whole (see `vqtok.store`). Under torchrun or
+called shards here): it becomes one part file, committed whole (see `vqtok.tokens.writer`). Under torchrun or
 `accelerate launch` (RANK, WORLD_SIZE), shard i goes to process i % WORLD_SIZE, and within a process to one
 DataLoader worker, so processes never talk and no sample is padded or read twice. Workers read, decode and
 crop; each batch they hand over belongs to one shard, and the last batch of a shard says so, which lets the
 main process, busy running the model, commit shards as they end without holding more than a batch each.
 
-With `augment`, each image's extra views (`vqtok.store.AUGMENT_VIEWS`) are encoded beside it, on the device:
+With `augment`, each image's extra views (`vqtok.tokens.format.AUGMENT_VIEWS`) are encoded beside it, on the device:
 the plain crop mirrored, or ten crops of a larger centre square that the workers make as well.
 """
 
@@ -24,11 +24,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vqtok.data import sample_image
+from vqtok.distributed import process_rank
 from vqtok.errors import MAX_ERROR_RATE, ConfigError, DataError, ErrorTally
 from vqtok.progress import ProgressBar
 from vqtok.sources import FILES_PER_PART, Unit, expand_inputs, iter_samples
-from vqtok.store import AUGMENT_VIEWS, TEN_CROP_RANGE, TokenSettings, TokenStore, check_keep, parse_kept
 from vqtok.tokenizers import Tokenizer, load_tokenizer, pick_device
+from vqtok.tokens.format import AUGMENT_VIEWS, TEN_CROP_RANGE, TokenSettings, check_keep, parse_kept
+from vqtok.tokens.writer import TokenStore
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -260,15 +262,8 @@ def _run(
             result.tally.add(len(batch["keys"]), reasons)
             if batch["last"]:
                 seconds = {"read": round(batch["read_seconds"], 4), "encode": round(encode_seconds.pop(shard, 0.0), 4)}
-                status = "failed" if batch["failure"] else "done"
                 marker = writers[shard].commit(
-                    {
-                        "status": status,
-                        "failure": batch["failure"],
-                        "samples": batch["samples"],
-                        "process": result.rank,
-                        "seconds": seconds,
-                    }
+                    {"samples": batch["samples"], "process": result.rank, "seconds": seconds}, batch["failure"]
                 )
                 del writers[shard]  # only once committed: a failed commit is still aborted below
                 result.encode_seconds += seconds["encode"]
@@ -322,17 +317,6 @@ def encode_views(model: Tokenizer, batch: dict, augment: str, autocast_dtype: to
     codes = [encode_images(model, flat[i : i + step], autocast_dtype) for i in range(0, len(flat), step)]
     codes = np.concatenate(codes)  # (B * V, h, w)
     return codes.reshape(*views.shape[:2], *codes.shape[1:])
-
-
-def process_rank() -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) as torchrun and accelerate launch set them; (0, 1) for a lone process."""
-    try:
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError as exc:
-        raise ConfigError(f"RANK and WORLD_SIZE must be integers: {exc}") from None
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
-    return rank, world_size
 
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:

@@ -36,8 +36,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vqtok.data import expand_inputs, make_loader
+from vqtok.distributed import in_process_group, launched
 from vqtok.errors import MAX_ERROR_RATE, ConfigError, DataError, ErrorTally
 from vqtok.tokenizers import load_tokenizer, pick_device
+from vqtok.usage import CodeUsage
 
 SSIM_SIGMA, SSIM_WINDOW = 1.5, 11  # Wang et al.'s window: 11 taps, as scikit-image's gaussian_weights=True
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (K1 * L)^2, (K2 * L)^2 for a data range L of 1
@@ -276,10 +278,6 @@ def _to_pixels(images: torch.Tensor) -> np.ndarray:
     return images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 class _Sums:
     """One model's running sums over the images it reconstructs."""
 
@@ -313,7 +311,7 @@ class _Sums:
     def report(self, errors: int) -> Report:
         """The report of this model, its sums added up across processes first."""
         speeds = torch.tensor(self.seconds, dtype=torch.float64, device=self.totals.device)
-        if _distributed():
+        if in_process_group():
             dist.all_reduce(self.totals)
             dist.all_reduce(speeds, op=dist.ReduceOp.MAX)  # processes run side by side: the slowest sets the pace
         K = self.model.codebook_size
@@ -326,11 +324,9 @@ class _Sums:
         report.psnr = psnr(report.mse)
         report.psnr_image_mean = psnr_sum / count
         report.ssim = ssim_sum / count
-        report.codes_used = int((counts > 0).sum())
-        report.usage = report.codes_used / K
-        p = counts[counts > 0] / counts.sum()
-        report.bits_per_code = float((p * np.log2(1 / p)).sum())
-        report.perplexity = 2**report.bits_per_code
+        usage = CodeUsage.of(counts, K)
+        report.codes_used, report.usage = usage.codes_used, usage.usage
+        report.bits_per_code, report.perplexity = usage.bits_per_code, usage.perplexity
         encode_seconds, decode_seconds = speeds.tolist()
         report.encode_images_per_second = count / encode_seconds if encode_seconds else 0.0
         report.decode_images_per_second = count / decode_seconds if decode_seconds else 0.0
@@ -382,7 +378,7 @@ def evaluate_models(
             images, keys = images[:room], keys[:room]
         if tally is not None:
             tally.add(len(images), [reason for _, _, reason in batch.errors])
-            if not _distributed():  # one process stopping alone would leave the others waiting in all_reduce
+            if not in_process_group():  # one process stopping alone would leave the others waiting in all_reduce
                 tally.check("evaluated")
         if len(images):
             images = images.to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W) in [0, 1]
@@ -399,7 +395,7 @@ def evaluate_models(
         model.train(was_training)
 
     worst, sample = picked.candidates()
-    if _distributed():
+    if in_process_group():
         counted = torch.tensor([errors], dtype=torch.float64, device=device)
         dist.all_reduce(counted)
         errors = int(counted.item())
@@ -475,14 +471,12 @@ def evaluate_inputs(
     tally = ErrorTally(max_error_rate)
     urls = expand_inputs(shards, image_column=image_column, image_root=image_root, storage_options=storage_options)
     urls = urls.units
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:  # sums are added up across processes: join the process group the launcher set up
+    rank, world_size = 0, 1
+    if launched():  # sums are added up across processes: join the process group the launcher set up
         from accelerate import PartialState
 
         state = PartialState(cpu=not torch.cuda.is_available())
         rank, world_size = state.process_index, state.num_processes
-    else:
-        rank = 0
     torch_device = pick_device(device)
     models = []
     for model_dir in model_dirs:

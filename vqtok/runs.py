@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from vqtok.config import TrainConfig
+from vqtok.distributed import is_main_process, launched
 from vqtok.errors import ConfigError
 from vqtok.storage import Location
 
@@ -92,7 +92,7 @@ def check_run_settings(path: Path | Location, settings: dict, resuming: bool) ->
                 changed.append(name)
         if changed:
             raise ConfigError(f"--resume with other settings than {path} records: {', '.join(changed)} changed")
-    if int(os.environ.get("RANK", "0")) == 0:  # other processes may be reading it: replace it whole
+    if is_main_process():  # other processes may be reading it: replace it whole
         path.write_bytes((json.dumps(settings, indent=2) + "\n").encode())
 
 
@@ -135,7 +135,7 @@ class Run:
 
         # Several processes and no GPU (torchrun, or `accelerate launch --multi_gpu` on a CPU machine):
         # accelerate only sets up its gloo process group when told it runs on the CPU.
-        cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        cpu_processes = not torch.cuda.is_available() and launched()
         mixed_precision = train.mixed_precision
         if mixed_precision == "auto":
             mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

@@ -20,16 +20,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vqtok.distributed import in_process_group
+from vqtok.usage import CodeUsage
+
 # Bytes of one block of the (rows, K) distance matrix. Small enough to stay
 # near the CPU's cache between the product and the argmin that reads it back,
 # large enough that each product is a big, efficient one.
 CPU_BLOCK_BYTES = 16 * 2**20
 CUDA_BLOCK_BYTES = 256 * 2**20
-
-
-def _distributed() -> bool:
-    # Asked at call time, so a quantizer built before the process group starts still syncs.
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _argmin_rows(dist_block: torch.Tensor) -> torch.Tensor:
@@ -115,12 +113,6 @@ def _kmeans_plus_plus_seeds(x: torch.Tensor, k: int) -> torch.Tensor:
         centers[i] = x[torch.multinomial(sq_dist + 1e-12, 1)]
         sq_dist = torch.minimum(sq_dist, (x - centers[i]).pow(2).sum(dim=1))
     return centers
-
-
-def perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of the code distribution given by counts: K when all codes are equally used, 1 for one."""
-    p = counts.double() / counts.sum().clamp(min=1e-12)
-    return torch.exp(-torch.special.xlogy(p, p).sum())
 
 
 class VectorQuantizer(nn.Module):
@@ -251,7 +243,7 @@ class VectorQuantizer(nn.Module):
     def _initialize(self, flat: torch.Tensor) -> None:
         """On the first training step: k-means init if asked, then every process takes rank 0's codebook."""
         self._initialized_seen = True
-        distributed = _distributed()
+        distributed = in_process_group()
         if not bool(self.initialized):  # one host sync, on the first training step only
             if not distributed or dist.get_rank() == 0:  # rank 0's batch decides; the broadcast below shares it
                 centers, sizes = kmeans(flat, self.codebook_size, spherical=self.normalize)
@@ -275,7 +267,7 @@ class VectorQuantizer(nn.Module):
         counts = torch.bincount(codes, minlength=self.codebook_size).to(flat.dtype)  # (K,)
         if self.decay is not None:
             sums = torch.zeros_like(self.codebook).index_add_(0, codes, flat)  # (K, D)
-            if _distributed():
+            if in_process_group():
                 stats = torch.cat([counts[:, None], sums], dim=1)  # one all-reduce for both
                 dist.all_reduce(stats)
                 counts, sums = stats[:, 0], stats[:, 1:]
@@ -285,7 +277,7 @@ class VectorQuantizer(nn.Module):
             smoothed = (self.ema_count + self.eps) / (total + self.codebook_size * self.eps) * total
             means = self.ema_sum / smoothed[:, None]  # (K, d)
             self.codebook.copy_(F.normalize(means, dim=1) if self.normalize else means)
-        elif _distributed():
+        elif in_process_group():
             dist.all_reduce(counts)
 
         self.step += 1
@@ -313,7 +305,7 @@ class VectorQuantizer(nn.Module):
             return
         picks = torch.randint(flat.shape[0], (num_dead,), device=flat.device)
         replacements = flat[picks]  # (num_dead, D)
-        if _distributed():
+        if in_process_group():
             dist.broadcast(replacements, src=0)
         self.codebook.data[dead] = replacements
         if self.decay is not None:
@@ -334,7 +326,7 @@ class VectorQuantizer(nn.Module):
         """Perplexity of code use over roughly the last `usage_window` training steps."""
         if int(self.step) == 0:
             return 0.0
-        return perplexity(self.usage_count).item()
+        return CodeUsage.of(self.usage_count.cpu().numpy()).perplexity
 
     def extra_repr(self) -> str:
         mode = "codebook loss" if self.decay is None else f"ema decay={self.decay}"

@@ -31,11 +31,11 @@ from torch.utils.data import DataLoader
 
 from vqtok.config import PriorConfig, PriorTrainConfig
 from vqtok.errors import ConfigError
-from vqtok.prior import Prior
 from vqtok.progress import ProgressBar
 from vqtok.runs import Run, lr_lambda
-from vqtok.store import TokenSet
-from vqtok.tokens import TokenDataset
+from vqtok.tokens import TokenDataset, TokenSet
+
+from .model import Prior
 
 PICTURE_CLASSES, PICTURE_SAMPLES = 8, 8  # the evaluation picture: up to 8 classes (rows), 8 samples each
 

@@ -1,8 +1,8 @@
 """Token datasets for training priors in torch: rows of codes streamed a row group at a time.
 
-The torch side of `vqtok.store`, kept out of it so that reading tokens needs no torch. A process holds one
-row group per DataLoader worker, whatever the size of the dataset; row groups are split across processes
-(rank, world_size) and then workers, so every row is read once per pass.
+The torch side of `vqtok.tokens`, kept out of its other modules so that reading tokens needs no torch. A
+process holds one row group per DataLoader worker, whatever the size of the dataset; row groups are split across
+processes (rank, world_size) and then workers, so every row is read once per pass.
 
     from torch.utils.data import DataLoader
     from vqtok.tokens import TokenDataset
@@ -30,7 +30,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vqtok.errors import StoreError
-from vqtok.store import VIEWS_COLUMN, TokenSet, codes_array, read_row_group, take_views, view_count
+
+from .format import VIEWS_COLUMN, codes_array, take_views, view_count
+from .reader import TokenSet, read_row_group
 
 
 def split_units(tokens: TokenSet, rank: int, world_size: int) -> list[tuple[int, int, int]]:
@@ -48,8 +50,9 @@ def split_units(tokens: TokenSet, rank: int, world_size: int) -> list[tuple[int,
 
 class TokenDataset(IterableDataset):
     """Rows {"key", "codes": int64 (h, w), and the carried `columns`} of one or several token datasets or
-    Parquet files (paths, local or URLs that fsspec opens with `storage_options`, or a `vqtok.store.TokenSet`
-    already opened and checked).
+    Parquet files (paths, local or URLs that fsspec opens with `storage_options`, or a `vqtok.tokens.TokenSet`
+    already opened and checked). An unfinished token dataset is refused unless `partial`, which reads its
+    committed parts (`TokenSet`).
 
     With `shuffle`, row groups and the rows inside each come in a random order drawn from `seed` and the
     epoch; call `set_epoch` before each pass for a new order, as with torch's DistributedSampler, or ask for
@@ -77,8 +80,11 @@ class TokenDataset(IterableDataset):
         repeat: bool = False,
         storage_options: dict | None = None,
         views: bool = False,
+        partial: bool = False,
     ) -> None:
-        self.tokens = tokens if isinstance(tokens, TokenSet) else TokenSet(tokens, columns, storage_options)
+        if not isinstance(tokens, TokenSet):
+            tokens = TokenSet(tokens, columns, storage_options, partial=partial)
+        self.tokens = tokens
         self.pieces = split_units(self.tokens, rank, world_size)
         self.rows = sum(end - start for _, start, end in self.pieces)  # this process's
         self.columns = tuple(columns)

@@ -1,6 +1,6 @@
 """Prior -> token dataset: the sampler behind `vqtok prior sample`.
 
-OUT is a token dataset as `vqtok encode` writes them (`vqtok.store`), whose metadata names the tokenizer the
+OUT is a token dataset as `vqtok encode` writes them (`vqtok.tokens`), whose metadata names the tokenizer the
 prior's training tokens came from (model id, K, grid, image size): `vqtok decode OUT images/ --model TOKENIZER`
 turns it into images, and refuses any other tokenizer. Rows: `key` (`sample-000000`, ...), `shard`, `codes`
 and `cls` (empty for grids sampled without a class); the metadata's `preprocessing` says how they were drawn.
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from vqtok.encode import process_rank
+from vqtok.distributed import process_rank
 from vqtok.errors import ConfigError
 from vqtok.pretrained import CONFIG_NAME
-from vqtok.prior import Prior
 from vqtok.progress import ProgressBar
-from vqtok.store import TokenSettings, TokenStore
 from vqtok.tokenizers import pick_device
+from vqtok.tokens import TokenSettings, TokenStore
+
+from .model import Prior
 
 SHARD_ROWS = 1024
 DEFAULT_N = 64
@@ -168,7 +169,7 @@ def sample(
                     rate = result.grids * config.length / (time.perf_counter() - started)
                     progress.update(result.grids, f"{rate:,.0f} codes/s")
                 seconds = {"sample": round(time.perf_counter() - shard_started, 4)}
-                writer.commit({"status": "done", "samples": len(rows), "process": rank, "seconds": seconds})
+                writer.commit({"samples": len(rows), "process": rank, "seconds": seconds})
             except BaseException:
                 writer.abort()
                 raise
