@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import bad_samples, bomb_png, broken_copy, image_bytes, image_samples, random_image
+from conftest import bad_samples, bomb_png, broken_copy, image_bytes, image_samples, random_image, write_shard
 from PIL import Image
 
 from vqtok.data import (
@@ -201,6 +201,31 @@ def test_expand_shards(tmp_path):
     assert expand_shards(["pipe:cat x-{0..1}.tar"]) == ["pipe:cat x-0.tar", "pipe:cat x-1.tar"]
 
 
+def test_a_folder_of_compressed_shards_is_read_as_shards(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    compressors = {
+        "a.tar.gz": gzip.compress,
+        "b.tgz": gzip.compress,
+        "c.tar.bz2": bz2.compress,
+        "d.TAR.XZ": lzma.compress,
+    }
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i, (name, compress) in enumerate(compressors.items()):
+        tar = write_shard(plain / f"{i}.tar", image_samples([f"k{i}-{j}" for j in range(2)], seed=i))
+        (tmp_path / name).write_bytes(compress(Path(tar).read_bytes()))
+    assert expand_shards([str(tmp_path)]) == [str(tmp_path / name) for name in compressors]
+    assert [s.key for s in iter_samples(str(tmp_path / "b.tgz"))] == ["k1-0", "k1-1"]
+    zstd = tmp_path / "zstd"
+    zstd.mkdir()
+    (zstd / "e.tar.zst").write_bytes(b"\x28\xb5\x2f\xfd")  # Python 3.11's tarfile cannot read zstd: no shard
+    with pytest.raises(DataError, match="zstd: holds no shards"):
+        expand_shards([str(zstd)])
+
+
 def test_expand_shards_numbered_pattern(tmp_path):
     names = [str(tmp_path / f"train-{i:06d}.tar") for i in range(3)]
     for name in names:
@@ -215,7 +240,7 @@ def test_expand_shards_numbered_pattern(tmp_path):
     [
         ("missing.tar", "missing.tar: no such file or directory"),
         ("*.tgz", r"\*.tgz: no files match"),
-        ("empty", r"empty: holds no .tar files, no image files \(jpg, jpeg, png.*\) and no .parquet files"),
+        ("empty", r"empty: holds no shards \(.tar, .tar.gz, .*\), no image files \(jpg, jpeg, png.*\) and no .parquet"),
         ("x-{0..1.tar", "unbalanced braces"),
     ],
 )

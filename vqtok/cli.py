@@ -35,13 +35,14 @@ def user_errors(command):
 
 
 # What INPUTS are, in every command that reads images (fit, eval, encode); `{INPUTS}` in a docstring becomes this.
-INPUTS_HELP = """INPUTS are any mix of: WebDataset tar files or folders of them; folders of
+INPUTS_HELP = """INPUTS are any mix of: WebDataset tar files (.tar, or .tar.gz, .tgz,
+.tar.bz2, .tar.xz) or folders of them; folders of
 image files (jpg, png, webp...), searched recursively in sorted order, each
 file's key its path in the folder without the extension; Parquet files with
 an image column as Hugging Face datasets writes them (a file, a glob, or a
 folder such as a dataset's data/), each row's key its key, __key__ or id
 column, else FILE-STEM/ROW. Globs and brace patterns expand first. A folder
-is read as shards if it holds .tar files, else as images if it holds image
+is read as shards if it holds tar files, else as images if it holds image
 files, else as Parquet. Any of them may be a URL fsspec opens (s3://, gs://,
 az://, hf://; the s3, gcs and azure extras install the back ends)."""
 

@@ -14,10 +14,11 @@ fields), so that training, evaluation and encoding never ask where images were k
   keeps only the path of a local file it did not embed) is read only under an `image_root` the user names:
   a path named inside a file is a stranger's choice, and nothing outside the root is opened for it.
 
-How an input is recognised: a `.parquet` file is Parquet, any other file a tar; a folder holding `.tar`
-files is those shards; otherwise a folder holding image files is an image folder and one holding `.parquet`
-files (at any depth, `datasets`' `data/train-00000-of-00002.parquet`) a Parquet dataset. Globs and brace
-patterns expand first; every path may be a URL that fsspec opens (see `vqtok.storage`).
+How an input is recognised: a `.parquet` file is Parquet, any other file a tar; a folder holding tar files
+(`.tar`, or compressed: `.tar.gz`, `.tgz`, `.tar.bz2`, `.tar.xz`) is those shards; otherwise a folder holding
+image files is an image folder and one holding `.parquet` files (at any depth, `datasets`'
+`data/train-00000-of-00002.parquet`) a Parquet dataset. Globs and brace patterns expand first; every path may
+be a URL that fsspec opens (see `vqtok.storage`).
 
 Reading runs over millions of images unattended, so nothing a file contains may stop it: a unit that breaks
 mid-way yields the samples before the break and then raises BrokenShardError with the key it broke in, and a
@@ -51,7 +52,8 @@ PARQUET_BATCH_ROWS = 256
 REMOTE_FILES_AT_ONCE = 64  # a folder in a store: files fetched concurrently, in listing order
 # Schemes webdataset opens itself (a shell pipe, curl), without fsspec; nothing can be listed there.
 WEBDATASET_SCHEMES = ("pipe:", "http://", "https://")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+# The shards a folder is read as: what Python's tarfile opens (zstd only from Python 3.14, so not .tar.zst).
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
 class BrokenShardError(DataError):
@@ -248,7 +250,7 @@ def _classify(place: Location, where: str) -> list[tuple[str, Location, list[str
 
 
 def _folder(place: Location, where: str) -> list[tuple[str, Location, list[str]]]:
-    tars = [name for name in place.names() if name.endswith(".tar")]
+    tars = [name for name in place.names() if name.lower().endswith(TAR_SUFFIXES)]
     if tars:
         return [("tar", place.join(name), []) for name in tars]
     files = place.find()
@@ -262,7 +264,8 @@ def _folder(place: Location, where: str) -> list[tuple[str, Location, list[str]]
     if parquets:
         return [("parquet", place.join(*f.split("/")), []) for f in parquets]
     raise DataError(
-        f"{where}: holds no .tar files, no image files ({', '.join(IMAGE_EXTENSIONS)}) and no .parquet files"
+        f"{where}: holds no shards ({', '.join(TAR_SUFFIXES)}), no image files ({', '.join(IMAGE_EXTENSIONS)}) and "
+        "no .parquet files"
     )
 
 
