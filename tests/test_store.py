@@ -237,3 +237,87 @@ def test_token_set_reads_several_datasets_as_one_and_refuses_two_tokenizers(tmp_
         TokenSet(tmp_path / "plain.parquet").tokenizer()
     with pytest.raises(StoreError, match="no 'cls' column"):
         TokenSet(tmp_path / "a", columns=["cls"])
+
+
+# ---------------------------------------------------------------------------------------------- unfinished datasets
+
+
+def write_part_of(out, shards, done: int) -> dict:
+    """A run over `shards` that committed only the first `done`, as a killed encode leaves it."""
+    store = TokenStore(out, settings())
+    store.open(shards, shards)
+    rng = np.random.default_rng(0)
+    written = {}
+    for shard in shards[:done]:
+        written[shard] = rng.integers(0, 512, (3, 4, 3))
+        writer = store.writer(shard)
+        writer.add([f"{shard}/{i}" for i in range(3)], written[shard])
+        writer.commit({})
+    return written
+
+
+def test_readers_that_train_refuse_an_unfinished_dataset_in_one_line(tmp_path):
+    from vqtok.tokens import TokenDataset, TokenSet, UnfinishedDataset
+
+    out = tmp_path / "t"
+    written = write_part_of(out, ["a.tar", "b.tar", "c.tar", "d.tar"], done=2)
+    assert json.loads((out / "_vqtok.json").read_text())["planned_shards"] == 4
+    for read in (read_codes, TokenSet, TokenDataset):
+        with pytest.raises(UnfinishedDataset) as refused:
+            read(out)
+        message = str(refused.value)
+        assert "\n" not in message and message.startswith(f"{out} is unfinished: 2 of 4 shards done. Run the ")
+        assert message.endswith("or pass --partial (partial=True) to read its 2 committed parts only")
+    keys, codes = read_codes(out, partial=True)
+    order = sorted(written, key=part_name)
+    assert keys == [f"{shard}/{i}" for shard in order for i in range(3)]
+    assert np.array_equal(codes, np.concatenate([written[shard] for shard in order]))
+    assert TokenSet(out, partial=True).unfinished[str(out)].done == 2
+    assert sorted(row["key"] for row in TokenDataset(out, partial=True)) == sorted(keys)
+
+
+def test_a_part_without_its_marker_is_never_read(tmp_path):
+    from vqtok.tokens import UnfinishedDataset
+
+    out = tmp_path / "t"
+    write(out, ["a.tar", "b.tar"])
+    stray = out / "part-zzz.parquet"  # whole, but not committed: a crash between the part and its marker
+    stray.write_bytes((out / f"{part_name('a.tar')}.parquet").read_bytes())
+    with pytest.raises(UnfinishedDataset, match="2 of 2 shards done, 1 part file without a commit marker"):
+        read_codes(out)
+    assert sorted(read_codes(out, partial=True)[0]) == sorted(f"{s}/{i}" for s in ("a.tar", "b.tar") for i in range(5))
+
+
+def test_a_dataset_that_does_not_record_its_plan_says_how_many_are_done(tmp_path):
+    from vqtok.tokens import UnfinishedDataset
+
+    out = tmp_path / "t"
+    write_part_of(out, ["a.tar", "b.tar", "c.tar"], done=1)
+    recorded = json.loads((out / "_vqtok.json").read_text())
+    del recorded["planned_shards"]  # as vqtok wrote it before the plan was recorded
+    (out / "_vqtok.json").write_text(json.dumps(recorded))
+    with pytest.raises(UnfinishedDataset, match=r"is unfinished: 1 shard done\. "):
+        read_codes(out)
+    assert len(read_codes(out, partial=True)[0]) == 3
+
+
+def test_an_empty_unfinished_dataset_says_so(tmp_path):
+    from vqtok.tokens import TokenSet
+
+    out = tmp_path / "t"
+    write_part_of(out, ["a.tar", "b.tar"], done=0)
+    with pytest.raises(StoreError, match=r"is unfinished: 0 of 2 shards done\. Run the .* again to finish it$"):
+        TokenSet(out)
+    with pytest.raises(StoreError, match=r"no committed parts \(0 of 2 shards done\)"):
+        TokenSet(out, partial=True)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not text", b"{torn", b"[1, 2]"])
+def test_a_settings_file_that_is_not_vqtoks_is_one_clear_refusal(tmp_path, content):
+    out = tmp_path / "t"
+    write(out, ["a.tar"])
+    (out / "_vqtok.json").write_bytes(content)
+    with pytest.raises(StoreError, match=r"_vqtok.json: not vqtok's settings \(.*\); use --overwrite"):
+        TokenStore(out, settings()).open(["a.tar"], ["a.tar"])
+    TokenStore(out, settings()).open(["a.tar"], ["a.tar"], overwrite=True, tidy=True)  # which replaces it
+    assert json.loads((out / "_vqtok.json").read_text())["model_id"] == "abc"

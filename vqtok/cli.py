@@ -204,7 +204,10 @@ def token_rows(s: dict) -> list[tuple[str, str]]:
         ("bytes per image", known("bytes_per_image", lambda b: f"{b:,.1f} on disk")),
         (
             "complete",
-            known("complete", lambda done: "yes" if done else f"no: {s['progress']}; rerun the command to finish"),
+            known(
+                "complete",
+                lambda done: "yes" if done else f"no: {s['progress']}; run the command that wrote it again to finish",
+            ),
         ),
     ]
     if s["classes"]:
