@@ -25,16 +25,16 @@ def summarize(path: str | os.PathLike, storage_options: dict | None = None) -> d
     usage and perplexity, bits per code (order-0 entropy), bytes on disk per image, whether its last run
     finished (and if not, how far it got), and the class names that `cls` numbers."""
     here = Location.of(path, storage_options)
-    files, done = dataset_files(here, partial=True)
+    files, done = dataset_files(here, partial=True)  # the completion is looked up once, here
     folder = not (len(files) == 1 and files[0] == here)
     if folder and done is None and not files:
         raise StoreError(
             f"{here} is neither a model directory (no config.json) nor a token dataset (no .parquet files)"
         )
-    meta = read_metadata(here) or {}
+    token_set = TokenSet(files) if files else None  # every file's columns, and one tokenizer for all
+    meta = (next(iter(token_set.metadata.values())) if token_set else read_metadata(here)) or {}
     counts = np.zeros(meta.get("codebook_size", 0), dtype=np.int64)
     rows, grid, shards = 0, None, set()
-    token_set = TokenSet(here, partial=True) if files else None  # every file's columns, one tokenizer for all
     for file, group in token_set.units if token_set else []:
         has_shard = "shard" in token_set.schemas[file].names
         table = read_row_group(file, group, ["shard"] if has_shard else [])
