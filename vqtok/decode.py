@@ -131,7 +131,7 @@ def decode(
     out.mkdir(parents=True, exist_ok=True)
     result = DecodeResult(out, unfinished={path: done.describe() for path, done in token_set.unfinished.items()})
     progress = ProgressBar("decode", sum(len(rows) for rows in selection.values()), enabled=show_progress)
-    writer = PngWriter(out) if format == "png" else WdsWriter(out)
+    writer = PngWriter(out) if format == "png" else WdsWriter(out, "decoded")
     with progress, writer:
         for table in token_set.read(selection, carried, batch_size):
             decoding = time.perf_counter()
@@ -227,34 +227,38 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 class WdsWriter:
-    """WebDataset shards `decoded-NNNNNN.tar` of KEY.png plus the carried fields, keys made safe as for PNGs.
-    Each shard is written under a temporary name and renamed when it is complete."""
+    """WebDataset shards `PREFIX-NNNNNN.tar` of WDS_SHARD_SAMPLES samples each (the last may hold fewer): KEY.png
+    plus the carried fields, keys made safe as for PNGs. Each shard is written under a temporary name and renamed
+    when it is complete; when decoding fails, the shard it was writing is removed, so every published one is whole.
+    """
 
-    def __init__(self, out: Path) -> None:
-        import webdataset
-
-        def publish(temporary: str) -> None:
-            os.replace(temporary, out / Path(temporary).name.removeprefix(".").removesuffix(".tmp"))
-
-        pattern = str(out / ".decoded-%06d.tar.tmp")
-        self.writer = webdataset.ShardWriter(pattern, maxcount=WDS_SHARD_SAMPLES, verbose=0, post=publish)
+    def __init__(self, out: Path, prefix: str) -> None:
+        self.out = out
+        self.prefix = prefix
         self.names = UniqueNames()
-        self.written = 0
+        self.files = 0  # shards published
+        self.tar = None  # the shard being written, under self.temporary, and how many samples it holds
+        self.temporary: Path | None = None
+        self.samples = 0
         self.wait_seconds = 0.0
 
     @property
     def renamed(self) -> int:
         return self.names.renamed
 
-    @property
-    def files(self) -> int:
-        return -(-self.written // WDS_SHARD_SAMPLES)
-
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.writer.close()
+    def __exit__(self, failure, *exc) -> None:
+        if self.tar is None:
+            return
+        if failure is None:
+            self._publish()
+            return
+        try:
+            self.tar.close()
+        finally:
+            self.temporary.unlink(missing_ok=True)
 
     def write(self, keys: list[str], pixels: np.ndarray, extra: dict) -> None:
         import io
@@ -267,6 +271,23 @@ class WdsWriter:
             Image.fromarray(image).save(buffer, "PNG", compress_level=1)
             sample = {"__key__": str(self.names.claim(key)), "png": buffer.getvalue()}
             sample.update({field: str(values[i]) for field, values in extra.items() if values[i] is not None})
-            self.writer.write(sample)
-            self.written += 1
+            if self.tar is None:
+                self._open()
+            self.tar.write(sample)
+            self.samples += 1
+            if self.samples == WDS_SHARD_SAMPLES:
+                self._publish()
         self.wait_seconds += time.perf_counter() - started
+
+    def _open(self) -> None:
+        import webdataset
+
+        self.temporary = self.out / f".{self.prefix}-{self.files:06d}.tar.tmp"
+        self.tar = webdataset.TarWriter(str(self.temporary))
+        self.samples = 0
+
+    def _publish(self) -> None:
+        self.tar.close()
+        os.replace(self.temporary, self.out / f"{self.prefix}-{self.files:06d}.tar")
+        self.tar = None
+        self.files += 1
