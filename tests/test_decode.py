@@ -13,7 +13,7 @@ import pytest
 import torch
 import webdataset
 from click.testing import CliRunner
-from conftest import image_samples
+from conftest import image_samples, launch_two_processes
 from PIL import Image
 
 from vqtok import VQVAE, ModelConfig
@@ -302,3 +302,48 @@ def test_a_failed_wds_decode_leaves_only_whole_shards(model_dir, tmp_path, monke
         assert list(written) == keys[4 * n : 4 * n + 4]
         for i, key in enumerate(written, start=4 * n):
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(written[key]))), expected[i]), key
+
+
+# More rows than a batch, and keys that map to one name ("a/b" and "a//b", "A" and "a") in batches that
+# different processes decode: batch i of 2 rows goes to process i % 2.
+SPLIT_KEYS = ["a/b", "A", "a//b", "a", "x/0", "x/1", "x/2", "x/3", "x/4", "x/5", "x/6"]
+
+
+@pytest.mark.parametrize("format_", ["png", "wds"])
+def test_two_processes_write_each_image_once_as_one_would(model_dir, tmp_path, format_):
+    codes = np.random.default_rng(4).integers(0, 32, (len(SPLIT_KEYS), 4, 4))
+    samples = write_prior_samples(tmp_path / "s.parquet", SPLIT_KEYS, codes)
+    decode = ["decode", samples, "--model", model_dir, "--format", format_, "--batch-size", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    alone = invoke(*decode[:2], one, *decode[2:])
+    assert alone.exit_code == 0, alone.output
+    proc = launch_two_processes(*decode[:2], two, *decode[2:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    printed = proc.stdout + proc.stderr
+    what = "PNG files" if format_ == "png" else "WebDataset shard(s)"
+    files = (6, 5) if format_ == "png" else (1, 1)
+    for rank, (images, n) in enumerate(zip((6, 5), files, strict=True)):  # batches 0, 2, 4 and 1, 3, 5
+        assert f"decoded {images} images into {n} {what} under {two} (process {rank} of 2)" in printed, printed
+    assert printed.count("2 key(s) mapped to a name another key had taken") == 1  # the note comes from rank 0
+
+    if format_ == "png":
+        pngs = {p.relative_to(one): p.read_bytes() for p in one.rglob("*.png")}
+        assert len(pngs) == len(SPLIT_KEYS)
+        assert {p.relative_to(two): p.read_bytes() for p in two.rglob("*.png")} == pngs  # names and bytes
+        assert not [p for p in two.rglob("*") if p.name.startswith(".")]
+    else:
+        assert sorted(p.name for p in two.iterdir()) == ["decoded-r000-000000.tar", "decoded-r001-000000.tar"]
+        shards = [shard_samples(two / f"decoded-r00{rank}-000000.tar") for rank in range(2)]
+        assert not set(shards[0]) & set(shards[1])  # each key in one shard
+        assert {**shards[0], **shards[1]} == shard_samples(one / "decoded-000000.tar")
+
+
+def test_a_process_without_a_batch_writes_no_shard(model_dir, tmp_path, monkeypatch):
+    samples = write_prior_samples(tmp_path / "s.parquet", ["a", "b"], np.zeros((2, 4, 4), dtype=np.int64))
+    monkeypatch.setenv("RANK", "1")  # as the launcher sets them: the one batch is process 0's
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("decode", samples, tmp_path / "out", "--model", model_dir, "--format", "wds")
+    assert result.exit_code == 0, result.output
+    assert "decoded 0 images into 0 WebDataset shard(s)" in result.output and "(process 1 of 2)" in result.output
+    assert list((tmp_path / "out").iterdir()) == []
