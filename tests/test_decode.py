@@ -1,22 +1,26 @@
 """vqtok decode and vqtok info on token datasets: images equal the model's, refusals, hostile keys, formats."""
 
+import io
 import json
 import os
 import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+import webdataset
 from click.testing import CliRunner
-from conftest import image_samples
+from conftest import image_samples, launch_two_processes
 from PIL import Image
 
 from vqtok import VQVAE, ModelConfig
 from vqtok.cli import cli
 from vqtok.decode import key_path
 from vqtok.tokens import TokenSettings, TokenStore, read_codes
-from vqtok.tokens.format import STATS_DIR
+from vqtok.tokens.format import STATS_DIR, grid_array
 
 
 def invoke(*args):
@@ -144,8 +148,6 @@ def test_key_path_keeps_folders_and_escapes_the_rest():
 
 
 def test_wds_output_reads_back_with_webdataset(model_dir, tokens, tmp_path):
-    import webdataset
-
     out = tmp_path / "wds"
     result = invoke("decode", tokens, out, "--model", model_dir, "--format", "wds")
     assert result.exit_code == 0, result.output
@@ -265,10 +267,83 @@ def test_every_file_of_a_folder_is_checked_against_the_model(model_dir, tokens, 
 
 
 def test_wds_keys_with_dots_read_back_whole(model_dir, tmp_path):
-    import webdataset
-
     samples = write_prior_samples(tmp_path / "s.parquet", ["img.001", "img.002"], np.zeros((2, 4, 4), dtype=int))
     assert invoke("decode", samples, tmp_path / "out", "--model", model_dir, "--format", "wds").exit_code == 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["decoded-000000.tar"]  # no temporary left
     read = list(webdataset.WebDataset(str(tmp_path / "out" / "decoded-000000.tar"), shardshuffle=False))
     assert sorted(s["__key__"] for s in read) == ["img%2E001", "img%2E002"]
+
+
+def write_vouched_grids(path, keys, codes):
+    """A Parquet file of fixed-size uint16 grids, as vqtok writes them: its statistics vouch for every code, so
+    decode reads its rows only batch by batch (keys may be None)."""
+    pq.write_table(pa.table({"key": pa.array(keys, pa.string()), "codes": grid_array(codes, pa.uint16())}), path)
+    return path
+
+
+def shard_samples(path) -> dict[str, bytes]:
+    """A tar shard's samples: key -> the PNG's bytes."""
+    return {s["__key__"]: s["png"] for s in webdataset.WebDataset(str(path), shardshuffle=False)}
+
+
+def test_a_failed_wds_decode_leaves_only_whole_shards(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("vqtok.decode.WDS_SHARD_SAMPLES", 4)
+    codes = np.random.default_rng(3).integers(0, 32, (12, 4, 4))
+    keys = [f"k{i}" for i in range(12)]
+    keys[10] = None  # in the fourth batch of three: found once shards 0 and 1 are full and shard 2 has begun
+    samples = write_vouched_grids(tmp_path / "s.parquet", keys, codes)
+    out = tmp_path / "out"
+    result = invoke("decode", samples, out, "--model", model_dir, "--format", "wds", "--batch-size", "3")
+    assert result.exit_code == 1 and "a row has no key" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["decoded-000000.tar", "decoded-000001.tar"]  # no temporary
+    expected = expected_pixels(model_dir, codes)
+    for n in range(2):
+        written = shard_samples(out / f"decoded-{n:06d}.tar")
+        assert list(written) == keys[4 * n : 4 * n + 4]
+        for i, key in enumerate(written, start=4 * n):
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(written[key]))), expected[i]), key
+
+
+# More rows than a batch, and keys that map to one name ("a/b" and "a//b", "A" and "a") in batches that
+# different processes decode: batch i of 2 rows goes to process i % 2.
+SPLIT_KEYS = ["a/b", "A", "a//b", "a", "x/0", "x/1", "x/2", "x/3", "x/4", "x/5", "x/6"]
+
+
+@pytest.mark.parametrize("format_", ["png", "wds"])
+def test_two_processes_write_each_image_once_as_one_would(model_dir, tmp_path, format_):
+    codes = np.random.default_rng(4).integers(0, 32, (len(SPLIT_KEYS), 4, 4))
+    samples = write_prior_samples(tmp_path / "s.parquet", SPLIT_KEYS, codes)
+    decode = ["decode", samples, "--model", model_dir, "--format", format_, "--batch-size", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    alone = invoke(*decode[:2], one, *decode[2:])
+    assert alone.exit_code == 0, alone.output
+    proc = launch_two_processes(*decode[:2], two, *decode[2:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    printed = proc.stdout + proc.stderr
+    what = "PNG files" if format_ == "png" else "WebDataset shard(s)"
+    files = (6, 5) if format_ == "png" else (1, 1)
+    for rank, (images, n) in enumerate(zip((6, 5), files, strict=True)):  # batches 0, 2, 4 and 1, 3, 5
+        assert f"decoded {images} images into {n} {what} under {two} (process {rank} of 2)" in printed, printed
+    assert printed.count("2 key(s) mapped to a name another key had taken") == 1  # the note comes from rank 0
+
+    if format_ == "png":
+        pngs = {p.relative_to(one): p.read_bytes() for p in one.rglob("*.png")}
+        assert len(pngs) == len(SPLIT_KEYS)
+        assert {p.relative_to(two): p.read_bytes() for p in two.rglob("*.png")} == pngs  # names and bytes
+        assert not [p for p in two.rglob("*") if p.name.startswith(".")]
+    else:
+        assert sorted(p.name for p in two.iterdir()) == ["decoded-r000-000000.tar", "decoded-r001-000000.tar"]
+        shards = [shard_samples(two / f"decoded-r00{rank}-000000.tar") for rank in range(2)]
+        assert not set(shards[0]) & set(shards[1])  # each key in one shard
+        assert {**shards[0], **shards[1]} == shard_samples(one / "decoded-000000.tar")
+
+
+def test_a_process_without_a_batch_writes_no_shard(model_dir, tmp_path, monkeypatch):
+    samples = write_prior_samples(tmp_path / "s.parquet", ["a", "b"], np.zeros((2, 4, 4), dtype=np.int64))
+    monkeypatch.setenv("RANK", "1")  # as the launcher sets them: the one batch is process 0's
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("decode", samples, tmp_path / "out", "--model", model_dir, "--format", "wds")
+    assert result.exit_code == 0, result.output
+    assert "decoded 0 images into 0 WebDataset shard(s)" in result.output and "(process 1 of 2)" in result.output
+    assert list((tmp_path / "out").iterdir()) == []

@@ -614,6 +614,14 @@ def decode(tokens, out, model_dir, format_, keys, storage_options, **options):
     such as a prior's samples; a path or a URL. Keys become file names inside
     the local folder OUT, never outside it.
 
+    --format wds writes OUT/decoded-NNNNNN.tar, 10,000 samples a shard, each
+    renamed into place only when whole: a decode that fails leaves the shards
+    it had finished and removes the one it was writing.
+
+    Under `accelerate launch` or torchrun, batch i goes to process i mod world
+    size and every image is written once, under the name one process would
+    give it; with --format wds, process R writes OUT/decoded-rRRR-NNNNNN.tar.
+
     \b
     Examples:
         vqtok decode tokens.parquet decoded/ --model runs/x/model --limit 100
@@ -626,10 +634,13 @@ def decode(tokens, out, model_dir, format_, keys, storage_options, **options):
     options["storage_options"] = parse_options(storage_options)
     result = decode_tokens(tokens, out, model_dir, format=format_, keys=wanted, **options)
     what = f"{result.files} PNG files" if format_ == "png" else f"{result.files} WebDataset shard(s)"
+    who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
     click.echo(
-        f"decoded {result.images:,} images into {what} under {result.out} in {result.seconds:.1f} s "
+        f"decoded {result.images:,} images into {what} under {result.out}{who} in {result.seconds:.1f} s "
         f"({result.images_per_second:,.1f} images/s)"
     )
+    if result.rank != 0:  # the notes are about the whole selection, which every process read alike
+        return
     if result.renamed:
         click.echo(f"{result.renamed} key(s) mapped to a name another key had taken; written with a ~hash suffix")
     for path, progress in result.unfinished.items():

@@ -7,6 +7,10 @@ written: that every file's codes were made by this model, that every code lies i
 files, from the row-group statistics, and again on each batch as it is decoded), that the keys asked for
 exist. Keys are data from strangers: they become file names only through `key_path`, which keeps every file
 inside the output folder.
+
+Under `accelerate launch` or torchrun, batch i of the selection goes to process i mod world size. Every process
+still reads every batch's keys and names them all in one order, so a key's file name does not depend on how many
+processes there are; the processes never talk to each other.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from vqtok.distributed import process_rank
 from vqtok.errors import ConfigError, StoreError
 from vqtok.files import write_atomically
 from vqtok.progress import ProgressBar
@@ -40,9 +45,11 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f%\\.]")  # control characters, dots, and % 
 @dataclass
 class DecodeResult:
     out: Path
-    images: int = 0
-    renamed: int = 0  # keys whose file name another key had taken, written under a longer name
-    files: int = 0  # PNG files, or tar shards with --format wds
+    rank: int = 0
+    world_size: int = 1
+    images: int = 0  # this process's
+    renamed: int = 0  # keys of the whole selection whose name another key had taken, written under a longer one
+    files: int = 0  # PNG files, or tar shards with --format wds, that this process wrote
     seconds: float = 0.0
     decode_seconds: float = 0.0  # the model
     write_seconds: float = 0.0  # the main process waiting for PNG encoding and writing
@@ -112,12 +119,13 @@ def decode(
     show_progress: bool = True,
 ) -> DecodeResult:
     """Decode the code grids of `tokens` (a local path or a URL) into PNGs (or WebDataset shards) under the
-    local folder `out`."""
+    local folder `out`; of several processes, this one's share of them."""
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     if is_url(os.fspath(out)):
         raise ConfigError(f"decode writes images into a local folder; {out} is a URL")
     started = time.perf_counter()
+    rank, world_size = process_rank()
     model = load_tokenizer(model_dir, device=pick_device(device), storage_options=storage_options)
     model.to(memory_format=torch.channels_last)
     # Every file's columns, and one tokenizer; an unfinished dataset's committed parts, which the result notes.
@@ -126,28 +134,41 @@ def decode(
     first = next(iter(token_set.schemas.values()))
     carried = [name for name in first.names if name not in RESERVED_COLUMNS] if format == "wds" else []
     selection = token_set.select(model.codebook_size, keys, limit)
+    # The sizes of the batches TokenSet.read yields, in its order: this process decodes every world_size-th.
+    batches = [
+        min(batch_size, len(rows) - start) for rows in selection.values() for start in range(0, len(rows), batch_size)
+    ]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = DecodeResult(out, unfinished={path: done.describe() for path, done in token_set.unfinished.items()})
-    progress = ProgressBar("decode", sum(len(rows) for rows in selection.values()), enabled=show_progress)
-    writer = PngWriter(out) if format == "png" else WdsWriter(out)
+    unfinished = {path: done.describe() for path, done in token_set.unfinished.items()}
+    result = DecodeResult(out, rank, world_size, unfinished=unfinished)
+    progress = ProgressBar("decode", sum(batches[rank::world_size]), enabled=show_progress and rank == 0)
+    names = UniqueNames()
+    # A lone process writes decoded-NNNNNN.tar; of several, each puts its rank in its shards' names, so none collide.
+    prefix = "decoded" if world_size == 1 else f"decoded-r{rank:03d}"
+    writer = PngWriter(out) if format == "png" else WdsWriter(out, prefix)
     with progress, writer:
-        for table in token_set.read(selection, carried, batch_size):
-            decoding = time.perf_counter()
+        for i, table in enumerate(token_set.read(selection, carried, batch_size)):
             keys = table.column("key").to_pylist()
             if None in keys:
                 raise StoreError("a row has no key")
+            # Claimed for every batch, the other processes' too: two keys that map to one name get the same
+            # names in every process, whichever process writes them.
+            claimed = [names.claim(key) for key in keys]
+            if i % world_size != rank:
+                continue
+            decoding = time.perf_counter()
             grids = codes_array(table.column("codes"))
             check_code_range(keys, grids, model.codebook_size)  # in case statistics that vouched for rows lied
             images = model.decode(torch.from_numpy(grids))  # (B, 3, H, W) in [0, 1]
             pixels = images.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
             result.decode_seconds += time.perf_counter() - decoding
             extra = {name: table.column(name).to_pylist() for name in carried}
-            writer.write(keys, pixels, extra)
+            writer.write(keys, claimed, pixels, extra)
             result.images += len(pixels)
             progress.update(result.images, f"{result.images / (time.perf_counter() - started):,.0f} img/s")
-    result.renamed, result.files, result.write_seconds = writer.renamed, writer.files, writer.wait_seconds
+    result.renamed, result.files, result.write_seconds = names.renamed, writer.files, writer.wait_seconds
     result.seconds = time.perf_counter() - started
     return result
 
@@ -160,15 +181,10 @@ class PngWriter:
         self.out = out
         self.root = os.path.realpath(out)
         self.ready: set[Path] = set()  # folders known to lie inside out
-        self.names = UniqueNames()
         self.files = 0
         self.wait_seconds = 0.0
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
         self.pending: list[tuple[str, Future]] = []
-
-    @property
-    def renamed(self) -> int:
-        return self.names.renamed
 
     def __enter__(self):
         return self
@@ -179,14 +195,14 @@ class PngWriter:
         finally:
             self.pool.shutdown()
 
-    def write(self, keys: list[str], pixels: np.ndarray, extra: dict) -> None:
-        for key, image in zip(keys, pixels, strict=True):
-            path = self._path_for(key)
+    def write(self, keys: list[str], names: list[PurePosixPath], pixels: np.ndarray, extra: dict) -> None:
+        for key, name, image in zip(keys, names, pixels, strict=True):
+            path = self._path_for(key, name)
             self.pending.append((key, self.pool.submit(_write_png, path, image)))
         self._wait(4 * len(keys))  # keep a few batches in flight: memory stays bounded
 
-    def _path_for(self, key: str) -> Path:
-        path = self.out / f"{self.names.claim(key)}.png"
+    def _path_for(self, key: str, name: PurePosixPath) -> Path:
+        path = self.out / f"{name}.png"
         self.files += 1
         if path.parent in self.ready:  # checked and made for an earlier key
             return path
@@ -227,46 +243,62 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 class WdsWriter:
-    """WebDataset shards `decoded-NNNNNN.tar` of KEY.png plus the carried fields, keys made safe as for PNGs.
-    Each shard is written under a temporary name and renamed when it is complete."""
+    """WebDataset shards `PREFIX-NNNNNN.tar` of WDS_SHARD_SAMPLES samples each (the last may hold fewer): KEY.png
+    plus the carried fields, keys made safe as for PNGs. Each shard is written under a temporary name and renamed
+    when it is complete; when decoding fails, the shard it was writing is removed, so every published one is whole.
+    """
 
-    def __init__(self, out: Path) -> None:
-        import webdataset
-
-        def publish(temporary: str) -> None:
-            os.replace(temporary, out / Path(temporary).name.removeprefix(".").removesuffix(".tmp"))
-
-        pattern = str(out / ".decoded-%06d.tar.tmp")
-        self.writer = webdataset.ShardWriter(pattern, maxcount=WDS_SHARD_SAMPLES, verbose=0, post=publish)
-        self.names = UniqueNames()
-        self.written = 0
+    def __init__(self, out: Path, prefix: str) -> None:
+        self.out = out
+        self.prefix = prefix
+        self.files = 0  # shards published
+        self.tar = None  # the shard being written, under self.temporary, and how many samples it holds
+        self.temporary: Path | None = None
+        self.samples = 0
         self.wait_seconds = 0.0
-
-    @property
-    def renamed(self) -> int:
-        return self.names.renamed
-
-    @property
-    def files(self) -> int:
-        return -(-self.written // WDS_SHARD_SAMPLES)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.writer.close()
+    def __exit__(self, failure, *exc) -> None:
+        if self.tar is None:
+            return
+        if failure is None:
+            self._publish()
+            return
+        try:
+            self.tar.close()
+        finally:
+            self.temporary.unlink(missing_ok=True)
 
-    def write(self, keys: list[str], pixels: np.ndarray, extra: dict) -> None:
+    def write(self, keys: list[str], names: list[PurePosixPath], pixels: np.ndarray, extra: dict) -> None:
         import io
 
         from PIL import Image
 
         started = time.perf_counter()
-        for i, (key, image) in enumerate(zip(keys, pixels, strict=True)):
+        for i, (name, image) in enumerate(zip(names, pixels, strict=True)):
             buffer = io.BytesIO()
             Image.fromarray(image).save(buffer, "PNG", compress_level=1)
-            sample = {"__key__": str(self.names.claim(key)), "png": buffer.getvalue()}
+            sample = {"__key__": str(name), "png": buffer.getvalue()}
             sample.update({field: str(values[i]) for field, values in extra.items() if values[i] is not None})
-            self.writer.write(sample)
-            self.written += 1
+            if self.tar is None:
+                self._open()
+            self.tar.write(sample)
+            self.samples += 1
+            if self.samples == WDS_SHARD_SAMPLES:
+                self._publish()
         self.wait_seconds += time.perf_counter() - started
+
+    def _open(self) -> None:
+        import webdataset
+
+        self.temporary = self.out / f".{self.prefix}-{self.files:06d}.tar.tmp"
+        self.tar = webdataset.TarWriter(str(self.temporary))
+        self.samples = 0
+
+    def _publish(self) -> None:
+        self.tar.close()
+        os.replace(self.temporary, self.out / f"{self.prefix}-{self.files:06d}.tar")
+        self.tar = None
+        self.files += 1
