@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from vqtok.config import QuantizerConfig
 from vqtok.quantize import VectorQuantizer
 
 STEPS = 12
@@ -21,7 +22,7 @@ def batches(rank):
 
 
 def make_quantizer(kmeans_init):
-    return VectorQuantizer(64, 4, decay=0.9, kmeans_init=kmeans_init, dead_code_window=2)
+    return VectorQuantizer(QuantizerConfig(64, 4, decay=0.9, kmeans_init=kmeans_init, dead_code_window=2))
 
 
 def run_rank(rank, world_size, store_path, out_dir, kmeans_init):

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from vqtok.config import QuantizerConfig
 from vqtok.quantize import VectorQuantizer, _argmin_rows, kmeans, nearest_codes
 from vqtok.usage import CodeUsage
 
@@ -36,7 +37,7 @@ def test_grouped_argmin_breaks_ties_like_argmin():
 
 
 def test_lookup_inverts_codes():
-    vq = VectorQuantizer(32, 4, kmeans_init=False)
+    vq = VectorQuantizer(QuantizerConfig(32, 4, kmeans_init=False))
     codes = torch.randint(0, 32, (2, 3, 5))
     looked_up = vq.lookup(codes)  # (B, D, h, w)
     assert looked_up.shape == (2, 4, 3, 5)
@@ -44,7 +45,7 @@ def test_lookup_inverts_codes():
 
 
 def test_straight_through_passes_decoder_gradient_unchanged():
-    vq = VectorQuantizer(16, 4, decay=None, kmeans_init=False)
+    vq = VectorQuantizer(QuantizerConfig(16, 4, decay=None, kmeans_init=False))
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     upstream = torch.randn(2, 4, 3, 3)
     z_q, _, _ = vq(z)
@@ -54,7 +55,7 @@ def test_straight_through_passes_decoder_gradient_unchanged():
 
 
 def test_codebook_loss_moves_only_the_codebook():
-    vq = VectorQuantizer(16, 4, beta=0.0, decay=None, kmeans_init=False)
+    vq = VectorQuantizer(QuantizerConfig(16, 4, beta=0.0, decay=None, kmeans_init=False))
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     _, _, loss = vq(z)
     loss.backward()
@@ -63,7 +64,7 @@ def test_codebook_loss_moves_only_the_codebook():
 
 
 def test_commitment_loss_moves_only_the_encoder():
-    vq = VectorQuantizer(16, 4, beta=0.25, decay=0.99, kmeans_init=False, dead_code_window=0)
+    vq = VectorQuantizer(QuantizerConfig(16, 4, beta=0.25, decay=0.99, kmeans_init=False, dead_code_window=0))
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     codebook_before = vq.codebook.clone()
     z_q, _, loss = vq.eval()(z)
@@ -74,14 +75,14 @@ def test_commitment_loss_moves_only_the_encoder():
 
 
 def test_plain_loss_is_codebook_plus_beta_commitment():
-    vq = VectorQuantizer(16, 4, beta=0.25, decay=None, kmeans_init=False)
+    vq = VectorQuantizer(QuantizerConfig(16, 4, beta=0.25, decay=None, kmeans_init=False))
     z = torch.randn(2, 4, 3, 3)
     z_q, _, loss = vq(z)
     torch.testing.assert_close(loss, 1.25 * torch.mean((z - z_q) ** 2))
 
 
 def test_ema_update_matches_hand_computation():
-    vq = VectorQuantizer(2, 1, decay=0.5, eps=0.0, kmeans_init=False, dead_code_window=0)
+    vq = VectorQuantizer(QuantizerConfig(2, 1, decay=0.5, kmeans_init=False, dead_code_window=0), eps=0.0)
     vq.codebook.copy_(torch.tensor([[0.0], [10.0]]))
     vq.ema_sum.copy_(vq.codebook)  # counts start at one, so sums equal the codes
     z = torch.tensor([1.0, 2.0, 9.0]).view(1, 1, 1, 3)  # codes 0, 0, 1
@@ -94,7 +95,7 @@ def test_ema_update_matches_hand_computation():
 
 
 def test_ema_laplace_smoothing():
-    vq = VectorQuantizer(2, 1, decay=0.5, eps=0.1, kmeans_init=False, dead_code_window=0)
+    vq = VectorQuantizer(QuantizerConfig(2, 1, decay=0.5, kmeans_init=False, dead_code_window=0), eps=0.1)
     vq.codebook.copy_(torch.tensor([[0.0], [10.0]]))
     vq.ema_sum.copy_(vq.codebook)
     vq(torch.tensor([1.0, 2.0, 9.0]).view(1, 1, 1, 3))
@@ -126,7 +127,7 @@ def test_kmeans_finds_clusters():
 def test_kmeans_init_starts_codes_on_the_data():
     torch.manual_seed(0)
     _, points = clustered_data(8, 64, 4)
-    vq = VectorQuantizer(8, 4, kmeans_init=True, dead_code_window=0)
+    vq = VectorQuantizer(QuantizerConfig(8, 4, kmeans_init=True, dead_code_window=0))
     vq.codebook.fill_(100.0)  # far from every point
     vq(as_grid(points))
     assert bool(vq.initialized)
@@ -138,7 +139,7 @@ def test_kmeans_init_starts_codes_on_the_data():
 def test_dead_codes_restart_from_encoder_outputs(decay):
     def train(dead_code_window):
         torch.manual_seed(0)
-        vq = VectorQuantizer(16, 4, decay=decay, kmeans_init=False, dead_code_window=dead_code_window)
+        vq = VectorQuantizer(QuantizerConfig(16, 4, decay=decay, kmeans_init=False, dead_code_window=dead_code_window))
         vq.codebook.data.fill_(100.0)  # every code far from the data: one wins everything
         if decay is not None:
             vq.ema_sum.fill_(100.0)
@@ -154,7 +155,7 @@ def test_dead_codes_restart_from_encoder_outputs(decay):
 
 
 def test_usage_counts_only_recent_steps():
-    vq = VectorQuantizer(4, 2, kmeans_init=False, dead_code_window=0)
+    vq = VectorQuantizer(QuantizerConfig(4, 2, kmeans_init=False, dead_code_window=0))
     vq.usage_window = 3
     vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]))
     vq(as_grid(torch.tensor([[0.0, 0.0], [10.0, 0.0]])))  # codes 0 and 1
@@ -171,7 +172,7 @@ def test_perplexity():
 
 
 def test_autocast_input_is_quantized_in_float32():
-    vq = VectorQuantizer(16, 4, kmeans_init=False).eval()
+    vq = VectorQuantizer(QuantizerConfig(16, 4, kmeans_init=False)).eval()
     z = torch.randn(2, 4, 3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z_q, codes, _ = vq(z.bfloat16())
