@@ -104,6 +104,29 @@ def test_save_and_load_round_trip(model, tmp_path):
     assert header["model_id"] == model.model_id and header["format_version"] == 1
 
 
+def test_a_factorised_lookup_encodes_decodes_and_survives_a_round_trip(tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_channels=16, res_channels=8, quantizer=QuantizerConfig(32, 8, lookup_dim=3))
+    model = VQVAE(config)
+    model(torch.rand(4, 3, 16, 16))  # training mode: k-means in the 3-dimensional lookup space
+    model.eval()
+    assert model.quantizer.codebook.shape == (32, 3)
+    images = torch.rand(3, 3, 16, 16)
+    codes = model.encode(images)
+    assert codes.shape == (3, 4, 4) and torch.equal(codes, model(images).codes)
+    # decode gives what the training forward's decoder made of the same codes, projected back to D = 8
+    torch.testing.assert_close(model.decode(codes), model(images).recon.clamp(0, 1))
+
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / CONFIG_NAME).read_text())["config"]["quantizer"]["lookup_dim"] == 3
+    state = load_file(tmp_path / "m" / WEIGHTS_NAME)
+    assert state["quantizer.codebook"].shape == (32, 3) and state["quantizer.project_in.weight"].shape == (3, 8)
+    assert state["quantizer.project_out.weight"].shape == (8, 3)
+    loaded = VQVAE.from_pretrained(tmp_path / "m")
+    assert loaded.config == config and loaded.model_id == model.model_id
+    assert torch.equal(loaded.encode(images), codes) and torch.equal(loaded.decode(codes), model.decode(codes))
+
+
 def test_model_id_tracks_the_weights(model):
     before = model.model_id
     with torch.no_grad():
