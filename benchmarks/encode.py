@@ -85,11 +85,12 @@ def decode_crop(data: bytes) -> np.ndarray:
 
 
 def make_model(jpegs: list[bytes], folder: Path) -> str:
-    from vqtok import VQVAE, ModelConfig
+    from vqtok import VQVAE, ModelConfig, QuantizerConfig
     from vqtok.quantize import kmeans
 
     torch.manual_seed(0)
-    model = VQVAE(ModelConfig(hidden_channels=128, codebook_size=512, code_dim=64, image_size=SIZE)).eval()
+    quantizer = QuantizerConfig(codebook_size=512, code_dim=64)
+    model = VQVAE(ModelConfig(hidden_channels=128, image_size=SIZE, quantizer=quantizer)).eval()
     images = torch.from_numpy(np.stack([decode_crop(d) for d in jpegs[:256]])).float() / 255
     with torch.no_grad():
         z = model.encoder(images * 2 - 1)  # (256, D, 16, 16)

@@ -172,12 +172,13 @@ class Reference(torch.nn.Module):
     def __init__(self, peer: Peer, codebook_size: int, levels: list[int]) -> None:
         from vector_quantize_pytorch import FSQ, VectorQuantize
 
-        from vqtok.config import ModelConfig
+        from vqtok.config import ModelConfig, QuantizerConfig
         from vqtok.model import Decoder, Encoder
 
         super().__init__()
         self.peer = peer
-        config = ModelConfig(hidden_channels=HIDDEN, codebook_size=codebook_size, code_dim=D, **peer.network)
+        quantizer = QuantizerConfig(codebook_size=codebook_size, code_dim=D)
+        config = ModelConfig(hidden_channels=HIDDEN, quantizer=quantizer, **peer.network)
         self.encoder, self.decoder = Encoder(config), Decoder(config)
         if peer.quantizer == "FSQ":
             self.fsq = FSQ(levels, dim=D)  # projects the D channels to len(levels) bounded scalars and back
@@ -316,7 +317,9 @@ def vqtok_defaults() -> dict:
     alike were trained alike only where these agree."""
     from vqtok.config import ModelConfig, TrainConfig
 
-    return {"model": dataclasses.asdict(ModelConfig()), "train": dataclasses.asdict(TrainConfig())}
+    model = dataclasses.asdict(ModelConfig())
+    quantizer = model.pop("quantizer")  # flat, as the stored runs recorded the defaults before QuantizerConfig
+    return {"model": {**model, **quantizer}, "train": dataclasses.asdict(TrainConfig())}
 
 
 def moved_defaults(runs: list[dict], now: dict) -> list[str]:

@@ -64,7 +64,14 @@ import quantizer  # noqa: E402
 from encode import make_jpegs, write_shards  # noqa: E402
 from prior import sampling_speed  # noqa: E402
 
-from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, TrainConfig, VQGANConfig  # noqa: E402
+from vqtok.config import (  # noqa: E402
+    ModelConfig,
+    PriorConfig,
+    PriorTrainConfig,
+    QuantizerConfig,
+    TrainConfig,
+    VQGANConfig,
+)
 
 COLUMNS = ("stage", "what", "figure", "unit", "notes")
 STAGES = ("shards", "fit", "encode", "decode", "eval", "prior", "search", "agreement", "multi")
@@ -81,7 +88,7 @@ class Sizes:
     fit_steps: int
     fit_batch: int
     log_every: int
-    vqgan: dict  # VQGANConfig's settings
+    vqgan: VQGANConfig
     vqgan_steps: int
     vqgan_batch: int
     alone_images: int  # the model alone: images held in device memory
@@ -106,17 +113,15 @@ GPU = Sizes(
     log_every=50,
     # LlamaGen's VQ-16 shape: 128 channels, multipliers (1, 1, 2, 2, 4), attention at the lowest level,
     # K = 16,384 codes looked up l2-normalized in 8 dimensions; 16x16 grids at 256 px.
-    vqgan={
-        "base_channels": 128,
-        "channel_mult": (1, 1, 2, 2, 4),
-        "num_res_blocks": 2,
-        "attn_levels": (4,),
-        "z_channels": 256,
-        "codebook_size": 16384,
-        "code_dim": 8,
-        "normalize_codes": True,
-        "image_size": 256,
-    },
+    vqgan=VQGANConfig(
+        base_channels=128,
+        channel_mult=(1, 1, 2, 2, 4),
+        num_res_blocks=2,
+        attn_levels=(4,),
+        z_channels=256,
+        image_size=256,
+        quantizer=QuantizerConfig(codebook_size=16384, code_dim=8, normalize_codes=True),
+    ),
     vqgan_steps=100,
     vqgan_batch=16,
     alone_images=1024,
@@ -135,21 +140,21 @@ SMOKE = Sizes(
     image_size=32,
     images=96,
     per_shard=32,
-    vqvae=ModelConfig(hidden_channels=32, res_channels=8, codebook_size=64, code_dim=16, image_size=32),
+    vqvae=ModelConfig(
+        hidden_channels=32, res_channels=8, image_size=32, quantizer=QuantizerConfig(codebook_size=64, code_dim=16)
+    ),
     fit_steps=6,
     fit_batch=8,
     log_every=2,
-    vqgan={
-        "base_channels": 32,
-        "channel_mult": (1, 1, 2),
-        "num_res_blocks": 1,
-        "attn_levels": (2,),
-        "z_channels": 32,
-        "codebook_size": 64,
-        "code_dim": 8,
-        "normalize_codes": True,
-        "image_size": 32,
-    },
+    vqgan=VQGANConfig(
+        base_channels=32,
+        channel_mult=(1, 1, 2),
+        num_res_blocks=1,
+        attn_levels=(2,),
+        z_channels=32,
+        image_size=32,
+        quantizer=QuantizerConfig(codebook_size=64, code_dim=8, normalize_codes=True),
+    ),
     vqgan_steps=4,
     vqgan_batch=4,
     alone_images=32,
@@ -286,8 +291,11 @@ def toml_recipe(path: Path, model: ModelConfig, train: TrainConfig) -> str:
             lines.append(f"{key} = {json.dumps(value)}")
         return lines
 
+    model_values = model.to_dict()
+    quantizer_values = model_values.pop("quantizer")
     train_values = {k: v for k, v in train.to_dict().items() if not (k == "report_to" and v is None)}
-    path.write_text("\n".join(table_lines("model", model.to_dict()) + table_lines("train", train_values)) + "\n")
+    lines = table_lines("model", model_values) + table_lines("model.quantizer", quantizer_values)
+    path.write_text("\n".join(lines + table_lines("train", train_values)) + "\n")
     return str(path)
 
 
@@ -330,7 +338,9 @@ def fit_once(check: Check, name: str, config, steps: int, batch: int, workers: i
     precision = "bf16 autocast" if check.cuda and torch.cuda.is_bf16_supported() else "fp32"
     grid = config.image_size // config.stride
     what = f"{name}, batch {batch}, {workers} workers"
-    notes = f"{precision}, {config.image_size} px -> {grid}x{grid}, K = {config.codebook_size}; waiting for data "
+    notes = (
+        f"{precision}, {config.image_size} px -> {grid}x{grid}, K = {config.quantizer.codebook_size}; waiting for data "
+    )
     notes += f"{wait:.0%} of the loop"
     check.add("fit", what, rate, "images/s", notes)
     if memory is not None and workers == DEFAULT_WORKERS:  # the workers do not change what the GPU holds
@@ -348,8 +358,7 @@ def stage_fit(check: Check) -> None:
 
 def stage_fit_vqgan(check: Check) -> None:
     s = check.sizes
-    config = VQGANConfig(**s.vqgan)
-    fit_once(check, "VQGAN", config, s.vqgan_steps, s.vqgan_batch, DEFAULT_WORKERS)
+    fit_once(check, "VQGAN", s.vqgan, s.vqgan_steps, s.vqgan_batch, DEFAULT_WORKERS)
 
 
 def alone_rate(check: Check, model, images: torch.Tensor, dtype: torch.dtype | None) -> float:

@@ -36,18 +36,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from encode import make_jpegs, write_shards  # noqa: E402
 
 SIZE = 256
+# LlamaGen's VQ-16 as its config.json would hold it (`VQGANConfig.from_dict`)
 LLAMAGEN_VQ16 = dict(
     base_channels=128,
     channel_mult=(1, 1, 2, 2, 4),
     num_res_blocks=2,
     attn_levels=(4,),
     z_channels=256,
-    codebook_size=16384,
-    code_dim=8,
-    normalize_codes=True,
-    decay=None,
-    kmeans_init=False,
     image_size=SIZE,
+    quantizer=dict(codebook_size=16384, code_dim=8, normalize_codes=True, decay=None, kmeans_init=False),
 )
 
 LLAMAGEN_LOOP = textwrap.dedent(
@@ -105,7 +102,7 @@ def make_model(folder: Path) -> str:
     from vqtok.tokenizers import build_tokenizer
 
     torch.manual_seed(0)
-    return str(build_tokenizer(VQGANConfig(**LLAMAGEN_VQ16)).save_pretrained(folder / "model"))
+    return str(build_tokenizer(VQGANConfig.from_dict(LLAMAGEN_VQ16)).save_pretrained(folder / "model"))
 
 
 def model_alone(jpegs: list[bytes], model_dir: str, batch_size: int) -> tuple[float, float | None]:

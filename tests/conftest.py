@@ -216,10 +216,12 @@ def model_dir(tmp_path_factory):
     """A small untrained model whose codebook is spread over its encoder's outputs, so codes vary."""
     import torch
 
-    from vqtok import VQVAE, ModelConfig
+    from vqtok import VQVAE, ModelConfig, QuantizerConfig
 
     torch.manual_seed(0)
-    model = VQVAE(ModelConfig(hidden_channels=8, codebook_size=32, code_dim=4, image_size=16))
+    model = VQVAE(
+        ModelConfig(hidden_channels=8, image_size=16, quantizer=QuantizerConfig(codebook_size=32, code_dim=4))
+    )
     with torch.no_grad():
         z = model.encoder(torch.rand(8, 3, 16, 16) * 2 - 1)  # (8, D, 4, 4)
         model.quantizer.codebook.copy_(z.permute(0, 2, 3, 1).reshape(-1, 4)[torch.randperm(128)[:32]])

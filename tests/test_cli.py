@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,22 +10,27 @@ from click.testing import CliRunner
 
 from vqtok import VQVAE, __version__
 from vqtok.cli import cli
-from vqtok.config import ModelConfig
+from vqtok.config import ModelConfig, QuantizerConfig
 
 
 def test_info_reports_a_model(tmp_path):
     torch.manual_seed(0)
-    model = VQVAE(ModelConfig(hidden_channels=16, codebook_size=32, code_dim=8, image_size=64))
+    model = VQVAE(
+        ModelConfig(hidden_channels=16, image_size=64, quantizer=QuantizerConfig(codebook_size=32, code_dim=8))
+    )
     model.save_pretrained(tmp_path / "model")
     result = CliRunner().invoke(cli, ["info", str(tmp_path / "model"), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["model_id"] == model.model_id
-    assert summary["codebook_size"] == 32 and summary["grid"] == [16, 16]
+    assert (summary["codebook_size"], summary["code_dim"], summary["grid"]) == (32, 8, [16, 16])
+    assert summary["config"]["quantizer"]["codebook_size"] == 32
     assert summary["parameters"] == sum(p.numel() for p in model.parameters())
 
-    table = CliRunner().invoke(cli, ["info", str(tmp_path / "model")])
+    table = CliRunner().invoke(cli, ["info", str(tmp_path / "model")], env={"COLUMNS": "200"})  # one line per row
     assert table.exit_code == 0 and model.model_id in table.output
+    assert "K = 32, D = 8" in table.output
+    assert re.search(r"quantizer\.decay\s+\S\s+0\.99", table.output)  # each setting on a row of its own
 
 
 def test_info_on_a_folder_that_is_neither_is_one_clear_line(tmp_path):

@@ -69,7 +69,7 @@ def test_limit_and_keys_choose_rows(model_dir, tokens, tmp_path):
 def other_model(tmp_path, name, **config):
     torch.manual_seed(1)
     base = {"hidden_channels": 8, "codebook_size": 32, "code_dim": 4, "image_size": 16}
-    return str(VQVAE(ModelConfig(**{**base, **config})).save_pretrained(tmp_path / name))
+    return str(VQVAE(ModelConfig.from_dict({**base, **config})).save_pretrained(tmp_path / name))
 
 
 def test_codes_of_another_model_are_refused(model_dir, tokens, tmp_path):

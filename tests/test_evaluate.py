@@ -92,7 +92,7 @@ def test_tiles_are_enlarged_to_at_least_min_tile_and_never_shrunk():
 def small_model(directory, seed: int, image_size: int = 16, **config) -> str:
     """A VQ-VAE whose codebook is spread over its encoder's outputs on noise, so that codes vary."""
     torch.manual_seed(seed)
-    model = VQVAE(ModelConfig(hidden_channels=8, code_dim=4, image_size=image_size, **config))
+    model = VQVAE(ModelConfig.from_dict({"hidden_channels": 8, "code_dim": 4, "image_size": image_size, **config}))
     K, S = model.codebook_size, image_size
     with torch.no_grad():
         z = model.encoder(torch.rand(32, 3, S, S) * 2 - 1).permute(0, 2, 3, 1).reshape(-1, 4)  # (32*h*w, D)

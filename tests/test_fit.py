@@ -1,5 +1,6 @@
 """vqtok fit: one process, two processes, kill and resume, and clear errors."""
 
+import re
 import sys
 
 import pytest
@@ -9,6 +10,7 @@ from conftest import image_samples, kill_and_resume, launch_two_processes, read_
 
 from vqtok import VQVAE
 from vqtok.cli import cli
+from vqtok.config import QuantizerConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -34,7 +36,7 @@ def test_fit_one_process(shards, tmp_path):
     assert "held-out PSNR" in result.output
 
     model = VQVAE.from_pretrained(out / "model")
-    assert model.config.codebook_size == 16 and model.config.image_size == 16
+    assert model.codebook_size == 16 and model.config.image_size == 16
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]  # keeps 2
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000003.png", "step-000006.png"]
 
@@ -48,16 +50,53 @@ def test_fit_one_process(shards, tmp_path):
     assert all(0 <= m["data_wait"] <= 1 for m in train_entries)  # the share of the loop spent waiting for data
 
 
-def test_fit_reads_a_toml_recipe_and_options_override_it(shards, tmp_path):
+@pytest.mark.parametrize(
+    "model_tables",
+    [
+        "[model]\ncodebook_size = 8\ncode_dim = 4\nhidden_channels = 8\n",
+        "[model]\nhidden_channels = 8\n[model.quantizer]\ncodebook_size = 8\ncode_dim = 4\n",
+    ],
+    ids=["flat", "nested"],
+)
+def test_fit_reads_a_toml_recipe_and_options_override_it(shards, tmp_path, model_tables):
     train, _ = shards
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text("[model]\ncodebook_size = 8\ncode_dim = 4\nhidden_channels = 8\n[train]\nsteps = 2\n")
+    recipe.write_text(model_tables + "[train]\nsteps = 2\n")
     out = tmp_path / "run"
     args = ["fit", *train, "--out", str(out), "--config", str(recipe), "--codebook-size", "12", "--no-ema"]
     result = CliRunner().invoke(cli, [*args, "--image-size", "16", "--num-workers", "0", "--batch-size", "4"])
     assert result.exit_code == 0, result.output
-    config = VQVAE.from_pretrained(out / "model").config
-    assert (config.codebook_size, config.code_dim, config.decay) == (12, 4, None)
+    quantizer = VQVAE.from_pretrained(out / "model").config.quantizer
+    assert (quantizer.codebook_size, quantizer.code_dim, quantizer.decay) == (12, 4, None)
+
+
+def test_fit_options_set_the_quantizer(shards, tmp_path):
+    train, _ = shards
+    out = tmp_path / "run"
+    options = ["--codebook-size", "12", "--code-dim", "6", "--beta", "0.5", "--decay", "0.9", "--lookup-dim", "3"]
+    options += ["--normalize-codes", "--rare-code-share", "0.25"]
+    args = ["fit", *train, "--out", str(out), "--hidden", "8", "--image-size", "16", "--batch-size", "4"]
+    result = CliRunner().invoke(cli, [*args, *options, "--steps", "1", "--num-workers", "0"])
+    assert result.exit_code == 0, result.output
+    quantizer = VQVAE.from_pretrained(out / "model").config.quantizer
+    assert quantizer == QuantizerConfig(
+        codebook_size=12, code_dim=6, beta=0.5, decay=0.9, lookup_dim=3, normalize_codes=True, rare_code_share=0.25
+    )
+
+
+def test_fit_help_shows_the_quantizers_defaults():
+    shown = " ".join(CliRunner().invoke(cli, ["fit", "--help"], terminal_width=200).output.split())
+    defaults = QuantizerConfig()
+    for flag, default in [
+        ("--codebook-size", defaults.codebook_size),
+        ("--code-dim", defaults.code_dim),
+        ("--beta", defaults.beta),
+        ("--decay", defaults.decay),
+        ("--lookup-dim", defaults.lookup_dim),
+        ("--normalize-codes", defaults.normalize_codes),
+        ("--rare-code-share", defaults.rare_code_share),
+    ]:
+        assert re.search(rf"{flag} [^[]*\[default: \({default} or the config file's\)", shown), flag
 
 
 @pytest.mark.parametrize(
@@ -113,8 +152,8 @@ def test_killed_run_resumes_from_its_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "vqtok", "fit", *train, "--out", str(out), *TINY, "--steps", "200"]
     command += ["--save-every", "5", "--num-workers", "0"]
-    kill_and_resume(command, out, 200, ["--code-dim", "4"], "code_dim")
-    assert VQVAE.from_pretrained(out / "model").config.codebook_size == 16
+    kill_and_resume(command, out, 200, ["--code-dim", "4"], "quantizer.code_dim")
+    assert VQVAE.from_pretrained(out / "model").codebook_size == 16
 
 
 def test_fit_and_encode_with_a_codebook_of_16384(shards, tmp_path):

@@ -80,7 +80,11 @@ def test_taming_checkpoint_imports_with_the_same_codes_and_images(tmp_path, tami
 
     model = load_tokenizer(out)
     assert isinstance(model, VQGAN)
-    assert model.config.channel_mult == (1, 2) and model.config.attn_levels == (1,) and model.config.decay is None
+    assert (
+        model.config.channel_mult == (1, 2)
+        and model.config.attn_levels == (1,)
+        and model.config.quantizer.decay is None
+    )
     expected_codes, reference = taming_reference(taming, images)
     codes = model.encode(images)
     assert torch.equal(codes, expected_codes)
@@ -165,7 +169,7 @@ def test_normalize_codes_overrides_what_the_format_says(tmp_path, taming, images
     result = run("import", "taming", ckpt, tmp_path / "model", "--config", config, "--normalize-codes")
     assert result.exit_code == 0, result.output
     model = load_tokenizer(tmp_path / "model")
-    assert model.config.normalize_codes
+    assert model.config.quantizer.normalize_codes
     with torch.no_grad():  # codes are then the nearest by angle, not by distance
         z = model.encode_latent(images * 2 - 1)
         directions = torch.nn.functional.normalize(z, dim=1)

@@ -97,8 +97,8 @@ def test_diffusers_codes_and_images_are_vqmodels(diffusers_dir, imported, images
     assert tokenizer.FAMILY == "vqgan" and tokenizer.stride == 2 and tokenizer.codebook_size == 64
     config = tokenizer.config
     assert config.base_channels == 32 and config.channel_mult == (1, 2) and config.num_res_blocks == 1
-    assert config.attn_levels == (1,) and config.z_channels == 4 and config.code_dim == 4
-    assert config.normalize_codes is False and config.image_size == 256  # not sample_size: see importers.py
+    assert config.attn_levels == (1,) and config.z_channels == 4 and config.quantizer.code_dim == 4
+    assert config.quantizer.normalize_codes is False and config.image_size == 256  # not sample_size: see importers.py
     weights = folder / "diffusion_pytorch_model.safetensors"
     assert tokenizer.source == {
         "format": "diffusers",
@@ -205,7 +205,8 @@ def test_llamagen_imports_with_no_option_and_matches_its_forward(ch_mult, stride
 
     tokenizer = load_tokenizer(tmp_path / "model")
     config = tokenizer.config
-    assert (config.codebook_size, config.code_dim, config.normalize_codes) == (64, 8, True)
+    quantizer = config.quantizer
+    assert (quantizer.codebook_size, quantizer.code_dim, quantizer.normalize_codes) == (64, 8, True)
     assert tokenizer.stride == stride and config.channel_mult == ch_mult and config.base_channels == 32
     assert config.attn_levels == (len(ch_mult) - 1,) and config.num_res_blocks == 2 and config.image_size == 256
 
@@ -231,7 +232,7 @@ def test_llamagen_normalization_is_an_option(llamagen_images, tmp_path):
     torch.save({"model": llamagen_vq((1, 2), llamagen_images).state_dict()}, tmp_path / "vq.pt")
     result = invoke("import", "llamagen", tmp_path / "vq.pt", tmp_path / "model", "--no-normalize-codes")
     assert result.exit_code == 0, result.output
-    assert load_tokenizer(tmp_path / "model").config.normalize_codes is False
+    assert load_tokenizer(tmp_path / "model").config.quantizer.normalize_codes is False
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ def write_tokens(path, tokenizer, grids, labels, shards=2, model_id=None):
     header = read_header(tokenizer)
     settings = TokenSettings(
         model_id=model_id or header["model_id"],
-        codebook_size=header["config"]["codebook_size"],
+        codebook_size=header["config"]["quantizer"]["codebook_size"],
         grid=(4, 4),
         image_size=header["config"]["image_size"],
         preprocessing="made by the test",

@@ -1,8 +1,11 @@
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from vqtok.config import QuantizerConfig
 from vqtok.quantize import VectorQuantizer, _argmin_rows, kmeans, nearest_codes
 from vqtok.usage import CodeUsage
 
@@ -36,7 +39,7 @@ def test_grouped_argmin_breaks_ties_like_argmin():
 
 
 def test_lookup_inverts_codes():
-    vq = VectorQuantizer(32, 4, kmeans_init=False)
+    vq = VectorQuantizer(QuantizerConfig(32, 4, kmeans_init=False))
     codes = torch.randint(0, 32, (2, 3, 5))
     looked_up = vq.lookup(codes)  # (B, D, h, w)
     assert looked_up.shape == (2, 4, 3, 5)
@@ -44,7 +47,7 @@ def test_lookup_inverts_codes():
 
 
 def test_straight_through_passes_decoder_gradient_unchanged():
-    vq = VectorQuantizer(16, 4, decay=None, kmeans_init=False)
+    vq = VectorQuantizer(QuantizerConfig(16, 4, decay=None, kmeans_init=False))
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     upstream = torch.randn(2, 4, 3, 3)
     z_q, _, _ = vq(z)
@@ -54,7 +57,7 @@ def test_straight_through_passes_decoder_gradient_unchanged():
 
 
 def test_codebook_loss_moves_only_the_codebook():
-    vq = VectorQuantizer(16, 4, beta=0.0, decay=None, kmeans_init=False)
+    vq = VectorQuantizer(QuantizerConfig(16, 4, beta=0.0, decay=None, kmeans_init=False))
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     _, _, loss = vq(z)
     loss.backward()
@@ -63,7 +66,7 @@ def test_codebook_loss_moves_only_the_codebook():
 
 
 def test_commitment_loss_moves_only_the_encoder():
-    vq = VectorQuantizer(16, 4, beta=0.25, decay=0.99, kmeans_init=False, dead_code_window=0)
+    vq = VectorQuantizer(QuantizerConfig(16, 4, beta=0.25, decay=0.99, kmeans_init=False, dead_code_window=0))
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     codebook_before = vq.codebook.clone()
     z_q, _, loss = vq.eval()(z)
@@ -74,14 +77,14 @@ def test_commitment_loss_moves_only_the_encoder():
 
 
 def test_plain_loss_is_codebook_plus_beta_commitment():
-    vq = VectorQuantizer(16, 4, beta=0.25, decay=None, kmeans_init=False)
+    vq = VectorQuantizer(QuantizerConfig(16, 4, beta=0.25, decay=None, kmeans_init=False))
     z = torch.randn(2, 4, 3, 3)
     z_q, _, loss = vq(z)
     torch.testing.assert_close(loss, 1.25 * torch.mean((z - z_q) ** 2))
 
 
 def test_ema_update_matches_hand_computation():
-    vq = VectorQuantizer(2, 1, decay=0.5, eps=0.0, kmeans_init=False, dead_code_window=0)
+    vq = VectorQuantizer(QuantizerConfig(2, 1, decay=0.5, kmeans_init=False, dead_code_window=0), eps=0.0)
     vq.codebook.copy_(torch.tensor([[0.0], [10.0]]))
     vq.ema_sum.copy_(vq.codebook)  # counts start at one, so sums equal the codes
     z = torch.tensor([1.0, 2.0, 9.0]).view(1, 1, 1, 3)  # codes 0, 0, 1
@@ -94,7 +97,7 @@ def test_ema_update_matches_hand_computation():
 
 
 def test_ema_laplace_smoothing():
-    vq = VectorQuantizer(2, 1, decay=0.5, eps=0.1, kmeans_init=False, dead_code_window=0)
+    vq = VectorQuantizer(QuantizerConfig(2, 1, decay=0.5, kmeans_init=False, dead_code_window=0), eps=0.1)
     vq.codebook.copy_(torch.tensor([[0.0], [10.0]]))
     vq.ema_sum.copy_(vq.codebook)
     vq(torch.tensor([1.0, 2.0, 9.0]).view(1, 1, 1, 3))
@@ -126,7 +129,7 @@ def test_kmeans_finds_clusters():
 def test_kmeans_init_starts_codes_on_the_data():
     torch.manual_seed(0)
     _, points = clustered_data(8, 64, 4)
-    vq = VectorQuantizer(8, 4, kmeans_init=True, dead_code_window=0)
+    vq = VectorQuantizer(QuantizerConfig(8, 4, kmeans_init=True, dead_code_window=0))
     vq.codebook.fill_(100.0)  # far from every point
     vq(as_grid(points))
     assert bool(vq.initialized)
@@ -138,7 +141,7 @@ def test_kmeans_init_starts_codes_on_the_data():
 def test_dead_codes_restart_from_encoder_outputs(decay):
     def train(dead_code_window):
         torch.manual_seed(0)
-        vq = VectorQuantizer(16, 4, decay=decay, kmeans_init=False, dead_code_window=dead_code_window)
+        vq = VectorQuantizer(QuantizerConfig(16, 4, decay=decay, kmeans_init=False, dead_code_window=dead_code_window))
         vq.codebook.data.fill_(100.0)  # every code far from the data: one wins everything
         if decay is not None:
             vq.ema_sum.fill_(100.0)
@@ -154,7 +157,7 @@ def test_dead_codes_restart_from_encoder_outputs(decay):
 
 
 def test_usage_counts_only_recent_steps():
-    vq = VectorQuantizer(4, 2, kmeans_init=False, dead_code_window=0)
+    vq = VectorQuantizer(QuantizerConfig(4, 2, kmeans_init=False, dead_code_window=0))
     vq.usage_window = 3
     vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]))
     vq(as_grid(torch.tensor([[0.0, 0.0], [10.0, 0.0]])))  # codes 0 and 1
@@ -171,9 +174,86 @@ def test_perplexity():
 
 
 def test_autocast_input_is_quantized_in_float32():
-    vq = VectorQuantizer(16, 4, kmeans_init=False).eval()
+    vq = VectorQuantizer(QuantizerConfig(16, 4, kmeans_init=False)).eval()
     z = torch.randn(2, 4, 3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z_q, codes, _ = vq(z.bfloat16())
     assert z_q.dtype == torch.float32
     assert torch.equal(codes, vq.nearest(z.bfloat16().float()))
+
+
+def test_lookup_dim_looks_codes_up_in_a_projection_and_projects_them_back():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(QuantizerConfig(16, 8, lookup_dim=3, kmeans_init=False)).eval()  # no codebook updates
+    assert vq.codebook.shape == (16, 3)  # the codes live in lookup_dim, not in D
+    assert (vq.project_in.in_features, vq.project_in.out_features) == (8, 3)
+    assert (vq.project_out.in_features, vq.project_out.out_features) == (3, 8)
+    z = torch.randn(2, 8, 4, 5, requires_grad=True)  # (B, D, h, w)
+    z_q, codes, loss = vq(z)
+    assert z_q.shape == (2, 8, 4, 5) and codes.shape == (2, 4, 5)
+
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 8)  # (B*h*w, D)
+    with torch.no_grad():
+        projected = vq.project_in(flat)  # (B*h*w, 3)
+        assert torch.equal(codes.flatten(), brute_force_codes(projected, vq.codebook))
+        back = vq.project_out(vq.codebook[codes])  # (B, h, w, D)
+    assert torch.equal(vq.nearest(z), codes)
+    torch.testing.assert_close(vq.lookup(codes), back.permute(0, 3, 1, 2))
+    torch.testing.assert_close(z_q, back.permute(0, 3, 1, 2))  # the decoder gets the code, projected back
+
+    (z_q.sum() + loss).backward()  # the projections learn: out from the decoder's side, in from the losses
+    assert vq.project_in.weight.grad.abs().sum() > 0 and vq.project_out.weight.grad.abs().sum() > 0
+    assert z.grad.abs().sum() > 0
+
+
+def test_rare_codes_are_restarted_and_the_others_kept():
+    """Four 1-D codes at 0, 10, 20 and 30; every step ten points sit at each of the first three and one at the
+    last: every code is used every step, so none is dead, but code 3 has under half an even share."""
+    points = torch.tensor([0.0] * 10 + [10.0] * 10 + [20.0] * 10 + [30.0])
+    window = 8
+
+    def train(rare_code_share):
+        torch.manual_seed(0)
+        config = QuantizerConfig(4, 1, decay=None, kmeans_init=False, dead_code_window=window)
+        vq = VectorQuantizer(dataclasses.replace(config, rare_code_share=rare_code_share))
+        vq.codebook.data.copy_(torch.tensor([[0.0], [10.0], [20.0], [30.0]]))
+        for _ in range(window):
+            _, codes, _ = vq(as_grid(points[:, None]))
+        assert torch.bincount(codes.flatten(), minlength=4).tolist() == [10, 10, 10, 1]
+        return vq
+
+    kept = train(0.0)
+    assert kept.fresh_since.tolist() == [0, 0, 0, 0]  # without the share, a code in use is never restarted
+    restarted = train(0.5)
+    assert restarted.fresh_since.tolist() == [0, 0, 0, window]  # code 3 alone, once it had its window
+    assert restarted.codebook[:3].flatten().tolist() == [0.0, 10.0, 20.0]
+    assert restarted.codebook[3].item() in points.tolist()  # restarted from an encoder output of the batch
+
+
+def test_normalized_codes_stay_unit_vectors_through_ema_updates_and_restarts():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(QuantizerConfig(16, 4, decay=0.9, kmeans_init=False, dead_code_window=2, normalize_codes=True))
+    _, points = clustered_data(4, 32, 4)  # 4 directions for 16 random codes: most go dead and restart
+    for _ in range(12):
+        vq(as_grid(points * 3))  # vectors far from unit length
+        torch.testing.assert_close(vq.codebook.norm(dim=1), torch.ones(16))
+    assert (vq.fresh_since > 0).sum() >= 4, "no code was restarted: the test lost its point"
+
+
+@pytest.mark.parametrize("decay", [0.9, None])
+def test_normalized_lookup_picks_the_smallest_angle(decay):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(QuantizerConfig(32, 4, decay=decay, kmeans_init=False, normalize_codes=True)).eval()
+    z = torch.randn(2, 4, 5, 5) * torch.rand(2, 1, 5, 5) * 10  # (B, D, h, w), of every length
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    cosine = F.normalize(flat, dim=1) @ F.normalize(vq.codebook.detach(), dim=1).t()  # (N, K)
+    assert torch.equal(vq.nearest(z).flatten(), cosine.argmax(dim=1))
+
+    # A learned codebook is normalized only as it is looked up: a long code loses to a short one at a smaller angle
+    # that plain L2 distance would not pick.
+    if decay is None:
+        vq.codebook.data[:2] = torch.tensor([[10.0, 0.0, 0.0, 0.0], [0.6, 0.8, 0.0, 0.0]])
+        vq.codebook.data[2:] = -10.0  # far from the vector, in angle and in distance
+        vector = torch.tensor([1.0, 0.3, 0.0, 0.0])  # 17 degrees from code 0, 36 from code 1
+        assert brute_force_codes(vector[None], vq.codebook.detach()).item() == 1
+        assert vq.nearest(vector.view(1, 4, 1, 1)).item() == 0

@@ -250,7 +250,7 @@ def test_fit_writes_its_run_to_a_bucket_and_resumes_from_it(bucket, make_shard, 
     assert bucket.fs.exists(f"{bucket.name}/runs/x/samples/step-000040.png")
     assert json.loads(bucket.fs.cat(f"{bucket.name}/runs/x/run.json"))["steps"] == 40
     model = VQVAE.from_pretrained(f"{out}/model")
-    assert model.config.codebook_size == 8 and model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
+    assert model.codebook_size == 8 and model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")

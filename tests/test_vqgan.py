@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from conftest import TAMING_EMBED_DIM, TAMING_N_EMBED, image_samples, taming_reference, taming_vqgan
 
-from vqtok import VQGAN, VQVAE, VQGANConfig, load_tokenizer
+from vqtok import VQGAN, VQVAE, QuantizerConfig, VQGANConfig, load_tokenizer
 from vqtok.cli import cli
 from vqtok.config import load_config
 from vqtok.errors import ConfigError, ModelFormatError
@@ -22,12 +22,10 @@ CONFIG = VQGANConfig(
     num_res_blocks=2,
     attn_levels=(1,),
     z_channels=16,
-    codebook_size=TAMING_N_EMBED,
-    code_dim=TAMING_EMBED_DIM,
-    decay=None,
-    kmeans_init=False,
-    dead_code_window=0,
     image_size=32,
+    quantizer=QuantizerConfig(
+        codebook_size=TAMING_N_EMBED, code_dim=TAMING_EMBED_DIM, decay=None, kmeans_init=False, dead_code_window=0
+    ),
 )
 
 
@@ -94,7 +92,8 @@ def test_a_vqgan_is_a_vqtok_model(tmp_path, images):
 
 def test_training_forward_learns():
     torch.manual_seed(0)
-    config = VQGANConfig(base_channels=32, channel_mult=(1, 1), attn_levels=(1,), z_channels=32, codebook_size=16)
+    quantizer = QuantizerConfig(codebook_size=16)
+    config = VQGANConfig(base_channels=32, channel_mult=(1, 1), attn_levels=(1,), z_channels=32, quantizer=quantizer)
     model = VQGAN(config)
     images = torch.rand(4, 3, 16, 16)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -113,7 +112,7 @@ def test_config_from_toml_and_json(tmp_path):
     path = tmp_path / "vqgan.toml"
     path.write_text("[model]\nbase_channels = 32\nchannel_mult = [1, 2, 2]\nattn_levels = []\ndecay = false\n")
     config, _ = load_config(path, model_class=VQGANConfig)
-    assert config.channel_mult == (1, 2, 2) and config.attn_levels == () and config.decay is None
+    assert config.channel_mult == (1, 2, 2) and config.attn_levels == () and config.quantizer.decay is None
     assert config.stride == 4
     assert VQGANConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
@@ -135,7 +134,7 @@ def test_the_small_recipe_builds_a_vqgan():
         (dict(channel_mult=()), "non-empty"),
         (dict(attn_levels=(3,)), r"level numbers in \[0, 3\)"),
         (dict(image_size=30), "multiple of the model's stride 4"),
-        (dict(codebook_size=1), "at least 2"),
+        (dict(quantizer={"codebook_size": 16}), "quantizer must be a QuantizerConfig, got dict"),
     ],
 )
 def test_config_refuses_bad_settings(settings, message):
@@ -172,7 +171,7 @@ def test_fit_trains_a_vqgan_that_every_command_takes(make_shard, tmp_path):
 
     model = load_tokenizer(out / "model")
     assert isinstance(model, VQGAN)
-    assert model.config.channel_mult == (1, 2) and model.config.codebook_size == 16 and model.config.decay == 0.9
+    assert model.config.channel_mult == (1, 2) and model.codebook_size == 16 and model.config.quantizer.decay == 0.9
     assert json.loads((out / "model" / "config.json").read_text())["family"] == "vqgan"
     with pytest.raises(ModelFormatError, match="holds a vqgan tokenizer, not a vqvae"):
         VQVAE.from_pretrained(out / "model")
@@ -195,7 +194,7 @@ def test_fit_family_option_picks_the_network(make_shard, tmp_path):
     result = run("fit", train, "--out", tmp_path / "run", "--family", "vqgan", *TINY_RUN, "--steps", "1")
     assert result.exit_code == 0, result.output
     config = load_tokenizer(tmp_path / "run" / "model").config
-    assert config == VQGANConfig(codebook_size=16, code_dim=8, image_size=16)
+    assert config == VQGANConfig(image_size=16, quantizer=QuantizerConfig(codebook_size=16, code_dim=8))
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["VQGAN", "VQVAE", "ModelConfig", "VQGANConfig", "load_tokenizer", "__version__"]
+__all__ = ["VQGAN", "VQVAE", "ModelConfig", "QuantizerConfig", "VQGANConfig", "load_tokenizer", "__version__"]
 
 
 def __getattr__(name):
@@ -14,7 +14,7 @@ def __getattr__(name):
         from vqtok import tokenizers
 
         return getattr(tokenizers, name)
-    if name in ("ModelConfig", "VQGANConfig"):
+    if name in ("ModelConfig", "QuantizerConfig", "VQGANConfig"):
         from vqtok import config
 
         return getattr(config, name)

@@ -17,7 +17,7 @@ import sys
 import click
 
 from vqtok import __version__
-from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, TrainConfig
+from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, QuantizerConfig, TrainConfig
 from vqtok.errors import VQTokError
 
 
@@ -168,7 +168,9 @@ def tokenizer_rows(s: dict) -> list[tuple[str, str]]:
         source = s["source"]
         rows += [("imported from", f"{source['file']} ({source['format']})"), ("source sha256", source["sha256"])]
     rows += [(f"grid at {size}x{size}", f"{h}x{w} codes") for size, (h, w) in s["grids"].items()]
-    return rows + [(name, str(value)) for name, value in s["config"].items()]
+    network = {name: value for name, value in s["config"].items() if name != "quantizer"}
+    rows += [(name, str(value)) for name, value in network.items()]
+    return rows + [(f"quantizer.{name}", str(value)) for name, value in s["config"]["quantizer"].items()]
 
 
 def prior_rows(s: dict) -> list[tuple[str, str]]:
@@ -260,9 +262,11 @@ def training_options(train_class, examples: str, workers: str):
 
 def load_recipe(config_path, overrides: dict, model_class, train_class):
     """The TOML recipe's [model] and [train] tables, with the command line's overrides of either."""
-    from vqtok.config import load_config
+    from vqtok.config import QUANTIZER_FIELDS, load_config
 
     model_fields = {f.name for f in dataclasses.fields(model_class)}
+    if "quantizer" in model_fields:  # a tokenizer's: its quantizer's settings are options of their own
+        model_fields |= set(QUANTIZER_FIELDS)
     return load_config(
         config_path,
         model={k: v for k, v in overrides.items() if k in model_fields},
@@ -287,8 +291,8 @@ VQVAE_ONLY = {"hidden_channels": "--hidden", "res_channels": "--res-channels", "
     help="The network: the paper's VQ-VAE, or taming-transformers' VQGAN (its shape from the config file).",
 )
 @override("image_size", ModelConfig, "--image-size", type=click.IntRange(min=1), help="Training crop size.")
-@override("codebook_size", ModelConfig, "--codebook-size", type=click.IntRange(min=2), help="K, codebook entries.")
-@override("code_dim", ModelConfig, "--code-dim", type=click.IntRange(min=1), help="D, code vector size.")
+@override("codebook_size", QuantizerConfig, "--codebook-size", type=click.IntRange(min=2), help="K, codebook entries.")
+@override("code_dim", QuantizerConfig, "--code-dim", type=click.IntRange(min=1), help="D, code vector size.")
 @override("hidden_channels", ModelConfig, "--hidden", type=click.IntRange(min=1), help="Hidden channels.")
 @override(
     "res_channels", ModelConfig, "--res-channels", type=click.IntRange(min=1), help="Channels inside residual blocks."
@@ -296,26 +300,28 @@ VQVAE_ONLY = {"hidden_channels": "--hidden", "res_channels": "--res-channels", "
 @override("num_res_blocks", ModelConfig, "--res-blocks", type=click.IntRange(min=1), help="Residual blocks per side.")
 @override(
     "lookup_dim",
-    ModelConfig,
+    QuantizerConfig,
     "--lookup-dim",
     type=click.IntRange(min=1),
     help="Look codes up in this many dimensions, after a linear projection of the D-vectors.",
 )
 @override(
     "normalize_codes",
-    ModelConfig,
+    QuantizerConfig,
     "--normalize-codes/--no-normalize-codes",
     help="l2-normalize vectors and codes before the lookup.",
 )
 @override(
     "rare_code_share",
-    ModelConfig,
+    QuantizerConfig,
     "--rare-code-share",
     type=click.FloatRange(0, 1, max_open=True),
     help="Also restart codes used less than this share of an even share of the data.",
 )
-@override("beta", ModelConfig, "--beta", type=click.FloatRange(min=0), help="Commitment loss weight.")
-@override("decay", ModelConfig, "--decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="EMA decay.")
+@override("beta", QuantizerConfig, "--beta", type=click.FloatRange(min=0), help="Commitment loss weight.")
+@override(
+    "decay", QuantizerConfig, "--decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="EMA decay."
+)
 @click.option("--no-ema", is_flag=True, help="Learn the codebook by the paper's codebook loss instead of EMA.")
 @click.option("--val", multiple=True, help="Validation inputs (repeatable), evaluated every --eval-every steps.")
 @training_options(TrainConfig, "Images", "Image decoding workers per process.")
@@ -357,7 +363,9 @@ def fit(inputs, out, config_path, family, no_ema, val, resume, image_column, ima
     if no_ema:
         if overrides["decay"] is not None:
             raise click.UsageError("--decay and --no-ema exclude each other")
-        model_config = dataclasses.replace(model_config, decay=None)
+        model_config = dataclasses.replace(
+            model_config, quantizer=dataclasses.replace(model_config.quantizer, decay=None)
+        )
     result = fit_model(
         list(inputs),
         out,

@@ -3,45 +3,75 @@
 A `ModelConfig` (the VQ-VAE tokenizer), a `VQGANConfig` (the VQGAN tokenizer)
 or a `PriorConfig` (a prior over codes) is everything needed to rebuild a
 model's modules; it is the `config` object of a model directory's
-`config.json`. A `TrainConfig` holds the training recipe, a `PriorTrainConfig`
-the prior's. A TOML file has a `[model]` and a `[train]` table with these
-fields (and `family = "vqgan"` in [model] for a VQGAN); command-line options
-override it (`load_config`). TOML
-has no null, so `false` stands for None where a setting may be None:
-`decay = false` is the paper's codebook loss instead of moving averages.
+`config.json`. Both tokenizers' configs hold their vector quantizer's settings
+as one `QuantizerConfig`, `config.quantizer`. A `TrainConfig` holds the
+training recipe, a `PriorTrainConfig` the prior's. A TOML file has a `[model]`
+and a `[train]` table with these fields (and `family = "vqgan"` in [model] for
+a VQGAN); a tokenizer's quantizer settings may stand in [model] beside the
+network's (`codebook_size = 512`) or in a `[model.quantizer]` table of their
+own, and command-line options override either (`load_config`). TOML has no
+null, so `false` stands for None where a setting may be None: `decay = false`
+is the paper's codebook loss instead of moving averages.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vqtok.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class QuantizerConfig:
+    """The vector quantizer's settings (`vqtok.tokenizers.quantizers.VectorQuantizer`), the same for every tokenizer
+    family: the paper's (section 3) except where held-out photographs measured better (docs/performance.md),
+    k-means initialisation and dead-code restarts. An imported model sets decay None, kmeans_init false and
+    dead_code_window 0, as its codebook is learned."""
+
+    codebook_size: int = 512  # K
+    code_dim: int = 64  # D, the encoder's output channels
+    beta: float = 0.25
+    decay: float | None = 0.99  # None: the paper's codebook loss instead of the EMA update
+    kmeans_init: bool = True
+    dead_code_window: int = 100  # steps a code may go unused before it is restarted; 0: never
+    lookup_dim: int | None = None  # codes looked up in this many dimensions after a projection; None: in code_dim
+    normalize_codes: bool = False  # l2-normalize vectors and codes before the lookup: codes are directions (LlamaGen)
+    rare_code_share: float = 0.0  # also restart codes used less than this share of an even share over the window
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("codebook_size", "code_dim"))
+        if self.lookup_dim is not None:
+            _check_positive(self, ("lookup_dim",), "or None")
+        for name in ("kmeans_init", "normalize_codes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.codebook_size < 2:
+            raise ConfigError("codebook_size must be at least 2")
+        if not self.beta >= 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta!r}")
+        if not 0 <= self.rare_code_share < 1:
+            raise ConfigError(f"rare_code_share must be in [0, 1), got {self.rare_code_share!r}")
+        if self.decay is not None and not 0 < self.decay < 1:
+            raise ConfigError(f"decay must be in (0, 1) or None, got {self.decay!r}")
+        if not isinstance(self.dead_code_window, int) or self.dead_code_window < 0:
+            raise ConfigError(f"dead_code_window must be a non-negative integer, got {self.dead_code_window!r}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """The VQ-VAE's shape and its quantizer's settings: the paper's (section 4.1) except where held-out
-    photographs measured better (docs/performance.md): residual blocks 32 wide inside, not as wide as the
-    hidden channels; k-means initialisation and dead-code restarts."""
+    """The VQ-VAE's shape and its quantizer: the paper's (section 4.1) except where held-out photographs
+    measured better (docs/performance.md): residual blocks 32 wide inside, not as wide as the hidden channels."""
 
     in_channels: int = 3
     hidden_channels: int = 256
     res_channels: int | None = 32  # None: as wide as hidden_channels, as in the paper
     num_res_blocks: int = 2
     num_downsamples: int = 2  # each halves the grid: 2 turns 32x32 images into 8x8 codes
-    codebook_size: int = 512
-    code_dim: int = 64
-    beta: float = 0.25
-    decay: float | None = 0.99  # None: the paper's codebook loss instead of the EMA update
-    kmeans_init: bool = True
-    dead_code_window: int = 100  # steps a code may go unused before it is restarted; 0: never
     image_size: int = 32  # the size the model was trained at; it encodes any multiple of its stride
-    lookup_dim: int | None = None  # codes looked up in this many dimensions after a projection; None: in code_dim
-    normalize_codes: bool = False  # l2-normalize vectors and codes before the lookup: codes are directions
-    rare_code_share: float = 0.0  # also restart codes used less than this share of an even share over the window
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def __post_init__(self) -> None:
         _check_positive(self, ("in_channels", "hidden_channels", "num_res_blocks", "num_downsamples"))
@@ -59,20 +89,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        """A config.json's config. Settings it lacks were added after it was written: they take the value
-        that reproduces the model it describes, not today's default."""
-        return _from_table(cls, {**ADDED_SETTINGS, **values}, "model config")
+        return _tokenizer_from_dict(cls, values)
 
 
 @dataclass(frozen=True)
 class VQGANConfig:
     """The VQGAN network's shape (`vqtok.tokenizers.vqgan`; taming-transformers' ddconfig under vqtok's names)
-    and its quantizer's settings. The defaults are a small network for 32 px images, stride 4 and about as many
+    and its quantizer. The defaults are a small network for 32 px images, stride 4 and about as many
     parameters (3.2M) as the VQ-VAE's default: two levels of 64 channels, then 128 at the grid, one residual block
     per level and attention at the grid (pipelines/vqgan-cpu-small.toml has a quarter of that; taming's f16 ImageNet is
     base_channels 128, channel_mult (1, 1, 2, 2, 4), two blocks per level, attention at the last level, z 256,
-    K 1024 of 256 dimensions). The quantizer's defaults are ModelConfig's, for training from scratch with vqtok:
-    an imported model sets decay None, kmeans_init false and dead_code_window 0, as its codebook is learned."""
+    K 1024 of 256 dimensions). The quantizer is the VQ-VAE's, with the same defaults."""
 
     in_channels: int = 3
     base_channels: int = 64  # taming's ch; every level's width base_channels * mult is a multiple of 32 (GroupNorm)
@@ -82,16 +109,8 @@ class VQGANConfig:
     mid_attention: bool = True  # self-attention in the middle block (aMUSEd's VQGAN has none)
     z_channels: int = 64  # the encoder's output and the decoder's input, around the 1x1 convolutions
     dropout: float = 0.0
-    codebook_size: int = 512
-    code_dim: int = 64
-    beta: float = 0.25
-    decay: float | None = 0.99  # None: the codebook is learned by the codebook loss, not moving averages
-    kmeans_init: bool = True
-    dead_code_window: int = 100
     image_size: int = 32
-    lookup_dim: int | None = None
-    normalize_codes: bool = False  # LlamaGen's l2-normalized lookup
-    rare_code_share: float = 0.0
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def __post_init__(self) -> None:
         for name in ("channel_mult", "attn_levels"):  # JSON and TOML give lists
@@ -131,7 +150,7 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> VQGANConfig:
-        return _from_table(cls, values, "model config")
+        return _tokenizer_from_dict(cls, values)
 
 
 # The tokenizer families `vqtok fit` trains, by the name a TOML file's [model] table gives as `family`.
@@ -140,7 +159,10 @@ TOKENIZER_CONFIGS = {"vqvae": ModelConfig, "vqgan": VQGANConfig}
 # The settings that may be None, which a TOML file writes as false.
 NULLABLE = ("res_channels", "decay", "lookup_dim")
 
-# Settings added to ModelConfig after models were first saved, with the value that means "as before they
+# The quantizer's settings, which a tokenizer's table may give flat, beside the network's (`_split_quantizer`).
+QUANTIZER_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizerConfig))
+
+# Settings added to the quantizer after models were first saved, with the value that means "as before they
 # existed". A model directory lacking one was written before it and loads with that value.
 ADDED_SETTINGS = {"lookup_dim": None, "normalize_codes": False, "rare_code_share": 0.0}
 
@@ -155,25 +177,43 @@ def _check_positive(config, names, alternative: str = "") -> None:
 
 
 def _check_quantizer_and_size(config) -> None:
-    """The settings every tokenizer family's config shares: the quantizer's (`quantizer_from`) and image_size."""
-    _check_positive(config, ("codebook_size", "code_dim", "image_size"))
-    if config.lookup_dim is not None:
-        _check_positive(config, ("lookup_dim",), "or None")
-    for name in ("kmeans_init", "normalize_codes"):
-        if not isinstance(getattr(config, name), bool):
-            raise ConfigError(f"{name} must be true or false, got {getattr(config, name)!r}")
-    if config.codebook_size < 2:
-        raise ConfigError("codebook_size must be at least 2")
-    if not config.beta >= 0:
-        raise ConfigError(f"beta must be >= 0, got {config.beta!r}")
-    if not 0 <= config.rare_code_share < 1:
-        raise ConfigError(f"rare_code_share must be in [0, 1), got {config.rare_code_share!r}")
-    if config.decay is not None and not 0 < config.decay < 1:
-        raise ConfigError(f"decay must be in (0, 1) or None, got {config.decay!r}")
-    if not isinstance(config.dead_code_window, int) or config.dead_code_window < 0:
-        raise ConfigError(f"dead_code_window must be a non-negative integer, got {config.dead_code_window!r}")
+    """What every tokenizer family's config holds besides its network: a QuantizerConfig, and an image_size that
+    the network's stride divides."""
+    if not isinstance(config.quantizer, QuantizerConfig):
+        raise ConfigError(f"quantizer must be a QuantizerConfig, got {type(config.quantizer).__name__}")
+    _check_positive(config, ("image_size",))
     if config.image_size % config.stride:
         raise ConfigError(f"image_size {config.image_size} is not a multiple of the model's stride {config.stride}")
+
+
+def _split_quantizer(table: dict, where: str) -> tuple[dict, dict]:
+    """A tokenizer's table of settings as (the network's, the quantizer's). The quantizer's may be a table of their
+    own under `quantizer` (config.json now, a recipe's [model.quantizer]) or lie flat beside the network's
+    (config.json before QuantizerConfig, the recipes' [model], the command line's options); one setting given both
+    ways is refused, as neither would be plainly the one meant."""
+    nested = table.get("quantizer", {})
+    if not isinstance(nested, dict):
+        raise ConfigError(f"{where}: quantizer must be a table of settings, got {nested!r}")
+    flat = {name: table[name] for name in QUANTIZER_FIELDS if name in table}
+    twice = sorted(flat.keys() & nested.keys())
+    if twice:
+        raise ConfigError(f"{where}: {', '.join(twice)} given both in the quantizer's table and beside it")
+    network = {name: value for name, value in table.items() if name != "quantizer" and name not in flat}
+    return network, {**nested, **flat}
+
+
+def _tokenizer_config(cls, network: dict, quantizer: dict, where: str):
+    return _from_table(
+        cls, {**network, "quantizer": _from_table(QuantizerConfig, quantizer, f"{where}: quantizer")}, where
+    )
+
+
+def _tokenizer_from_dict(cls, values: dict):
+    """A tokenizer's config from config.json's config, in either form `_split_quantizer` reads. Quantizer settings
+    it lacks were added after it was written: they take the value that reproduces the model it describes, not
+    today's default."""
+    network, quantizer = _split_quantizer(values, "model config")
+    return _tokenizer_config(cls, network, {**ADDED_SETTINGS, **quantizer}, "model config")
 
 
 @dataclass(frozen=True)
@@ -296,6 +336,8 @@ def _from_table(cls, table: dict, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - known)
     if unknown:
+        if "quantizer" in known:  # a tokenizer's table may also name the quantizer's settings
+            known |= set(QUANTIZER_FIELDS)
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     try:
         return cls(**table)
@@ -347,13 +389,27 @@ def load_config(
     table says family = "vqgan"), a prior's with PriorConfig and PriorTrainConfig."""
     tables = _read_tables(path) if path is not None else {}
     where = str(path) if path else "settings"
-    model_file = dict(tables.get("model", {}))
+    model_file = _none_for_false(tables.get("model", {}))
     family = model_file.pop("family", None)
     if family is not None and TOKENIZER_CONFIGS[_known_family(family, where)] is not model_class:
         raise ConfigError(f"{where}: family = {family!r} in [model], but these are {model_class.__name__} settings")
-    for name in NULLABLE:  # TOML has no null: `decay = false` says decay = None (no EMA), and so on
-        if model_file.get(name) is False:
-            model_file[name] = None
-    model_table = {**model_file, **{k: v for k, v in (model or {}).items() if v is not None}}
+    model_over = {k: v for k, v in (model or {}).items() if v is not None}
+    if model_class in TOKENIZER_CONFIGS.values():  # the file's quantizer settings, flat or nested, then the options'
+        network, quantizer = _split_quantizer(model_file, where)
+        network_over, quantizer_over = _split_quantizer(model_over, "overrides")
+        model_config = _tokenizer_config(
+            model_class, {**network, **network_over}, {**quantizer, **quantizer_over}, where
+        )
+    else:
+        model_config = _from_table(model_class, {**model_file, **model_over}, where)
     train_table = {**tables.get("train", {}), **{k: v for k, v in (train or {}).items() if v is not None}}
-    return _from_table(model_class, model_table, where), _from_table(train_class, train_table, where)
+    return model_config, _from_table(train_class, train_table, where)
+
+
+def _none_for_false(table: dict) -> dict:
+    """A copy of a TOML table, and of its quantizer table, with None for false where a setting may be None: TOML has
+    no null, so `decay = false` says decay = None (no EMA), and so on."""
+    table = {name: None if name in NULLABLE and value is False else value for name, value in table.items()}
+    if isinstance(table.get("quantizer"), dict):
+        table["quantizer"] = _none_for_false(table["quantizer"])
+    return table

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vqtok.config import ModelConfig, TrainConfig
+from vqtok.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqtok.errors import ConfigError
 
 # The training photographs and the held-out ones never overlap (chelsea and cat are one photograph).
@@ -30,7 +30,7 @@ HELD_OUT_PHOTOS = ("chelsea", "coffee", "coins", "rocket")
 CROP, HELD_OUT_SIZE, SHORTER_SIDE = 32, 128, 160  # photos are scaled so a 32x32 crop holds part of an object
 CROPS_PER_PHOTO, MARKER = 300, ".vqtok-demo"
 PRIOR_SAMPLES = 8  # grids sampled per training photograph
-MODEL = ModelConfig(hidden_channels=64, codebook_size=512, code_dim=64, image_size=CROP)
+MODEL = ModelConfig(hidden_channels=64, image_size=CROP, quantizer=QuantizerConfig(codebook_size=512, code_dim=64))
 
 
 @dataclass

@@ -35,7 +35,7 @@ def describe_tokenizer(where: Location) -> dict:
         "model_id": model.model_id,
         "parameters": sum(p.numel() for p in model.parameters()),
         "codebook_size": model.codebook_size,
-        "code_dim": model.quantizer.dim,
+        "code_dim": config.quantizer.code_dim,
         "image_size": config.image_size,
         "grid": list(model.grid_size(config.image_size)),
         "grids": {size: list(model.grid_size(size)) for size in sorted({config.image_size, *GRID_SIZES})},

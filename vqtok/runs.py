@@ -77,6 +77,18 @@ def latest_complete_checkpoint(out: Location) -> tuple[Location, int] | None:
     return None
 
 
+def changed_settings(ours: dict, theirs: dict) -> list[str]:
+    """The names of the settings whose values differ, a nested table's as `quantizer.code_dim`, sorted."""
+    changed = []
+    for name in sorted(ours.keys() | theirs.keys()):
+        mine, other = ours.get(name), theirs.get(name)
+        if isinstance(mine, dict) and isinstance(other, dict):
+            changed += [f"{name}.{inner}" for inner in changed_settings(mine, other)]
+        elif mine != other:
+            changed.append(name)
+    return changed
+
+
 def check_run_settings(path: Path | Location, settings: dict, resuming: bool) -> None:
     """A resumed run must be the run it resumes: `settings` ({"model": {...}, "steps": N, ...}) decide that."""
     path = Location.of(path)
@@ -86,8 +98,7 @@ def check_run_settings(path: Path | Location, settings: dict, resuming: bool) ->
         changed = []
         for name, value in settings.items():
             if isinstance(value, dict):
-                theirs = saved.get(name, {})
-                changed += sorted(k for k in value.keys() | theirs.keys() if value.get(k) != theirs.get(k))
+                changed += changed_settings(value, saved.get(name, {}))
             elif saved.get(name) != value:
                 changed.append(name)
         if changed:

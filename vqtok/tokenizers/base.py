@@ -37,21 +37,6 @@ class TokenizerOutput(NamedTuple):
     loss: torch.Tensor  # recon_loss + vq_loss, what training minimises
 
 
-def quantizer_from(config) -> VectorQuantizer:
-    """The vector quantizer a family's config describes (every family's config has these fields)."""
-    return VectorQuantizer(
-        config.codebook_size,
-        config.code_dim,
-        beta=config.beta,
-        decay=config.decay,
-        kmeans_init=config.kmeans_init,
-        dead_code_window=config.dead_code_window,
-        lookup_dim=config.lookup_dim,
-        normalize=config.normalize_codes,
-        rare_code_share=config.rare_code_share,
-    )
-
-
 class Tokenizer(Pretrained, nn.Module):
     """Images <-> (h, w) grids of codebook indices; saved and loaded as a model directory (`Pretrained`)
     whose config.json names the family. A subclass sets FAMILY and config_class, builds `self.quantizer`,
@@ -75,7 +60,8 @@ class Tokenizer(Pretrained, nn.Module):
 
     @property
     def codebook_size(self) -> int:
-        return self.config.codebook_size
+        """K, what every command that reads or writes codes asks of a tokenizer."""
+        return self.config.quantizer.codebook_size
 
     @property
     def stride(self) -> int:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vqtok.config import VQGANConfig
+from vqtok.config import QuantizerConfig, VQGANConfig
 from vqtok.errors import ConfigError, ModelFormatError
 from vqtok.pretrained import CONFIG_NAME, read_safetensors
 from vqtok.storage import Location
@@ -92,7 +92,7 @@ def import_model(
     converted = FORMATS[format](where, options)
     config = converted.config
     if options.normalize_codes is not None:
-        config = replace(config, normalize_codes=options.normalize_codes)
+        config = replace(config, quantizer=replace(config.quantizer, normalize_codes=options.normalize_codes))
     if options.image_size is not None:
         config = replace(config, image_size=options.image_size)
     model = build_tokenizer(config)
@@ -191,11 +191,19 @@ def rename(state: dict[str, torch.Tensor], renames: dict[str, str], drop: tuple[
     return out
 
 
-def imported_config(**fields) -> VQGANConfig:
+def imported_config(codebook_size: int, code_dim: int, normalize_codes: bool = False, **network) -> VQGANConfig:
     """A VQGANConfig for a trained model: its codebook is learned (no moving averages), and never re-initialised
     or restarted, so that `vqtok fit` could fine-tune it as it was trained."""
     try:
-        return VQGANConfig(decay=None, kmeans_init=False, dead_code_window=0, **fields)
+        quantizer = QuantizerConfig(
+            codebook_size=codebook_size,
+            code_dim=code_dim,
+            decay=None,
+            kmeans_init=False,
+            dead_code_window=0,
+            normalize_codes=normalize_codes,
+        )
+        return VQGANConfig(quantizer=quantizer, **network)
     except (ConfigError, TypeError) as e:
         raise ConfigError(f"the checkpoint's settings do not make a VQGAN vqtok can build: {e}") from None
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vqtok.config import QuantizerConfig
 from vqtok.distributed import in_process_group
 from vqtok.usage import CodeUsage
 
@@ -116,17 +117,18 @@ def _kmeans_plus_plus_seeds(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class VectorQuantizer(nn.Module):
-    """Replaces each D-vector of an encoder's (B, D, h, w) output by its nearest of K codes.
+    """Replaces each D-vector of an encoder's (B, D, h, w) output by its nearest of K codes, as its
+    `QuantizerConfig` says.
 
     forward(z) -> (z_q, codes, loss): z_q (B, D, h, w) passes the decoder's
     gradient straight through to z; codes (B, h, w) int64; loss is the
     codebook loss (only when decay is None) plus beta times the commitment loss. With `decay`, the codebook follows an
     exponential moving average of the encoder outputs assigned to each code,
-    with Laplace-smoothed counts.
+    with Laplace-smoothed counts (`eps`).
 
     With `lookup_dim`, each D-vector is first projected linearly to
     lookup_dim dimensions, looked up there among codes of that size, and the
-    code projected back to D for the decoder. With `normalize`, vectors and
+    code projected back to D for the decoder. With `normalize_codes`, vectors and
     codes are l2-normalized before the lookup, so codes are directions: the
     nearest code is the one at the smallest angle.
 
@@ -136,52 +138,34 @@ class VectorQuantizer(nn.Module):
     restarts codes unused for `dead_code_window` steps.
     """
 
-    def __init__(
-        self,
-        codebook_size: int,
-        dim: int,
-        beta: float = 0.25,
-        decay: float | None = 0.99,
-        eps: float = 1e-5,
-        kmeans_init: bool = True,
-        dead_code_window: int = 100,
-        lookup_dim: int | None = None,
-        normalize: bool = False,
-        rare_code_share: float = 0.0,
-    ) -> None:
+    def __init__(self, config: QuantizerConfig, eps: float = 1e-5) -> None:
         super().__init__()
-        self.codebook_size = codebook_size
-        self.dim = dim
-        self.lookup_dim = lookup_dim or dim
-        self.normalize = normalize
-        self.rare_code_share = rare_code_share
-        # The factorized lookup's projections; None (no weights at all) otherwise, so older models still load.
-        self.project_in = nn.Linear(dim, lookup_dim) if lookup_dim is not None else None
-        self.project_out = nn.Linear(lookup_dim, dim) if lookup_dim is not None else None
-        self.beta = beta
-        self.decay = decay
+        self.config = config
         self.eps = eps
-        self.kmeans_init = kmeans_init
-        self.dead_code_window = dead_code_window
+        K, D = config.codebook_size, config.code_dim
+        self.lookup_dim = config.lookup_dim or D  # d, the size of the codes
+        # The factorized lookup's projections; None (no weights at all) otherwise, so older models still load.
+        self.project_in = nn.Linear(D, config.lookup_dim) if config.lookup_dim is not None else None
+        self.project_out = nn.Linear(config.lookup_dim, D) if config.lookup_dim is not None else None
         # usage and perplexity look at the same window; without restarts, a default one
-        self.usage_window = dead_code_window or 100
+        self.usage_window = config.dead_code_window or 100
 
-        codebook = torch.empty(codebook_size, self.lookup_dim).uniform_(-1 / codebook_size, 1 / codebook_size)
-        if normalize:
+        codebook = torch.empty(K, self.lookup_dim).uniform_(-1 / K, 1 / K)
+        if config.normalize_codes:
             codebook = F.normalize(codebook, dim=1)
-        if decay is None:
+        if config.decay is None:
             self.codebook = nn.Parameter(codebook)
         else:
             self.register_buffer("codebook", codebook)
             # a count of one per code keeps an unused code where it is instead of dividing by ~0
-            self.register_buffer("ema_count", torch.ones(codebook_size))
+            self.register_buffer("ema_count", torch.ones(K))
             self.register_buffer("ema_sum", codebook.clone())
-        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         # step each code was last chosen (-1: never), and since when it has had a fair chance
-        self.register_buffer("last_used", torch.full((codebook_size,), -1, dtype=torch.long))
-        self.register_buffer("fresh_since", torch.zeros(codebook_size, dtype=torch.long))
-        self.register_buffer("usage_count", torch.zeros(codebook_size))
+        self.register_buffer("last_used", torch.full((K,), -1, dtype=torch.long))
+        self.register_buffer("fresh_since", torch.zeros(K, dtype=torch.long))
+        self.register_buffer("usage_count", torch.zeros(K))
         self._initialized_seen = False  # host flag: the first training step's set-up (k-means, sync) is done
         self._updates_seen = 0  # host count of updates, to pace dead-code checks without syncing
 
@@ -200,7 +184,7 @@ class VectorQuantizer(nn.Module):
 
     def table(self) -> torch.Tensor:
         """The codes as looked up: (K, d). A learned codebook is normalized on the fly; an EMA one stays so."""
-        if self.normalize and self.decay is None:
+        if self.config.normalize_codes and self.config.decay is None:
             return F.normalize(self.codebook, dim=1)
         return self.codebook
 
@@ -208,7 +192,7 @@ class VectorQuantizer(nn.Module):
         """(N, D) encoder vectors -> (N, d) vectors in the space codes are looked up in."""
         if self.project_in is not None:
             flat = self.project_in(flat)
-        return F.normalize(flat, dim=1) if self.normalize else flat
+        return F.normalize(flat, dim=1) if self.config.normalize_codes else flat
 
     def _from_lookup(self, vectors: torch.Tensor) -> torch.Tensor:
         """(..., d) codes -> (..., D) decoder inputs."""
@@ -227,10 +211,10 @@ class VectorQuantizer(nn.Module):
             quantized = F.embedding(codes, table)  # (B*h*w, d)
 
             commitment = F.mse_loss(flat, quantized.detach())
-            if self.decay is None:
-                loss = F.mse_loss(quantized, flat.detach()) + self.beta * commitment
+            if self.config.decay is None:
+                loss = F.mse_loss(quantized, flat.detach()) + self.config.beta * commitment
             else:
-                loss = self.beta * commitment
+                loss = self.config.beta * commitment
             if self.training:
                 self._update(flat.detach(), codes)
 
@@ -246,9 +230,9 @@ class VectorQuantizer(nn.Module):
         distributed = in_process_group()
         if not bool(self.initialized):  # one host sync, on the first training step only
             if not distributed or dist.get_rank() == 0:  # rank 0's batch decides; the broadcast below shares it
-                centers, sizes = kmeans(flat, self.codebook_size, spherical=self.normalize)
+                centers, sizes = kmeans(flat, self.config.codebook_size, spherical=self.config.normalize_codes)
                 self.codebook.data.copy_(centers)
-                if self.decay is not None:
+                if self.config.decay is not None:
                     # later EMA updates add counts summed over processes: start on the same scale
                     world = dist.get_world_size() if distributed else 1
                     self.ema_count.copy_(sizes.clamp(min=1) * world)
@@ -259,24 +243,25 @@ class VectorQuantizer(nn.Module):
                 dist.broadcast(state, src=0)
 
     def _codebook_state(self) -> list[torch.Tensor]:
-        return [self.codebook.data] if self.decay is None else [self.codebook, self.ema_count, self.ema_sum]
+        return [self.codebook.data] if self.config.decay is None else [self.codebook, self.ema_count, self.ema_sum]
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
         """One step of statistics, the EMA codebook update, and dead-code restarts."""
-        counts = torch.bincount(codes, minlength=self.codebook_size).to(flat.dtype)  # (K,)
-        if self.decay is not None:
+        K, decay = self.config.codebook_size, self.config.decay
+        counts = torch.bincount(codes, minlength=K).to(flat.dtype)  # (K,)
+        if decay is not None:
             sums = torch.zeros_like(self.codebook).index_add_(0, codes, flat)  # (K, D)
             if in_process_group():
                 stats = torch.cat([counts[:, None], sums], dim=1)  # one all-reduce for both
                 dist.all_reduce(stats)
                 counts, sums = stats[:, 0], stats[:, 1:]
-            self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-            self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
+            self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
             total = self.ema_count.sum()
-            smoothed = (self.ema_count + self.eps) / (total + self.codebook_size * self.eps) * total
+            smoothed = (self.ema_count + self.eps) / (total + K * self.eps) * total
             means = self.ema_sum / smoothed[:, None]  # (K, d)
-            self.codebook.copy_(F.normalize(means, dim=1) if self.normalize else means)
+            self.codebook.copy_(F.normalize(means, dim=1) if self.config.normalize_codes else means)
         elif in_process_group():
             dist.all_reduce(counts)
 
@@ -287,19 +272,21 @@ class VectorQuantizer(nn.Module):
         # Checking for dead codes needs the host to look at a tensor; do it a
         # few times per window rather than every step.
         self._updates_seen += 1
-        if self.dead_code_window and self._updates_seen % max(1, self.dead_code_window // 8) == 0:
+        window = self.config.dead_code_window
+        if window and self._updates_seen % max(1, window // 8) == 0:
             self._restart_dead_codes(flat)
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        window, rare_share = self.config.dead_code_window, self.config.rare_code_share
         idle = self.step - torch.maximum(self.last_used, self.fresh_since)  # (K,), the same on every rank
-        dead = idle >= self.dead_code_window
-        if self.rare_code_share:
+        dead = idle >= window
+        if rare_share:
             # Also codes chosen far less often than an even share over the window: alive in training, yet
             # too rare to be met on other images.
-            settled = self.step - self.fresh_since >= self.dead_code_window
-            even = self.usage_count.sum() / self.codebook_size
-            dead |= settled & (self.usage_count < self.rare_code_share * even)
+            settled = self.step - self.fresh_since >= window
+            even = self.usage_count.sum() / self.config.codebook_size
+            dead |= settled & (self.usage_count < rare_share * even)
         num_dead = int(dead.sum())
         if num_dead == 0:
             return
@@ -308,7 +295,7 @@ class VectorQuantizer(nn.Module):
         if in_process_group():
             dist.broadcast(replacements, src=0)
         self.codebook.data[dead] = replacements
-        if self.decay is not None:
+        if self.config.decay is not None:
             self.ema_count[dead] = 1.0
             self.ema_sum[dead] = replacements
         self.fresh_since[dead] = self.step  # a full window to prove themselves
@@ -329,7 +316,8 @@ class VectorQuantizer(nn.Module):
         return CodeUsage.of(self.usage_count.cpu().numpy()).perplexity
 
     def extra_repr(self) -> str:
-        mode = "codebook loss" if self.decay is None else f"ema decay={self.decay}"
-        lookup = f", lookup in {self.lookup_dim}" if self.project_in is not None else ""
-        lookup += ", normalized" if self.normalize else ""
-        return f"K={self.codebook_size}, D={self.dim}{lookup}, beta={self.beta}, {mode}"
+        c = self.config
+        mode = "codebook loss" if c.decay is None else f"ema decay={c.decay}"
+        lookup = f", lookup in {c.lookup_dim}" if c.lookup_dim is not None else ""
+        lookup += ", normalized" if c.normalize_codes else ""
+        return f"K={c.codebook_size}, D={c.code_dim}{lookup}, beta={c.beta}, {mode}"

@@ -19,7 +19,8 @@ from torch import nn
 
 from vqtok.config import VQGANConfig
 
-from .base import Tokenizer, quantizer_from
+from .base import Tokenizer
+from .quantizers import VectorQuantizer
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -203,9 +204,10 @@ class VQGAN(Tokenizer):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quant_conv = nn.Conv2d(config.z_channels, config.code_dim, 1)
-        self.quantizer = quantizer_from(config)
-        self.post_quant_conv = nn.Conv2d(config.code_dim, config.z_channels, 1)
+        code_dim = config.quantizer.code_dim
+        self.quant_conv = nn.Conv2d(config.z_channels, code_dim, 1)
+        self.quantizer = VectorQuantizer(config.quantizer)
+        self.post_quant_conv = nn.Conv2d(code_dim, config.z_channels, 1)
         self.decoder = Decoder(config)
 
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from torch import nn
 
 from vqtok.config import ModelConfig
 
-from .base import Tokenizer, TokenizerOutput, pick_device, quantizer_from
+from .base import Tokenizer, TokenizerOutput, pick_device
+from .quantizers import VectorQuantizer
 
 # vqtok.model is this module (vqtok/model.py): these are the names scripts imported from it before tokenizers/.
 __all__ = ["VQVAE", "VQVAEOutput", "Encoder", "Decoder", "ResidualBlock", "ResidualStack", "pick_device"]
@@ -52,7 +53,7 @@ class Encoder(nn.Module):
         self.down = nn.Sequential(*layers)
         self.conv = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.res = ResidualStack(config)
-        self.to_code = nn.Conv2d(hidden, config.code_dim, 1)
+        self.to_code = nn.Conv2d(hidden, config.quantizer.code_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(self.down(x))  # (B, hidden, h, w)
@@ -66,7 +67,7 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = config.hidden_channels
-        self.from_code = nn.Conv2d(config.code_dim, hidden, 3, padding=1)
+        self.from_code = nn.Conv2d(config.quantizer.code_dim, hidden, 3, padding=1)
         self.res = ResidualStack(config)
         layers: list[nn.Module] = []
         for i in range(config.num_downsamples):
@@ -96,7 +97,7 @@ class VQVAE(Tokenizer):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = quantizer_from(config)
+        self.quantizer = VectorQuantizer(config.quantizer)
         self.decoder = Decoder(config)
 
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
