@@ -90,7 +90,9 @@ def main() -> None:
         ),
     }
     settings = {"vqtok's choice": None, **{f"OMP_NUM_THREADS={n}": n for n in range(1, cores + 1)}}
-    print(f"{cores} cores, {args.images} images, median of {args.repeats} runs; torch {__import__('torch').__version__}")
+    import torch
+
+    print(f"{cores} cores, {args.images} images, median of {args.repeats} runs; torch {torch.__version__}")
     print(f"{'busy cores beside':>18} {'setting':>18} " + " ".join(f"{name:>21}" for name in commands))
     for load in (int(n) for n in args.loads.split(",")):
         with busy_cores(load):
