@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +34,33 @@ def test_info_on_a_folder_that_is_neither_is_one_clear_line(tmp_path):
     assert result.output.strip() == (
         f"Error: {tmp_path} is neither a model directory (no config.json) nor a token dataset (no .parquet files)"
     )
+
+
+def test_a_run_folder_given_for_a_model_names_the_model_inside_it(tmp_path, model_dir):
+    """`vqtok fit --out runs/x` exports its model to runs/x/model: every command that takes a model directory
+    refuses runs/x in the same words, naming runs/x/model."""
+    from conftest import image_samples, write_shard
+
+    from vqtok.encode import encode
+
+    run = tmp_path / "runs" / "x"
+    shutil.copytree(model_dir, run / "model")
+    (run / "checkpoints").mkdir()
+    shard = write_shard(tmp_path / "a.tar", image_samples(["a", "b"]))
+    tokens = tmp_path / "tokens.parquet"
+    encode([shard], tokens, run / "model", num_workers=0, show_progress=False)
+    expected = f"Error: {run} is not a model directory: it holds no config.json; did you mean {run / 'model'}?\n"
+    for args in (
+        ["encode", shard, tmp_path / "more.parquet", "--model", run],
+        ["decode", tokens, tmp_path / "decoded", "--model", run],
+        ["eval", run, shard],
+        ["eval", run / "model", shard, "--compare", run],
+        ["info", run],
+        ["prior", "fit", tokens, "--out", tmp_path / "p", "--tokenizer", run],
+    ):
+        result = CliRunner().invoke(cli, list(map(str, args)))
+        assert (result.exit_code, result.output) == (1, expected), args
+    assert not (tmp_path / "more.parquet").exists() and not (tmp_path / "decoded").exists()
 
 
 SHUTDOWN_PROBE = """

@@ -210,7 +210,7 @@ def test_eval_refuses_what_it_cannot_evaluate(model_dir, make_shard, tmp_path):
         ([model_dir, make_shard("bad.tar", [{"__key__": "x", "png": b"not a png"}])], "no image to evaluate"),
         ([model_dir, make_shard("labels.tar", [{"__key__": "y", "cls": b"1"}])], "no image to evaluate"),
         ([model_dir, make_shard("empty.tar", [])], "no image to evaluate"),
-        ([str(tmp_path), make_shard("ok.tar", image_samples(["k"]))], "is not a vqtok model directory"),
+        ([str(tmp_path), make_shard("ok.tar", image_samples(["k"]))], "is not a model directory: it holds no config"),
         ([model_dir, make_shard("ok2.tar", image_samples(["k"])), "--image-size", "18"], "not a positive multiple"),
         ([str(tmp_path / "nope"), make_shard("ok3.tar", image_samples(["k"]))], "nope is not a model directory"),
     ]
