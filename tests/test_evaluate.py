@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -164,6 +166,21 @@ def test_compare_gives_the_rows_of_single_runs_and_shows_the_same_images(model_d
             expected = enlarged(recon[i].clamp(0, 1).mul(255).round().permute(1, 2, 0).numpy())
             assert np.abs(tiles[:, column] - expected).max() <= 1
             assert np.array_equal(captions[:, column], band(f"{rows[m]['worst'][j]['psnr']:.2f} dB", tile))
+
+
+def test_compare_table_in_a_pipe_keeps_every_column_and_whole_model_paths(model_dir, other_model, shards, tmp_path):
+    """Printed to a pipe or a log (no terminal, no COLUMNS), the table is as wide as it needs, not rich's 80
+    columns: each model's path stays on its row's one line, which ends with its encode/decode images/s."""
+    deep = tmp_path / "a-folder-whose-name-is-long-enough-to-fill-most-of-a-terminal-line" / "runs" / "x" / "model"
+    shutil.copytree(model_dir, deep)
+    args = ["eval", str(deep), shards[0], "--compare", other_model, "--num-workers", "0"]
+    result = CliRunner(env={"COLUMNS": None}).invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    assert any(line.endswith(" images/s") for line in lines), result.output
+    for model in (str(deep), other_model):
+        row = next((line for line in lines if line.startswith(model + " ")), None)
+        assert row is not None and re.search(r" [\d,]+/[\d,]+$", row), result.output
 
 
 def test_compare_table_and_refusals(model_dir, other_model, shards, tmp_path):
