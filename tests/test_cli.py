@@ -63,6 +63,59 @@ def test_a_run_folder_given_for_a_model_names_the_model_inside_it(tmp_path, mode
     assert not (tmp_path / "more.parquet").exists() and not (tmp_path / "decoded").exists()
 
 
+def test_ctrl_c_in_encode_says_that_a_rerun_keeps_the_committed_parts(model_dir, make_shard, tmp_path):
+    from conftest import image_samples, interrupt_when
+
+    from vqtok.tokens import read_codes
+    from vqtok.tokens.format import STATS_DIR
+
+    shards = [make_shard(f"k-{i:02d}.tar", image_samples([f"k{i}-{j}" for j in range(6)], seed=i)) for i in range(40)]
+    out = tmp_path / "tokens.parquet"
+    command = [sys.executable, "-m", "vqtok", "encode", *shards, str(out), "--model", model_dir, "--batch-size", "2"]
+    committed = lambda: len(list((out / STATS_DIR).glob("*.json")))  # noqa: E731
+    interrupted = interrupt_when([*command, "--num-workers", "1"], committed, 3)
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert interrupted.stderr == (
+        "Interrupted: vqtok encode stopped; run the same command again to go on: the parts committed so far are kept.\n"
+    )
+    done_before = committed()
+    assert 3 <= done_before < 40, "the run was not interrupted mid-way"
+    rerun = subprocess.run([*command, "--num-workers", "0"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{40 - done_before} encoded, {done_before} already done" in rerun.stdout
+    assert sorted(read_codes(out)[0]) == sorted(f"k{i}-{j}" for i in range(40) for j in range(6))
+
+
+RESUME = "run the same command with --resume to continue from the last checkpoint"
+RERUN = "run the same command again to go on: the parts committed so far are kept"
+START_OVER = "run the same command again to start over"
+
+
+INTERRUPTED = [  # a command, its arguments, the library function it calls and what it says after Ctrl-C
+    ("fit", ["shards/", "--out", "runs/x"], "vqtok.train.fit", RESUME),
+    ("prior fit", ["{tokens}", "--out", "runs/p"], "vqtok.prior.fit.fit_prior", RESUME),
+    ("encode", ["shards/", "t.parquet", "--model", "m"], "vqtok.encode.encode", RERUN),
+    ("prior sample", ["{folder}", "s.parquet"], "vqtok.prior.sample.sample", RERUN),
+    ("decode", ["{tokens}", "out/", "--model", "m"], "vqtok.decode.decode", START_OVER),
+    ("eval", ["m", "shards/"], "vqtok.evaluate.evaluate_inputs", START_OVER),
+]
+
+
+@pytest.mark.parametrize("command, args, library, advice", INTERRUPTED, ids=[case[0] for case in INTERRUPTED])
+def test_ctrl_c_says_how_to_go_on_in_one_line(command, args, library, advice, monkeypatch, tmp_path):
+    """Ctrl-C in the library function each command calls: one line, exit code 130, in place of "Aborted!"."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(library, interrupted)
+    (tmp_path / "tokens").write_text("")
+    args = [*command.split(), *(a.format(tokens=tmp_path / "tokens", folder=tmp_path) for a in args)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130
+    assert result.output == f"Interrupted: vqtok {command} stopped; {advice}.\n"
+
+
 SHUTDOWN_PROBE = """
 import atexit, sys
 

@@ -20,9 +20,16 @@ from vqtok import __version__
 from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, TrainConfig
 from vqtok.errors import VQTokError
 
+# How to go on after Ctrl-C, by command: what a rerun keeps of the interrupted run. The others start over.
+RESUME = "run the same command with --resume to continue from the last checkpoint"
+RERUN = "run the same command again to go on: the parts committed so far are kept"
+AFTER_INTERRUPT = {"fit": RESUME, "prior fit": RESUME, "encode": RERUN, "prior sample": RERUN}
+INTERRUPTED = 130  # 128 + SIGINT, the exit code a shell gives a process that Ctrl-C ended
+
 
 def user_errors(command):
-    """Turn the library's user-facing errors into click's one-line messages."""
+    """Turn the library's user-facing errors into click's one-line messages, and Ctrl-C into one line that says
+    how to go on (in place of click's bare "Aborted!"), with exit code 130."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -30,8 +37,22 @@ def user_errors(command):
             return command(*args, **kwargs)
         except VQTokError as e:
             raise click.ClickException(one_line(str(e))) from e
+        except KeyboardInterrupt:
+            name = command_name(click.get_current_context())
+            advice = AFTER_INTERRUPT.get(name, "run the same command again to start over")
+            click.echo(f"Interrupted: vqtok {name} stopped; {advice}.", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
 
     return wrapper
+
+
+def command_name(ctx: click.Context) -> str:
+    """The command as typed after the program's name: "encode", "prior fit"."""
+    names = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(reversed(names))
 
 
 # What INPUTS are, in every command that reads images (fit, eval, encode); `{INPUTS}` in a docstring becomes this.
