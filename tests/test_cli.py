@@ -116,6 +116,35 @@ def test_ctrl_c_says_how_to_go_on_in_one_line(command, args, library, advice, mo
     assert result.output == f"Interrupted: vqtok {command} stopped; {advice}.\n"
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["decode", "t", "out", "--model", "m", "--format", "pngg"],
+            "Invalid value for '--format': 'pngg' is not one of 'png', 'wds'. (vqtok decode --help)",
+        ),
+        (["no-such-command"], "No such command 'no-such-command'. (vqtok --help)"),
+        (["--no-such-option"], "No such option '--no-such-option'. (vqtok --help)"),
+        (["prior", "fit"], "Missing argument 'TOKENS...'. (vqtok prior fit --help)"),
+        (
+            ["fit", "x", "--out", "y", "--decay", "0.9", "--no-ema"],
+            "--decay and --no-ema exclude each other (vqtok fit --help)",
+        ),
+    ],
+)
+def test_a_usage_error_is_one_line_and_exit_code_2(args, message):
+    """Like every error vqtok expects, one `Error:` line (naming the --help to read), not click's three; with
+    click's and argparse's exit code for a command line that cannot run."""
+    result = CliRunner().invoke(cli, args, prog_name="vqtok")
+    assert result.exit_code == 2
+    assert result.output == f"Error: {message}\n"
+
+
+def test_no_command_still_shows_the_help():
+    result = CliRunner().invoke(cli, [], prog_name="vqtok")
+    assert result.output.startswith("Usage: vqtok [OPTIONS] COMMAND [ARGS]...") and "Commands:" in result.output
+
+
 SHUTDOWN_PROBE = """
 import atexit, sys
 

@@ -1,13 +1,15 @@
 """The `vqtok` command line: thin click commands over the library.
 
 Each command parses its options, calls one library function and prints with
-rich. Library errors (`VQTokError`) become one-line messages with exit code 1.
+rich. Library errors (`VQTokError`) become one-line messages with exit code 1,
+usage errors one line with exit code 2, Ctrl-C one line with exit code 130.
 torch is imported inside command bodies so that `vqtok --help` answers at once.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import json
@@ -131,7 +133,38 @@ def one_line(message: str) -> str:
     return message
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class UsageLine(click.ClickException):
+    """A usage error as one line, like every other error; its exit code stays click's (and argparse's), 2."""
+
+    exit_code = 2
+
+
+class Commands(click.Group):
+    """vqtok's group: a mistyped option or choice, a missing argument or an unknown command is one line,
+    `Error: ... (vqtok decode --help)`, in place of click's usage, hint and error on three lines. Its own
+    options' errors arise as its context is made, its commands' (and `prior`'s) as it invokes them."""
+
+    def make_context(self, *args, **kwargs):
+        with one_line_usage():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with one_line_usage():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def one_line_usage():
+    try:
+        yield
+    except click.UsageError as e:
+        if type(e).show is not click.UsageError.show:  # it shows something else (NoArgsIsHelpError: the help)
+            raise
+        help = f" ({e.ctx.command_path} --help)" if e.ctx else ""
+        raise UsageLine(f"{e.format_message()}{help}") from e
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vqtok")
 def cli():
     """VQ-VAE image tokenizers: images in shards, folders or Parquet files <-> grids of codebook indices."""
