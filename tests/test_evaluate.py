@@ -178,6 +178,8 @@ def test_compare_table_in_a_pipe_keeps_every_column_and_whole_model_paths(model_
     assert result.exit_code == 0, result.output
     lines = [line.strip() for line in result.output.splitlines()]
     assert any(line.endswith(" images/s") for line in lines), result.output
+    assert any(" image mean " in line and line.endswith(" enc/dec") for line in lines), result.output  # its PSNR
+    assert "PSNR image mean: the mean of each image's PSNR, in dB" in result.output
     for model in (str(deep), other_model):
         row = next((line for line in lines if line.startswith(model + " ")), None)
         assert row is not None and re.search(r" [\d,]+/[\d,]+$", row), result.output

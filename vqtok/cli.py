@@ -422,7 +422,8 @@ def fit(inputs, out, config_path, family, no_ema, val, resume, image_column, ima
     if result.main_process and "psnr" in result.metrics:
         m = result.metrics
         click.echo(
-            f"held-out PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1%}, perplexity {m['perplexity']:.0f}"
+            f"held-out PSNR {m['psnr']:.2f} dB over all pixels, codebook usage {m['usage']:.1%}, "
+            f"perplexity {m['perplexity']:.0f}"
         )
 
 
@@ -520,11 +521,12 @@ def compare_table(reports, notes: list[tuple[str, str]]):
     from rich.table import Table
 
     title = f"{len(reports)} tokenizers on the same {reports[0].images:,} images"
-    caption = "; ".join(["PSNR: the mean of each image's, in dB", *(note for _, note in notes)])
+    caption = "; ".join(["PSNR image mean: the mean of each image's PSNR, in dB", *(note for _, note in notes)])
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("model", overflow="fold", min_width=10)
-    for name in ("family", "K", "grid", "PSNR", "SSIM", "usage", "perplexity", "bits/\ncode", "images/s\nenc/dec"):
-        table.add_column(name, justify="left" if name == "family" else "right")
+    table.add_column("family")
+    for name in ("K", "grid", "PSNR\nimage mean", "SSIM", "usage", "perplexity", "bits/\ncode", "images/s\nenc/dec"):
+        table.add_column(name, justify="right")
     for r in reports:
         table.add_row(
             r.model,
@@ -723,7 +725,9 @@ def demo(out, steps, prior, prior_steps):
         table.add_row(stage, f"{images:,}", f"{seconds:.1f}", f"{images / seconds:,.1f}")
     out = console()
     out.print(table)
-    out.print(f"held-out photographs at 128x128: PSNR {result.psnr:.2f} dB, codebook usage {result.usage:.1%}")
+    out.print(
+        f"held-out photographs at 128x128: PSNR {result.psnr:.2f} dB over all pixels, codebook usage {result.usage:.1%}"
+    )
     for what, where in result.paths.items():
         out.print(f"{what}: {where}")
 
