@@ -28,6 +28,25 @@ def test_info_reports_a_model(tmp_path):
     assert table.exit_code == 0 and model.model_id in table.output
 
 
+def test_info_counts_read_as_english_does(tmp_path, model_dir):
+    """One of a thing is not "1 layers" or "1 file(s)"."""
+    from conftest import image_samples, write_shard
+
+    from vqtok.config import PriorConfig
+    from vqtok.encode import encode
+    from vqtok.prior import Prior
+
+    config = PriorConfig(layers=1, width=16, heads=1, codebook_size=32, grid=(4, 4), image_size=16, tokenizer="t")
+    Prior(config).save_pretrained(tmp_path / "prior")
+    prior = CliRunner(env={"COLUMNS": None}).invoke(cli, ["info", str(tmp_path / "prior")])
+    assert prior.exit_code == 0, prior.output
+    assert "1 layer, width 16, 1 head " in prior.output
+    encode([write_shard(tmp_path / "a.tar", image_samples(["a"]))], tmp_path / "t", model_dir, show_progress=False)
+    tokens = CliRunner(env={"COLUMNS": None}).invoke(cli, ["info", str(tmp_path / "t")])
+    assert tokens.exit_code == 0, tokens.output
+    assert "1 in 1 file " in tokens.output
+
+
 def test_info_on_a_folder_that_is_neither_is_one_clear_line(tmp_path):
     result = CliRunner().invoke(cli, ["info", str(tmp_path)])
     assert result.exit_code == 1

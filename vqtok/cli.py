@@ -20,7 +20,7 @@ import click
 
 from vqtok import __version__
 from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, TrainConfig
-from vqtok.errors import VQTokError
+from vqtok.errors import VQTokError, plural
 
 # How to go on after Ctrl-C, by command: what a rerun keeps of the interrupted run. The others start over.
 RESUME = "run the same command with --resume to continue from the last checkpoint"
@@ -123,6 +123,11 @@ def console():
     if sys.stdout.isatty() or "COLUMNS" in os.environ:
         return Console()
     return Console(width=UNBOUNDED_WIDTH)
+
+
+def count(n: int, word: str) -> str:
+    """ "1 shard", "1,000 images": a count and its word."""
+    return f"{n:,} {plural(n, word)}"
 
 
 def one_line(message: str) -> str:
@@ -231,7 +236,10 @@ def prior_rows(s: dict) -> list[tuple[str, str]]:
         ("kind", "prior over token grids"),
         ("model id", s["model_id"]),
         ("parameters", f"{s['parameters']:,}"),
-        ("transformer", f"{config['layers']} layers, width {config['width']}, {config['heads']} heads"),
+        (
+            "transformer",
+            f"{count(config['layers'], 'layer')}, width {config['width']}, {count(config['heads'], 'head')}",
+        ),
         ("tokens", f"{h}x{w} grids of codes from a codebook of K = {s['codebook_size']}"),
         ("classes", f"{s['num_classes']}" if s["num_classes"] else "none (unconditional)"),
         ("tokenizer", f"{s['tokenizer']} ({s['image_size']}x{s['image_size']} images)"),
@@ -244,14 +252,14 @@ def token_rows(s: dict) -> list[tuple[str, str]]:
         return "unknown" if s[name] is None else render(s[name])
 
     rows = [
-        ("rows", f"{s['rows']:,} in {s['files']} file(s)"),
+        ("rows", f"{s['rows']:,} in {count(s['files'], 'file')}"),
         ("shards", known("shards", str)),
         ("errors", known("errors", lambda n: f"{n:,}")),
         ("grid", known("grid", lambda g: f"{g[0]}x{g[1]}")),
         ("image size", known("image_size", str)),
         ("codebook", f"K = {s['codebook_size']}"),
         ("model id", known("model_id", str)),
-        ("codebook usage", known("usage", lambda u: f"{s['codes_used']} codes, {u:.1%}")),
+        ("codebook usage", known("usage", lambda u: f"{count(s['codes_used'], 'code')}, {u:.1%}")),
         ("perplexity", f"{s['perplexity']:.1f}"),
         ("bits per code", f"{s['bits_per_code']:.3f} (entropy)"),
         ("bytes per image", known("bytes_per_image", lambda b: f"{b:,.1f} on disk")),
@@ -494,7 +502,7 @@ def eval_(model_dir, inputs, compare, as_json, storage_options, **options):
 
     notes = []
     if reports[0].errors:
-        notes.append(("errors", f"{reports[0].errors:,} samples could not be decoded"))
+        notes.append(("errors", f"{count(reports[0].errors, 'sample')} could not be decoded"))
     if options["out"]:
         notes.append(("written", f"{options['out']}/report.json, {options['out']}/reconstructions.png"))
     console().print(compare_table(reports, notes) if compare else report_table(reports[0], notes))
@@ -503,7 +511,7 @@ def eval_(model_dir, inputs, compare, as_json, storage_options, **options):
 def report_table(report, notes: list[tuple[str, str]]):
     from rich.table import Table
 
-    table = Table(title=f"{report.model} on {report.images:,} images", show_header=False)
+    table = Table(title=f"{report.model} on {count(report.images, 'image')}", show_header=False)
     table.add_row("PSNR", f"{report.psnr_image_mean:.2f} dB mean over images, {report.psnr:.2f} dB over all pixels")
     table.add_row("SSIM", f"{report.ssim:.4f}")
     table.add_row("codebook usage", f"{report.codes_used:,} of {report.codebook_size:,} codes, {report.usage:.1%}")
@@ -520,7 +528,7 @@ def compare_table(reports, notes: list[tuple[str, str]]):
     from rich import box
     from rich.table import Table
 
-    title = f"{len(reports)} tokenizers on the same {reports[0].images:,} images"
+    title = f"{len(reports)} tokenizers on the same {count(reports[0].images, 'image')}"
     caption = "; ".join(["PSNR image mean: the mean of each image's PSNR, in dB", *(note for _, note in notes)])
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("model", overflow="fold", min_width=10)
@@ -615,8 +623,8 @@ def encode(inputs, out, model_dir, keep, storage_options, **options):
     if result.failed:
         named = "; ".join(f"{shard} ({reason})" for shard, reason in result.failed)
         raise click.ClickException(
-            f"{len(result.failed)} shard(s) could not be read to the end, their readable samples kept: {named}. "
-            "Run the same command again to retry them."
+            f"{count(len(result.failed), 'shard')} could not be read to the end: {named}. The samples before a break "
+            "are kept; run the same command again to retry."
         )
 
 
@@ -626,7 +634,7 @@ def print_encode_summary(result) -> None:
     who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
     table = Table(title=f"encoded into {result.out}{who}", show_header=False)
     table.add_row("parts", f"{result.encoded} encoded, {result.skipped} already done, {len(result.failed)} failed")
-    table.add_row("images", f"{result.images:,} encoded, {result.errors:,} errors")
+    table.add_row("images", f"{result.images:,} encoded, {count(result.errors, 'error')}")
     table.add_row("speed", f"{result.images_per_second:,.1f} images/s over {result.seconds:.1f} s")
     table.add_row(
         "time",
@@ -635,7 +643,12 @@ def print_encode_summary(result) -> None:
     )
     if result.totals:
         totals = result.totals
-        table.add_row("dataset", f"{totals['rows']:,} rows, {totals['errors']:,} errors in {totals['shards']} shards")
+        rows, errors, parts = (
+            count(totals["rows"], "row"),
+            count(totals["errors"], "error"),
+            count(totals["shards"], "part"),
+        )
+        table.add_row("dataset", f"{rows}, {errors} in {parts}")
     console().print(table)
 
 
