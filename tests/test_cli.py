@@ -173,7 +173,11 @@ class Finalized:
 
 probe = Finalized()
 atexit.register(lambda: print("exit handlers ran", flush=True))
-from vqtok.cli import main
+import click
+from vqtok.cli import cli, main
+
+# A command that ends as code may, with a message for its exit code
+cli.add_command(click.Command("leave", callback=lambda: sys.exit("leaving with a message")))
 
 sys.argv = ["vqtok", *sys.argv[1:]]
 main()
@@ -183,12 +187,18 @@ main()
 @pytest.mark.parametrize("world_size", ["1", "2"])
 def test_a_launched_process_exits_without_the_interpreter_shutdown(world_size):
     """Under a launcher (WORLD_SIZE > 1), gloo threads still running at the interpreter's shutdown can abort a
-    finished run: `vqtok` runs the exit handlers, flushes its output and leaves with the command's exit code."""
+    finished run: `vqtok` runs the exit handlers, flushes its output and leaves with the command's exit code,
+    or for sys.exit("message") with the message on stderr and exit code 1, as the interpreter does."""
     env = {**os.environ, "WORLD_SIZE": world_size}
-    for args, code, printed in ((["--version"], 0, __version__), (["no-such-command"], 2, "No such command")):
+    cases = [
+        (["--version"], 0, __version__, ""),
+        (["no-such-command"], 2, "", "Error: No such command 'no-such-command'. (vqtok --help)\n"),
+        (["leave"], 1, "", "leaving with a message\n"),
+    ]
+    for args, code, printed, errors in cases:
         probe = [sys.executable, "-c", SHUTDOWN_PROBE, *args]
         proc = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == code, proc.stderr
-        assert printed in proc.stdout + proc.stderr
+        assert (proc.returncode, proc.stderr) == (code, errors)
+        assert printed in proc.stdout
         assert "exit handlers ran" in proc.stdout
         assert ("interpreter shut down" in proc.stdout) == (world_size == "1")

@@ -185,6 +185,14 @@ def test_compare_table_in_a_pipe_keeps_every_column_and_whole_model_paths(model_
         assert row is not None and re.search(r" [\d,]+/[\d,]+$", row), result.output
 
 
+def test_eval_names_the_files_it_wrote_once_whatever_the_out_folder_ends_with(model_dir, shards, tmp_path):
+    out = f"{tmp_path / 'compare'}/"
+    result = CliRunner(env={"COLUMNS": None}).invoke(cli, ["eval", model_dir, shards[0], "--out", out])
+    assert result.exit_code == 0, result.output
+    assert f"{out}report.json, {out}reconstructions.png" in result.output and "//" not in result.output
+    assert (tmp_path / "compare" / "report.json").is_file()
+
+
 def test_compare_table_and_refusals(model_dir, other_model, shards, tmp_path):
     table = CliRunner().invoke(cli, ["eval", model_dir, shards[0], "--compare", other_model, "--num-workers", "0"])
     assert table.exit_code == 0, table.output

@@ -504,7 +504,8 @@ def eval_(model_dir, inputs, compare, as_json, storage_options, **options):
     if reports[0].errors:
         notes.append(("errors", f"{count(reports[0].errors, 'sample')} could not be decoded"))
     if options["out"]:
-        notes.append(("written", f"{options['out']}/report.json, {options['out']}/reconstructions.png"))
+        written = (os.path.join(options["out"], name) for name in ("report.json", "reconstructions.png"))
+        notes.append(("written", ", ".join(written)))
     console().print(compare_table(reports, notes) if compare else report_table(reports[0], notes))
 
 
@@ -957,7 +958,12 @@ def main():
         cli()
         code = 0
     except SystemExit as stop:  # how click ends every command, with its exit code
-        code = stop.code or 0
+        code = stop.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed, exit code 1, as the interpreter does
+        print(code, file=sys.stderr)
+        code = 1
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
