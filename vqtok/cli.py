@@ -644,12 +644,8 @@ def print_encode_summary(result) -> None:
     )
     if result.totals:
         totals = result.totals
-        rows, errors, parts = (
-            count(totals["rows"], "row"),
-            count(totals["errors"], "error"),
-            count(totals["shards"], "part"),
-        )
-        table.add_row("dataset", f"{rows}, {errors} in {parts}")
+        held = f"{count(totals['rows'], 'row')}, {count(totals['errors'], 'error')}"
+        table.add_row("dataset", f"{held} in {count(totals['shards'], 'part')}")
     console().print(table)
 
 

@@ -97,7 +97,7 @@ def filesystem(url: str, options: dict):
 
     scheme = url.split(":", 1)[0].lower()
     try:
-        with reported(url):  # some back ends reach the store as the file system is made
+        with reported(url):  # a back end may reach its store as its file system is made
             return fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         install = INSTALL.get(scheme, f"install the fsspec back end for {scheme}://")
