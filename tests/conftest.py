@@ -509,15 +509,32 @@ def bucket(s3_endpoint, monkeypatch, tmp_path):
 def kill_when(command: list[str], done, at_least: int, timeout: float = 180) -> int:
     """Run command and kill it with SIGKILL once done() (say, the markers written so far) reaches at_least;
     returns done() after the kill."""
-    import os
-    import signal
-    import subprocess
-    import time
-
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while done() < at_least and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.005)
+    wait_until(proc, done, at_least, timeout)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return done()
+
+
+def interrupt_when(command: list[str], done, at_least: int, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run command and press Ctrl-C once done() reaches at_least: SIGINT to its whole process group (its DataLoader
+    workers too), as a terminal sends it. SIGINT is set to its default first, so that Python turns it into
+    KeyboardInterrupt even where this test runs with SIGINT ignored (started in the background by a script)."""
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    wait_until(proc, done, at_least, timeout)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def wait_until(proc: subprocess.Popen, done, at_least: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while done() < at_least and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)

@@ -3,9 +3,11 @@
 `python tests/test_docs.py` rewrites docs/commands.md from the commands' `--help`.
 """
 
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,14 +52,33 @@ def blocks(path: Path, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", path.read_text(), flags=re.M | re.S)
 
 
-def shell_lines(path: Path) -> list[str]:
+def shell_lines(path: Path, program: str = "vqtok") -> list[str]:
     lines = []
     for block in blocks(path, "bash"):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #", 1)[0].strip()  # drop trailing comments
-            if line.startswith("vqtok "):
+            if line.startswith(f"{program} "):
                 lines.append(line)
     return lines
+
+
+def test_downloads_use_the_command_huggingface_hub_installs():
+    """huggingface_hub installs `hf`, no longer `huggingface-cli`: every download line, in a bash block or inline,
+    is `hf download` with options that its --help lists."""
+    downloads = []
+    for path in DOCS:
+        text = path.read_text()
+        assert "huggingface-cli" not in text, path.name
+        inline = (" ".join(code.split()) for code in re.findall(r"`(hf download [^`]+)`", text))
+        downloads += [*shell_lines(path, "hf"), *inline]
+    hf = shutil.which("hf", path=os.path.dirname(sys.executable))
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    usage = subprocess.run([hf, "download", "--help"], env=offline, capture_output=True, text=True, check=True).stdout
+    assert len(downloads) >= 5
+    for line in downloads:
+        args = shlex.split(line)
+        assert args[1] == "download", line
+        assert all(option in usage for option in args if option.startswith("--")), line
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def test_every_sample_is_a_row_of_codes_or_of_errors(model_dir, make_shard, tmp_
 
     result = run_encode(mixed, truncated, whole, out, "--model", model_dir, "--num-workers", "0")
     assert result.exit_code == 1
-    assert "1 shard(s) could not be read to the end" in result.output and truncated in result.output
+    assert f"Error: 1 shard could not be read to the end: {truncated} (" in result.output
     with pytest.raises(UnfinishedDataset, match="2 of 3 shards done, 1 failed"):
         read_codes(out)
     keys, _ = read_codes(out, partial=True)  # a failed shard's readable rows are committed too
@@ -169,6 +169,30 @@ def test_killed_run_reruns_to_every_key_exactly_once(model_dir, make_shard, tmp_
     keys, _ = read_codes(out)
     assert sorted(keys) == sorted(f"k{i}-{j}" for i in range(40) for j in range(6))
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.usefixtures("offline_datasets")
+def test_the_progress_bar_and_the_summary_count_what_the_inputs_hold(model_dir, make_shard, tmp_path):
+    """The bar counts shards, slices of a folder or Parquet files (parts when the inputs mix them); the summary's
+    counts read as English does: 1 part, 1 error."""
+    from conftest import class_images, write_hf_parquet, write_image_folder
+
+    shard = make_shard("a.tar", [*image_samples(["a0", "a1"]), {"__key__": "empty", "png": b""}])
+    folder = write_image_folder(tmp_path / "photos", class_images(per_class=2))
+    parquet = write_hf_parquet(tmp_path / "hf", class_images(per_class=1), files=1) / "data"
+    for inputs, counted in (([shard], "shards"), ([folder], "folder slices"), ([parquet], "Parquet files")):
+        out = tmp_path / f"{counted}.parquet"
+        result = CliRunner(env={"COLUMNS": None}).invoke(
+            cli, ["encode", *map(str, inputs), str(out), "--model", model_dir]
+        )
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(f"encode {counted} ━"), result.output
+    mixed = run_encode(shard, folder, tmp_path / "mixed.parquet", "--model", model_dir)
+    assert mixed.output.startswith("encode parts ━"), mixed.output
+    summary = CliRunner(env={"COLUMNS": None}).invoke(
+        cli, ["encode", shard, str(tmp_path / "one.parquet"), "--model", model_dir]
+    )
+    assert "2 encoded, 1 error " in summary.output and "2 rows, 1 error in 1 part " in summary.output
 
 
 def test_token_dataset_reads_in_every_reader(model_dir, shards, tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -166,6 +168,31 @@ def test_compare_gives_the_rows_of_single_runs_and_shows_the_same_images(model_d
             assert np.array_equal(captions[:, column], band(f"{rows[m]['worst'][j]['psnr']:.2f} dB", tile))
 
 
+def test_compare_table_in_a_pipe_keeps_every_column_and_whole_model_paths(model_dir, other_model, shards, tmp_path):
+    """Printed to a pipe or a log (no terminal, no COLUMNS), the table is as wide as it needs, not rich's 80
+    columns: each model's path stays on its row's one line, which ends with its encode/decode images/s."""
+    deep = tmp_path / "a-folder-whose-name-is-long-enough-to-fill-most-of-a-terminal-line" / "runs" / "x" / "model"
+    shutil.copytree(model_dir, deep)
+    args = ["eval", str(deep), shards[0], "--compare", other_model, "--num-workers", "0"]
+    result = CliRunner(env={"COLUMNS": None}).invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    assert any(line.endswith(" images/s") for line in lines), result.output
+    assert any(" image mean " in line and line.endswith(" enc/dec") for line in lines), result.output  # its PSNR
+    assert "PSNR image mean: the mean of each image's PSNR, in dB" in result.output
+    for model in (str(deep), other_model):
+        row = next((line for line in lines if line.startswith(model + " ")), None)
+        assert row is not None and re.search(r" [\d,]+/[\d,]+$", row), result.output
+
+
+def test_eval_names_the_files_it_wrote_once_whatever_the_out_folder_ends_with(model_dir, shards, tmp_path):
+    out = f"{tmp_path / 'compare'}/"
+    result = CliRunner(env={"COLUMNS": None}).invoke(cli, ["eval", model_dir, shards[0], "--out", out])
+    assert result.exit_code == 0, result.output
+    assert f"{out}report.json, {out}reconstructions.png" in result.output and "//" not in result.output
+    assert (tmp_path / "compare" / "report.json").is_file()
+
+
 def test_compare_table_and_refusals(model_dir, other_model, shards, tmp_path):
     table = CliRunner().invoke(cli, ["eval", model_dir, shards[0], "--compare", other_model, "--num-workers", "0"])
     assert table.exit_code == 0, table.output
@@ -210,7 +237,7 @@ def test_eval_refuses_what_it_cannot_evaluate(model_dir, make_shard, tmp_path):
         ([model_dir, make_shard("bad.tar", [{"__key__": "x", "png": b"not a png"}])], "no image to evaluate"),
         ([model_dir, make_shard("labels.tar", [{"__key__": "y", "cls": b"1"}])], "no image to evaluate"),
         ([model_dir, make_shard("empty.tar", [])], "no image to evaluate"),
-        ([str(tmp_path), make_shard("ok.tar", image_samples(["k"]))], "is not a vqtok model directory"),
+        ([str(tmp_path), make_shard("ok.tar", image_samples(["k"]))], "is not a model directory: it holds no config"),
         ([model_dir, make_shard("ok2.tar", image_samples(["k"])), "--image-size", "18"], "not a positive multiple"),
         ([str(tmp_path / "nope"), make_shard("ok3.tar", image_samples(["k"]))], "nope is not a model directory"),
     ]

@@ -33,7 +33,6 @@ def test_fit_one_process(shards, tmp_path):
     args += ["--eval-every", "3", "--save-every", "2", "--num-workers", "0"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert "held-out PSNR" in result.output
 
     model = VQVAE.from_pretrained(out / "model")
     assert model.codebook_size == 16 and model.config.image_size == 16
@@ -48,6 +47,16 @@ def test_fit_one_process(shards, tmp_path):
     train_entries = [m for m in metrics if m["split"] == "train" and "loss" in m]
     assert train_entries and train_entries[-1]["step"] == 6
     assert all(0 <= m["data_wait"] <= 1 for m in train_entries)  # the share of the loop spent waiting for data
+
+    # The bar's usage is the quantizer's over its recent batches; the last line's PSNR (over all pixels, not
+    # eval's mean over images) and usage are the held-out ones.
+    bar = next(line for line in result.output.splitlines() if line.startswith("fit "))
+    assert f"train usage (last 100 batches) {train_entries[-1]['usage']:.0%}" in bar
+    held_out = val_entries[-1]
+    assert result.output.splitlines()[-1] == (
+        f"held-out PSNR {held_out['psnr']:.2f} dB over all pixels, codebook usage {held_out['usage']:.1%}, "
+        f"perplexity {held_out['perplexity']:.0f}"
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ blocks compute as its do.
 import hashlib
 import inspect
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -170,6 +171,23 @@ def test_a_vqmodel_vqtok_cannot_build_is_refused_in_one_line(diffusers_dir, tmp_
     )
     line = one_line_error(invoke("import", "diffusers", source, tmp_path / "model"))
     assert message in line
+    assert not (tmp_path / "model").exists()
+
+
+def test_the_folder_above_a_vqmodel_names_the_folder_that_holds_it(diffusers_dir, tmp_path):
+    """A pipeline's download (hf download amused/amused-256 vqvae/... --local-dir ROOT) keeps its VQModel in
+    ROOT/vqvae, beside the other models' folders: importing ROOT says which folder to import."""
+    root = tmp_path / "amused-256"
+    shutil.copytree(diffusers_dir[1], root / "vqvae")
+    (root / "text_encoder").mkdir()
+    (root / "text_encoder" / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModelWithProjection"]}))
+    (root / "model_index.json").write_text(
+        json.dumps({"_class_name": "AmusedPipeline", "vqvae": ["diffusers", "VQModel"]})
+    )
+    line = one_line_error(invoke("import", "diffusers", root, tmp_path / "model"))
+    assert line == f"Error: {root} is not a VQModel folder: it holds no config.json; did you mean {root / 'vqvae'}?"
+    line = one_line_error(invoke("import", "diffusers", tmp_path, tmp_path / "model"))
+    assert line == f"Error: {tmp_path} is not a VQModel folder: it holds no config.json"
     assert not (tmp_path / "model").exists()
 
 

@@ -145,12 +145,19 @@ def edit_header(directory, **changes):
     (directory / CONFIG_NAME).write_text(json.dumps(header))
 
 
-def test_load_refuses_what_is_not_a_model(tmp_path):
-    with pytest.raises(ModelFormatError, match="not a model directory"):
-        VQVAE.from_pretrained(tmp_path / "nowhere")
+def test_load_refuses_what_is_not_a_model(tmp_path, saved):
+    (tmp_path / "file").write_text("")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelFormatError, match="config.json is missing"):
-        VQVAE.from_pretrained(tmp_path / "empty")
+    (saved / WEIGHTS_NAME).unlink()
+    for where, reason in (
+        (tmp_path / "nowhere", "nothing is there"),
+        (tmp_path / "file", "it is a file"),
+        (tmp_path / "empty", "it holds no config.json"),
+        (saved, "it holds no model.safetensors"),
+    ):
+        with pytest.raises(ModelFormatError) as refused:
+            VQVAE.from_pretrained(where)
+        assert str(refused.value) == f"{where} is not a model directory: {reason}"
 
 
 def test_load_refuses_broken_json(saved):

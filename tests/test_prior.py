@@ -317,7 +317,7 @@ def test_fit_refusals_are_one_line_and_come_before_training(model_dir, tokens, t
         ([train], ["--cond", "cls", "--classes", "4"], "holds class 4, outside [0, 4)"),
         ([negative], ["--cond", "cls"], "holds class -1, outside [0, 8)"),
         ([train], ["--classes", "4"], "no --cond column"),
-        ([train], ["--tokenizer", tmp_path / "train.parquet"], "is not a vqtok model directory"),
+        ([train], ["--tokenizer", tmp_path / "train.parquet"], "is not a model directory"),
     ]
     for inputs, extra, message in cases:
         line = one_line_error(invoke("prior", "fit", *inputs, "--out", out, *extra))

@@ -1,7 +1,8 @@
 """Object storage, tested for real against a local S3 server (moto) on 127.0.0.1: encode from a bucket into a
 bucket, killed and rerun; decode, info, read_codes and TokenDataset reading it; fit writing its run there and
 resuming from it, and prior fit writing its run there; and the failures a user meets (credentials, a missing
-bucket, an unreachable endpoint, no s3fs), each one line with nothing written."""
+bucket, an unreachable endpoint, no s3fs, a Hugging Face Hub that cannot be reached), each one line with nothing
+written."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 
+import fsspec
 import numpy as np
 import pytest
 import requests
@@ -192,6 +194,55 @@ def test_an_unreachable_endpoint_is_one_line_and_nothing_is_written(model_dir, m
     assert "s3://bucket/tokens.parquet: the store cannot be reached or refused: Could not connect" in result.output
     result = invoke("encode", "s3://bucket/shards/", tmp_path / "t.parquet", "--model", model_dir)
     assert result.exit_code == 1 and "Could not connect" in result.output and not (tmp_path / "t.parquet").exists()
+
+
+HUB_COMMANDS = {
+    "import": ["import", "diffusers", "hf://amused/amused-256/vqvae", "{tmp}/imported"],
+    "encode": [
+        "encode",
+        "hf://datasets/uoft-cs/cifar10/plain_text/train-*.parquet",
+        "{tmp}/tokens",
+        "--model",
+        "{model}",
+    ],
+    "info": ["info", "hf://amused/amused-256/vqvae"],
+}
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+@pytest.mark.parametrize("command", sorted(HUB_COMMANDS))
+def test_a_hub_that_cannot_be_reached_is_one_line_naming_the_location(command, hub, tmp_path, model_dir):
+    """huggingface_hub reaches the Hub as early as fsspec forgets a path (invalidate_cache), and fails through
+    its own and httpx's exception types: each is one `Error:` line naming the hf:// location, exit code 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env["HF_HOME"] = str(tmp_path / "hf-home")  # no cached files to answer from
+    if hub == "offline":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    args = [a.format(tmp=tmp_path, model=model_dir) for a in HUB_COMMANDS[command]]
+    where = next(a for a in args if a.startswith("hf://"))
+    proc = subprocess.run([sys.executable, "-m", "vqtok", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {where}"), proc.stderr
+    assert not (tmp_path / "imported").exists() and not (tmp_path / "tokens").exists()
+
+
+class UnreachableFileSystem(fsspec.AbstractFileSystem):
+    """A back end that reaches its store as its file system is made (its credentials or its endpoint)."""
+
+    protocol = "unreachable"
+
+    def __init__(self, *args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+
+def test_a_back_end_that_fails_as_its_file_system_is_made_is_one_line():
+    fsspec.register_implementation("unreachable", UnreachableFileSystem, clobber=True)
+    result = invoke("info", "unreachable://store/model")
+    assert result.exit_code == 1
+    assert result.output == "Error: unreachable://store/model/config.json: Connection refused\n"
 
 
 def test_without_s3fs_an_s3_url_names_the_extra(model_dir, make_shard, tmp_path):

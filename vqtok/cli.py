@@ -1,13 +1,15 @@
 """The `vqtok` command line: thin click commands over the library.
 
 Each command parses its options, calls one library function and prints with
-rich. Library errors (`VQTokError`) become one-line messages with exit code 1.
+rich. Library errors (`VQTokError`) become one-line messages with exit code 1,
+usage errors one line with exit code 2, Ctrl-C one line with exit code 130.
 torch is imported inside command bodies so that `vqtok --help` answers at once.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import json
@@ -18,11 +20,18 @@ import click
 
 from vqtok import __version__
 from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, QuantizerConfig, TrainConfig
-from vqtok.errors import VQTokError
+from vqtok.errors import VQTokError, plural
+
+# How to go on after Ctrl-C, by command: what a rerun keeps of the interrupted run. The others start over.
+RESUME = "run the same command with --resume to continue from the last checkpoint"
+RERUN = "run the same command again to go on: the parts committed so far are kept"
+AFTER_INTERRUPT = {"fit": RESUME, "prior fit": RESUME, "encode": RERUN, "prior sample": RERUN}
+INTERRUPTED = 130  # 128 + SIGINT, the exit code a shell gives a process that Ctrl-C ended
 
 
 def user_errors(command):
-    """Turn the library's user-facing errors into click's one-line messages."""
+    """Turn the library's user-facing errors into click's one-line messages, and Ctrl-C into one line that says
+    how to go on (in place of click's bare "Aborted!"), with exit code 130."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -30,8 +39,22 @@ def user_errors(command):
             return command(*args, **kwargs)
         except VQTokError as e:
             raise click.ClickException(one_line(str(e))) from e
+        except KeyboardInterrupt:
+            name = command_name(click.get_current_context())
+            advice = AFTER_INTERRUPT.get(name, "run the same command again to start over")
+            click.echo(f"Interrupted: vqtok {name} stopped; {advice}.", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
 
     return wrapper
+
+
+def command_name(ctx: click.Context) -> str:
+    """The command as typed after the program's name: "encode", "prior fit"."""
+    names = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(reversed(names))
 
 
 # What INPUTS are, in every command that reads images (fit, eval, encode); `{INPUTS}` in a docstring becomes this.
@@ -103,6 +126,11 @@ def console():
     return Console(width=UNBOUNDED_WIDTH)
 
 
+def count(n: int, word: str) -> str:
+    """ "1 shard", "1,000 images": a count and its word."""
+    return f"{n:,} {plural(n, word)}"
+
+
 def one_line(message: str) -> str:
     """A DataLoader worker's error arrives as "Caught X in DataLoader worker ... Original Traceback ...";
     its last line holds the message."""
@@ -111,7 +139,38 @@ def one_line(message: str) -> str:
     return message
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class UsageLine(click.ClickException):
+    """A usage error as one line, like every other error; its exit code stays click's (and argparse's), 2."""
+
+    exit_code = 2
+
+
+class Commands(click.Group):
+    """vqtok's group: a mistyped option or choice, a missing argument or an unknown command is one line,
+    `Error: ... (vqtok decode --help)`, in place of click's usage, hint and error on three lines. Its own
+    options' errors arise as its context is made, its commands' (and `prior`'s) as it invokes them."""
+
+    def make_context(self, *args, **kwargs):
+        with one_line_usage():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with one_line_usage():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def one_line_usage():
+    try:
+        yield
+    except click.UsageError as e:
+        if type(e).show is not click.UsageError.show:  # it shows something else (NoArgsIsHelpError: the help)
+            raise
+        help = f" ({e.ctx.command_path} --help)" if e.ctx else ""
+        raise UsageLine(f"{e.format_message()}{help}") from e
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vqtok")
 def cli():
     """VQ-VAE image tokenizers: images in shards, folders or Parquet files <-> grids of codebook indices."""
@@ -180,7 +239,10 @@ def prior_rows(s: dict) -> list[tuple[str, str]]:
         ("kind", "prior over token grids"),
         ("model id", s["model_id"]),
         ("parameters", f"{s['parameters']:,}"),
-        ("transformer", f"{config['layers']} layers, width {config['width']}, {config['heads']} heads"),
+        (
+            "transformer",
+            f"{count(config['layers'], 'layer')}, width {config['width']}, {count(config['heads'], 'head')}",
+        ),
         ("tokens", f"{h}x{w} grids of codes from a codebook of K = {s['codebook_size']}"),
         ("classes", f"{s['num_classes']}" if s["num_classes"] else "none (unconditional)"),
         ("tokenizer", f"{s['tokenizer']} ({s['image_size']}x{s['image_size']} images)"),
@@ -193,14 +255,14 @@ def token_rows(s: dict) -> list[tuple[str, str]]:
         return "unknown" if s[name] is None else render(s[name])
 
     rows = [
-        ("rows", f"{s['rows']:,} in {s['files']} file(s)"),
+        ("rows", f"{s['rows']:,} in {count(s['files'], 'file')}"),
         ("shards", known("shards", str)),
         ("errors", known("errors", lambda n: f"{n:,}")),
         ("grid", known("grid", lambda g: f"{g[0]}x{g[1]}")),
         ("image size", known("image_size", str)),
         ("codebook", f"K = {s['codebook_size']}"),
         ("model id", known("model_id", str)),
-        ("codebook usage", known("usage", lambda u: f"{s['codes_used']} codes, {u:.1%}")),
+        ("codebook usage", known("usage", lambda u: f"{count(s['codes_used'], 'code')}, {u:.1%}")),
         ("perplexity", f"{s['perplexity']:.1f}"),
         ("bits per code", f"{s['bits_per_code']:.3f} (entropy)"),
         ("bytes per image", known("bytes_per_image", lambda b: f"{b:,.1f} on disk")),
@@ -380,7 +442,8 @@ def fit(inputs, out, config_path, family, no_ema, val, resume, image_column, ima
     if result.main_process and "psnr" in result.metrics:
         m = result.metrics
         click.echo(
-            f"held-out PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1%}, perplexity {m['perplexity']:.0f}"
+            f"held-out PSNR {m['psnr']:.2f} dB over all pixels, codebook usage {m['usage']:.1%}, "
+            f"perplexity {m['perplexity']:.0f}"
         )
 
 
@@ -451,16 +514,17 @@ def eval_(model_dir, inputs, compare, as_json, storage_options, **options):
 
     notes = []
     if reports[0].errors:
-        notes.append(("errors", f"{reports[0].errors:,} samples could not be decoded"))
+        notes.append(("errors", f"{count(reports[0].errors, 'sample')} could not be decoded"))
     if options["out"]:
-        notes.append(("written", f"{options['out']}/report.json, {options['out']}/reconstructions.png"))
+        written = (os.path.join(options["out"], name) for name in ("report.json", "reconstructions.png"))
+        notes.append(("written", ", ".join(written)))
     console().print(compare_table(reports, notes) if compare else report_table(reports[0], notes))
 
 
 def report_table(report, notes: list[tuple[str, str]]):
     from rich.table import Table
 
-    table = Table(title=f"{report.model} on {report.images:,} images", show_header=False)
+    table = Table(title=f"{report.model} on {count(report.images, 'image')}", show_header=False)
     table.add_row("PSNR", f"{report.psnr_image_mean:.2f} dB mean over images, {report.psnr:.2f} dB over all pixels")
     table.add_row("SSIM", f"{report.ssim:.4f}")
     table.add_row("codebook usage", f"{report.codes_used:,} of {report.codebook_size:,} codes, {report.usage:.1%}")
@@ -477,12 +541,13 @@ def compare_table(reports, notes: list[tuple[str, str]]):
     from rich import box
     from rich.table import Table
 
-    title = f"{len(reports)} tokenizers on the same {reports[0].images:,} images"
-    caption = "; ".join(["PSNR: the mean of each image's, in dB", *(note for _, note in notes)])
+    title = f"{len(reports)} tokenizers on the same {count(reports[0].images, 'image')}"
+    caption = "; ".join(["PSNR image mean: the mean of each image's PSNR, in dB", *(note for _, note in notes)])
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("model", overflow="fold", min_width=10)
-    for name in ("family", "K", "grid", "PSNR", "SSIM", "usage", "perplexity", "bits/\ncode", "images/s\nenc/dec"):
-        table.add_column(name, justify="left" if name == "family" else "right")
+    table.add_column("family")
+    for name in ("K", "grid", "PSNR\nimage mean", "SSIM", "usage", "perplexity", "bits/\ncode", "images/s\nenc/dec"):
+        table.add_column(name, justify="right")
     for r in reports:
         table.add_row(
             r.model,
@@ -571,8 +636,8 @@ def encode(inputs, out, model_dir, keep, storage_options, **options):
     if result.failed:
         named = "; ".join(f"{shard} ({reason})" for shard, reason in result.failed)
         raise click.ClickException(
-            f"{len(result.failed)} shard(s) could not be read to the end, their readable samples kept: {named}. "
-            "Run the same command again to retry them."
+            f"{count(len(result.failed), 'shard')} could not be read to the end: {named}. The samples before a break "
+            "are kept; run the same command again to retry."
         )
 
 
@@ -582,7 +647,7 @@ def print_encode_summary(result) -> None:
     who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
     table = Table(title=f"encoded into {result.out}{who}", show_header=False)
     table.add_row("parts", f"{result.encoded} encoded, {result.skipped} already done, {len(result.failed)} failed")
-    table.add_row("images", f"{result.images:,} encoded, {result.errors:,} errors")
+    table.add_row("images", f"{result.images:,} encoded, {count(result.errors, 'error')}")
     table.add_row("speed", f"{result.images_per_second:,.1f} images/s over {result.seconds:.1f} s")
     table.add_row(
         "time",
@@ -591,7 +656,8 @@ def print_encode_summary(result) -> None:
     )
     if result.totals:
         totals = result.totals
-        table.add_row("dataset", f"{totals['rows']:,} rows, {totals['errors']:,} errors in {totals['shards']} shards")
+        held = f"{count(totals['rows'], 'row')}, {count(totals['errors'], 'error')}"
+        table.add_row("dataset", f"{held} in {count(totals['shards'], 'part')}")
     console().print(table)
 
 
@@ -692,7 +758,9 @@ def demo(out, steps, prior, prior_steps):
         table.add_row(stage, f"{images:,}", f"{seconds:.1f}", f"{images / seconds:,.1f}")
     out = console()
     out.print(table)
-    out.print(f"held-out photographs at 128x128: PSNR {result.psnr:.2f} dB, codebook usage {result.usage:.1%}")
+    out.print(
+        f"held-out photographs at 128x128: PSNR {result.psnr:.2f} dB over all pixels, codebook usage {result.usage:.1%}"
+    )
     for what, where in result.paths.items():
         out.print(f"{what}: {where}")
 
@@ -909,7 +977,12 @@ def main():
         cli()
         code = 0
     except SystemExit as stop:  # how click ends every command, with its exit code
-        code = stop.code or 0
+        code = stop.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed, exit code 1, as the interpreter does
+        print(code, file=sys.stderr)
+        code = 1
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -217,7 +217,11 @@ def encode(
     todo = [unit for unit in found.units[rank::world_size] if unit.name in pending]
 
     result = EncodeResult(store.path, rank, world_size, shards=len(mine), skipped=len(mine) - len(todo), tally=tally)
-    progress = ProgressBar("encode shards", len(mine), len(mine) - len(todo), enabled=show_progress and rank == 0)
+    kinds = {unit.COUNTED_AS for unit in found.units}
+    counted_as = kinds.pop() if len(kinds) == 1 else Unit.COUNTED_AS  # the inputs' own word, unless they mix
+    progress = ProgressBar(
+        f"encode {counted_as}", len(mine), len(mine) - len(todo), enabled=show_progress and rank == 0
+    )
     if todo:
         large_size = int(image_size * TEN_CROP_RANGE) if augment == "ten-crop" else None  # LlamaGen's crop_size
         loader = DataLoader(

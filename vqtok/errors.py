@@ -1,5 +1,6 @@
-"""The exception types vqtok raises for problems a user can fix, and the tally of failed samples that decides
-when a run has failed too often (`ErrorTally`, raising `TooManyErrors`).
+"""The exception types vqtok raises for problems a user can fix, the tally of failed samples that decides
+when a run has failed too often (`ErrorTally`, raising `TooManyErrors`), and `plural`, for the counts that
+messages name.
 
 Every module raises these (or subclasses) for bad input, so callers and the
 command line can tell a user's mistake from a bug: the CLI turns a
@@ -35,6 +36,11 @@ class StoreError(VQTokError):
 class StorageError(VQTokError):
     """Files cannot be reached where they are kept: a storage back end that is not installed, credentials the
     store refuses, a missing bucket, an endpoint that does not answer, a full disk."""
+
+
+def plural(count: int, word: str) -> str:
+    """word as `count` of it reads: "1 shard", "2 shards"."""
+    return word if count == 1 else f"{word}s"
 
 
 MAX_ERROR_RATE = 0.5  # the share of failed samples above which encode and eval fail

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from vqtok.pretrained import CONFIG_NAME, read_header
+from vqtok.pretrained import CONFIG_NAME, not_a_model, read_header, run_model
 from vqtok.storage import Location
 from vqtok.tokens import summarize
 
@@ -18,6 +18,8 @@ def describe(path: str | os.PathLike, storage_options: dict | None = None) -> di
     if where.join(CONFIG_NAME).exists():
         kind = read_header(where)["kind"]
         return describe_prior(where) if kind == "prior" else describe_tokenizer(where)
+    if run_model(where):
+        raise not_a_model(where)  # a run folder: which model to describe is a guess, so say where it is
     return {"kind": "tokens", **summarize(where)}
 
 

@@ -24,6 +24,7 @@ from vqtok.storage import Location
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+RUN_MODEL_NAME = "model"  # the model directory inside a run folder, where `vqtok.runs` exports a run's model
 
 
 def weights_hash(state: dict[str, torch.Tensor]) -> str:
@@ -74,11 +75,9 @@ def read_header(directory: str | os.PathLike | Location, kind: str | None = None
     config_file = directory.join(CONFIG_NAME)
     text = config_file.read_text(missing_ok=True)
     if text is None:
-        if not directory.isdir():
-            raise ModelFormatError(f"{directory} is not a model directory (expected a folder with {CONFIG_NAME})")
-        raise ModelFormatError(f"{directory} is not a vqtok model directory: {CONFIG_NAME} is missing")
+        raise not_a_model(directory)
     if not directory.join(WEIGHTS_NAME).isfile():
-        raise ModelFormatError(f"{directory} is not a vqtok model directory: {WEIGHTS_NAME} is missing")
+        raise ModelFormatError(f"{directory} is not a model directory: it holds no {WEIGHTS_NAME}")
     try:
         header = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -97,6 +96,25 @@ def read_header(directory: str | os.PathLike | Location, kind: str | None = None
     if kind is not None and found != kind:
         raise ModelFormatError(f"{directory} holds a {found}, not a {kind}")
     return header
+
+
+def not_a_model(directory: Location) -> ModelFormatError:
+    """What every command says of a path without config.json. A run folder is the commonest such path, given
+    where the model directory inside it was meant: the message names that directory."""
+    found = directory.kind()
+    if found is None:
+        return ModelFormatError(f"{directory} is not a model directory: nothing is there")
+    if found == "file":
+        return ModelFormatError(f"{directory} is not a model directory: it is a file")
+    model = run_model(directory)
+    hint = f"; did you mean {model}?" if model else ""
+    return ModelFormatError(f"{directory} is not a model directory: it holds no {CONFIG_NAME}{hint}")
+
+
+def run_model(folder: Location) -> Location | None:
+    """The model directory inside `folder` when it is a run folder that exported one, else None."""
+    model = folder.join(RUN_MODEL_NAME)
+    return model if model.join(CONFIG_NAME).exists() else None
 
 
 def read_safetensors(weights: Location) -> dict[str, torch.Tensor]:

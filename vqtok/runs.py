@@ -32,6 +32,7 @@ import torch
 from vqtok.config import TrainConfig
 from vqtok.distributed import is_main_process, launched
 from vqtok.errors import ConfigError
+from vqtok.pretrained import RUN_MODEL_NAME
 from vqtok.storage import Location
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
@@ -261,7 +262,7 @@ class Run:
     def export(self, model, what: str = "model") -> Path | str:
         """The main process saves model (save_pretrained) into OUT/model; then the run ends. Returns the model
         directory: a Path, or the URL for a run in a store."""
-        directory = self.location.join("model")
+        directory = self.location.join(RUN_MODEL_NAME)
         if self.accelerator.is_main_process:
             model.save_pretrained(directory)
             self.accelerator.print(f"exported {what} to {directory}")

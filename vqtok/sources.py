@@ -37,7 +37,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from braceexpand import UnbalancedBracesError, braceexpand
 
@@ -80,6 +80,7 @@ class Sample(NamedTuple):
 class Unit:
     """A unit of work: read whole, encoded into one part file, committed whole and resumed whole."""
 
+    COUNTED_AS: ClassVar[str] = "parts"  # what a progress bar counts units of this kind as
     name: str  # what rows' `shard` column says, and what the token dataset's part file is named after
 
     def samples(self) -> Iterator[Sample]:
@@ -88,6 +89,7 @@ class Unit:
 
 @dataclass(frozen=True)
 class TarShard(Unit):
+    COUNTED_AS: ClassVar[str] = "shards"
     location: Location | None = None  # None: a URL that webdataset opens (pipe:, http://)
 
     def samples(self) -> Iterator[Sample]:
@@ -96,6 +98,7 @@ class TarShard(Unit):
 
 @dataclass(frozen=True)
 class FileSlice(Unit):
+    COUNTED_AS: ClassVar[str] = "folder slices"
     root: Location = None
     files: tuple[str, ...] = ()  # paths relative to root, '/'-separated
     classes: tuple[str, ...] | None = None  # with class_from_folder: the class names, numbered in this order
@@ -106,6 +109,7 @@ class FileSlice(Unit):
 
 @dataclass(frozen=True)
 class ParquetPart(Unit):
+    COUNTED_AS: ClassVar[str] = "Parquet files"
     location: Location = None
     image_column: str = ""
     carried: tuple[tuple[str, str], ...] = ()  # (column, type) of the columns to carry

@@ -38,6 +38,8 @@ INSTALL |= {"hf": "pip install huggingface_hub"}
 # (botocore's EndpointConnectionError, google.auth's errors).
 BACKEND_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "google", "azure", "requests", "urllib3", "huggingface_hub"}
 BACKEND_PACKAGES |= {"fsspec", "s3fs", "gcsfs", "adlfs"}
+# The HTTP clients huggingface_hub raises through, unwrapped (httpx2 and httpcore2 since huggingface_hub 2).
+BACKEND_PACKAGES |= {"httpx", "httpcore", "httpx2", "httpcore2"}
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -95,7 +97,8 @@ def filesystem(url: str, options: dict):
 
     scheme = url.split(":", 1)[0].lower()
     try:
-        return fsspec.core.url_to_fs(url, **options)
+        with reported(url):  # a back end may reach its store as its file system is made
+            return fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         install = INSTALL.get(scheme, f"install the fsspec back end for {scheme}://")
         raise StorageError(f"{url}: reading {scheme}:// needs a package that is not installed: {install}") from exc
@@ -148,7 +151,8 @@ class Location:
         """(file system, path) with what the file system remembers of this path forgotten: another process
         may have written here since it was last listed."""
         fs, path = self.fs_and_path()
-        fs.invalidate_cache(path)
+        with reported(self):  # huggingface_hub resolves the path on the Hub to forget it
+            fs.invalidate_cache(path)
         return fs, path
 
     @property

@@ -166,9 +166,11 @@ def fit(
                     "data_wait": data_wait,
                 }
                 record(entry)
+                # The quantizer's usage over its last batches, not the held-out usage fit reports at its end.
+                window = raw_model.quantizer.usage_window
                 progress.update(
-                    status=f"recon {entry['recon_loss']:.4f}  vq {entry['vq_loss']:.4f}  usage {entry['usage']:.0%}  "
-                    f"{entry['images_per_second']:.0f} img/s"
+                    status=f"recon {entry['recon_loss']:.4f}  vq {entry['vq_loss']:.4f}  "
+                    f"train usage (last {window} batches) {entry['usage']:.0%}  {entry['images_per_second']:.0f} img/s"
                 )
             progress.update(step)
 

@@ -296,12 +296,11 @@ def diffusers(source: Location, options: ImportOptions) -> Converted:
     hf://amused/amused-256/vqvae. A setting vqtok's network does not implement is refused, never imported
     approximately."""
     config_file = source.join("config.json")
-    try:
-        values = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{config_file} is not JSON: {e}") from None
-    if not isinstance(values, dict):
-        raise ModelFormatError(f"{config_file} is not a JSON object")
+    values = read_json(config_file)
+    if values is None:
+        inside = [folder for folder in map(source.join, source.names()) if is_vqmodel(folder)]
+        hint = f"; did you mean {' or '.join(map(str, inside))}?" if inside else ""
+        raise ModelFormatError(f"{source} is not a VQModel folder: it holds no config.json{hint}")
     config = diffusers_config(values, config_file)
     weights = next((file for file in map(source.join, DIFFUSERS_WEIGHTS) if file.exists()), None)
     if weights is None:
@@ -315,6 +314,30 @@ def diffusers(source: Location, options: ImportOptions) -> Converted:
     levels, blocks = len(config.channel_mult), config.num_res_blocks
     state = as_convolutions(rename(state, diffusers_renames(levels, blocks)))
     return Converted(config, state, weights)
+
+
+def read_json(file: Location) -> dict | None:
+    """A JSON object's file; None when there is no such file."""
+    text = file.read_text(missing_ok=True)
+    if text is None:
+        return None
+    try:
+        values = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{file} is not JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ModelFormatError(f"{file} is not a JSON object")
+    return values
+
+
+def is_vqmodel(folder: Location) -> bool:
+    """Whether folder holds a diffusers VQModel's config.json: a pipeline's download keeps it in vqvae/, beside
+    the other models' folders."""
+    try:
+        values = read_json(folder.join("config.json"))
+    except ModelFormatError:
+        return False
+    return values is not None and values.get("_class_name") == "VQModel"
 
 
 def diffusers_config(values: dict, where: Location) -> VQGANConfig:

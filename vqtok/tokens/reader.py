@@ -17,11 +17,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from vqtok.errors import StoreError
+from vqtok.errors import StoreError, plural
 from vqtok.storage import Location
 
 from .format import METADATA_KEY, SETTINGS_NAME, VIEWS_COLUMN, check_grid_type, codes_array, open_parquet
-from .writer import Completion, completion, plural
+from .writer import Completion, completion
 
 
 class UnfinishedDataset(StoreError):

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vqtok import __version__
-from vqtok.errors import ErrorTally, StoreError
+from vqtok.errors import ErrorTally, StoreError, plural
 from vqtok.storage import Location, reported
 
 from .format import (
@@ -386,10 +386,6 @@ class Completion:
         if uncommitted:
             words.append(f"{uncommitted} {plural(uncommitted, 'part file')} without a commit marker")
         return ", ".join(words)
-
-
-def plural(count: int, word: str) -> str:
-    return word if count == 1 else f"{word}s"
 
 
 def completion(path: str | os.PathLike | Location, storage_options: dict | None = None) -> Completion | None:
