@@ -772,7 +772,8 @@ def prior():
 @click.option(
     "--tokenizer",
     type=click.Path(exists=True, file_okay=False),
-    help="The tokenizer that made the tokens: each evaluation then decodes samples into samples/.",
+    help="The tokenizer that made the tokens: each evaluation then decodes sampled grids into a picture in "
+    "samples/, with or without --val.",
 )
 @click.option(
     "--plain-only",

@@ -12,7 +12,8 @@ tokens are always scored on their plain grids.
 
 Layout of OUT (run.json, checkpoints/ and metrics.jsonl as every trainer's):
     model/                     the exported prior (config.json of kind "prior" + model.safetensors)
-    samples/step-000500.png    with a tokenizer: grids sampled at each evaluation and decoded, a row per class
+    samples/step-000500.png    with a tokenizer: grids sampled at each evaluation and decoded, a row per class,
+                               laid out as `vqtok eval`'s picture (`vqtok.pictures`)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from vqtok.config import PriorConfig, PriorTrainConfig
 from vqtok.errors import ConfigError
+from vqtok.pictures import BAND, GAP, draw_texts, enlarge, tile_scale
 from vqtok.progress import ProgressBar
 from vqtok.runs import Run, lr_lambda
 from vqtok.tokens import TokenDataset, TokenSet
@@ -172,21 +174,23 @@ def fit_prior(
     raw_model: Prior = accelerator.unwrap_model(model)
 
     def evaluate_and_record(step: int) -> dict:
-        if data.val is None:
-            return {}
-        held_out = TokenDataset(data.val, columns=data.columns, rank=rank, world_size=world)
-        loader = DataLoader(held_out, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 1))
-        with accelerator.autocast():
-            nats, grids = held_out_nll(raw_model, loader, cond, accelerator.device)
-        sums = accelerator.reduce(torch.tensor([nats, grids], dtype=torch.float64, device=accelerator.device))
-        nats, grids = sums.tolist()
-        codes = grids * config.length
-        metrics = {"grids": int(grids), "nll": nats / codes, "bits_per_code": nats / codes / math.log(2)}
+        """Held-out bits per code with --val, a picture of samples with --tokenizer: either, both or neither."""
+        metrics: dict = {}
+        if data.val is not None:
+            held_out = TokenDataset(data.val, columns=data.columns, rank=rank, world_size=world)
+            loader = DataLoader(held_out, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 1))
+            with accelerator.autocast():
+                nats, grids = held_out_nll(raw_model, loader, cond, accelerator.device)
+            sums = accelerator.reduce(torch.tensor([nats, grids], dtype=torch.float64, device=accelerator.device))
+            nats, grids = sums.tolist()
+            codes = grids * config.length
+            metrics = {"grids": int(grids), "nll": nats / codes, "bits_per_code": nats / codes / math.log(2)}
         if decoder is not None and accelerator.is_main_process:
             with accelerator.autocast():
                 picture = f"samples/step-{step:06d}.png"
-                run.save(picture, lambda path: save_sample_picture(raw_model, decoder, path, seed=cfg.seed))
-        run.record({"split": "val", "step": step, **metrics})
+                run.save(picture, lambda path: save_sample_picture(raw_model, decoder, path, step, seed=cfg.seed))
+        if metrics:
+            run.record({"split": "val", "step": step, **metrics})
         return metrics
 
     progress = ProgressBar("prior fit", cfg.steps, start_step, enabled=show_progress and accelerator.is_main_process)
@@ -284,8 +288,34 @@ def sample_classes(classes: int) -> list[int | None]:
     return sorted({round(i * (classes - 1) / max(1, PICTURE_CLASSES - 1)) for i in range(PICTURE_CLASSES)})
 
 
-def save_sample_picture(prior: Prior, tokenizer, path: Path, seed: int = 0) -> None:
-    """Grids sampled from the prior (a row per class, PICTURE_SAMPLES each), decoded by the tokenizer, as a PNG."""
+def sample_picture(rows: list[tuple[int | None, np.ndarray]], title: str) -> np.ndarray:
+    """uint8 RGB pixels of sampled images, a row per class: rows are (class or None, uint8 (n, H, W, 3) images).
+
+    Laid out as `vqtok eval`'s picture: each image enlarged by `tile_scale` into a tile of T = scale * H by
+    scale * W pixels, n tiles to a row GAP pixels apart, a text band of BAND pixels above each row naming its
+    class ("class 3", or "no class" for grids sampled without one), and a band at the top holding the title.
+    So R rows make a picture BAND + R * (BAND + T) pixels high and n * scale * W + (n - 1) * GAP wide.
+    """
+    n, height, width = rows[0][1].shape[:3]
+    scale = tile_scale(height, width)
+    tile_h, tile_w = scale * height, scale * width
+    full_width = n * (tile_w + GAP) - GAP
+    pixels = np.zeros((BAND + len(rows) * (BAND + tile_h), full_width, 3), dtype=np.uint8)
+    texts = [(0, 0, full_width, title)]  # (x, y, width, text): drawn once the tiles are in place
+    y = BAND
+    for label, images in rows:
+        texts.append((0, y, full_width, "no class" if label is None else f"class {label}"))
+        y += BAND
+        for j, image in enumerate(images):
+            x = j * (tile_w + GAP)
+            pixels[y : y + tile_h, x : x + tile_w] = enlarge(image, scale)
+        y += tile_h
+    return draw_texts(pixels, texts)
+
+
+def save_sample_picture(prior: Prior, tokenizer, path: Path, step: int, seed: int = 0) -> None:
+    """Grids sampled from the prior at training step `step` (a row per class, PICTURE_SAMPLES each), decoded
+    by the tokenizer, as a PNG (`sample_picture`)."""
     from PIL import Image
 
     rows = []
@@ -293,7 +323,6 @@ def save_sample_picture(prior: Prior, tokenizer, path: Path, seed: int = 0) -> N
     for label in sample_classes(prior.config.num_classes):
         codes = prior.sample(PICTURE_SAMPLES, cls=label, generator=generator)  # (n, h, w)
         images = tokenizer.decode(codes.to(tokenizer.device))  # (n, 3, H, W) in [0, 1]
-        pixels = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
-        rows.append(np.concatenate(list(pixels), axis=1))  # (H, n * W, 3)
+        rows.append((label, images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    Image.fromarray(sample_picture(rows, f"samples at step {step:,}")).save(path)
