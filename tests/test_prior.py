@@ -1,6 +1,6 @@
 """The prior: the model's sampling (cache, greedy, guidance, seeds), `vqtok prior fit` in one process and two,
-kill and resume, the picture of samples, refusals, and the loop tokens -> prior -> sampled grids -> `vqtok
-decode` -> images."""
+kill and resume, tokens of a killed encode (--partial), the picture of samples, refusals, and the loop tokens ->
+prior -> sampled grids -> `vqtok decode` -> images."""
 
 import json
 import sys
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import kill_and_resume, launch_two_processes, read_metrics
+from conftest import image_samples, kill_and_resume, kill_when, launch_two_processes, read_metrics
 from PIL import Image
 
 from vqtok import VQVAE
@@ -21,6 +21,7 @@ from vqtok.pretrained import read_header
 from vqtok.prior import Prior
 from vqtok.prior.fit import save_sample_picture
 from vqtok.tokens import TokenSettings, TokenStore, read_codes
+from vqtok.tokens.format import STATS_DIR
 
 CLASSES, CODES_PER_CLASS = 8, 4  # class c's grids are drawn from the codes [4c, 4c + 4) of K = 32
 TINY = ["--layers", "2", "--width", "32", "--heads", "2", "--batch-size", "32", "--num-workers", "0"]
@@ -293,6 +294,39 @@ def test_killed_run_resumes_from_its_checkpoint(tokens, tmp_path):
     command += ["--steps", "100", "--save-every", "5", "--cond", "cls"]
     kill_and_resume(command, out, 100, ["--width", "16"], "width")
     assert Prior.from_pretrained(out / "model").config.num_classes == CLASSES
+
+
+@pytestmark_fit
+def test_fit_refuses_a_killed_encode_and_with_partial_trains_on_its_committed_rows(
+    model_dir, tokens, make_shard, tmp_path
+):
+    shards = [make_shard(f"k-{i:02d}.tar", image_samples([f"k{i}-{j}" for j in range(6)], seed=i)) for i in range(40)]
+    killed = tmp_path / "killed.parquet"
+    command = [sys.executable, "-m", "vqtok", "encode", *shards, str(killed), "--model", model_dir]
+    done = kill_when(
+        command + ["--num-workers", "0", "--batch-size", "2"], lambda: len(list((killed / STATS_DIR).glob("*.json"))), 3
+    )
+    assert 3 <= done < 40, "the encode was not killed mid-way"
+    committed, _ = read_codes(killed, partial=True)
+    assert len(committed) == 6 * done
+
+    out = tmp_path / "run"
+    train, _ = tokens
+    for inputs in ([killed], [train, "--val", killed]):  # the training tokens and the held-out ones alike
+        line = one_line_error(invoke("prior", "fit", *inputs, "--out", out, *TINY, "--steps", "2"))
+        assert f"{killed} is unfinished: {done} of 40 shards done" in line and "--partial" in line, line
+        assert not out.exists()
+
+    args = ["prior", "fit", killed, "--val", killed, "--out", out, "--partial", *TINY, "--steps", "2"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert f"note: {killed} is unfinished ({done} of 40 shards done): read its committed parts only" in result.output
+    assert f"trained on {len(committed)} grids" in result.output
+    metrics = read_metrics(out)
+    (facts,) = [m for m in metrics if "unfinished" in m]
+    assert facts["grids"] == facts["val_grids"] == len(committed)
+    assert facts["unfinished"] == {str(killed): f"{done} of 40 shards done"}
+    assert [m["grids"] for m in metrics if m["split"] == "val"] == [len(committed)]  # scored on the same rows
 
 
 @pytestmark_fit

@@ -780,18 +780,27 @@ def prior():
     is_flag=True,
     help="Train on each image's plain grid only, not on the augmented views of tokens encoded with --augment.",
 )
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="Read token datasets whose encode did not finish (TOKENS and --val alike): only their committed parts, "
+    "the shards done so far; metrics.jsonl records the grids read. Without it such a dataset is refused.",
+)
 @user_errors
-def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, plain_only, **overrides):
+def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, plain_only, partial, **overrides):
     """Train a prior (a transformer over the codes in raster order) on token grids.
 
     TOKENS are token datasets written by `vqtok encode`, Parquet files of
-    them, or several of either, all from one tokenizer. With --cond the prior
-    is class-conditional (the class is its first token) and can be sampled
-    with classifier-free guidance. Held-out --val tokens are scored in bits
-    per code at each evaluation. Runs on one CPU or GPU, or on many under
-    `accelerate launch`. Tokens encoded with --augment give each image one
-    of its grids per epoch, the plain one or a view, each equally likely,
-    unless --plain-only; held-out tokens are scored on their plain grids.
+    them, or several of either, all from one tokenizer. A dataset whose
+    encode has not finished is refused unless --partial. With --cond the
+    prior is class-conditional (the class is its first token) and can be
+    sampled with classifier-free guidance. Held-out --val tokens are scored
+    in bits per code at each evaluation; with --tokenizer each evaluation
+    also decodes sampled grids into samples/step-NNNNNN.png, a labelled row
+    per class. Runs on one CPU or GPU, or on many under `accelerate launch`. Tokens
+    encoded with --augment give each image one of its grids per epoch, the
+    plain one or a view, each equally likely, unless --plain-only; held-out
+    tokens are scored on their plain grids.
 
     \b
     Examples:
@@ -812,8 +821,15 @@ def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, plain_only
         tokenizer=tokenizer,
         resume=resume,
         plain_only=plain_only,
+        partial=partial,
     )
-    if result.main_process and "bits_per_code" in result.metrics:
+    if not result.main_process:
+        return
+    for path, progress in result.unfinished.items():
+        click.echo(f"note: {path} is unfinished ({progress}): read its committed parts only")
+    if result.unfinished:
+        click.echo(f"trained on {result.grids:,} grids")
+    if "bits_per_code" in result.metrics:
         click.echo(f"held-out {result.metrics['bits_per_code']:.4f} bits per code")
 
 

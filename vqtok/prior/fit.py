@@ -6,6 +6,9 @@ Everything about the tokens is checked before the first step: that one tokenizer
 K, grid), that every code lies in [0, K), and that the `--cond` column holds a class in [0, classes) on
 every row.
 
+A token dataset whose run did not finish is refused (`vqtok.tokens.UnfinishedDataset`) unless `partial`: then
+the committed parts alone are read, and metrics.jsonl records how many grids the prior trains on.
+
 Tokens encoded with augmented views (`vqtok encode --augment`) train on one of each image's grids per epoch,
 the plain one or a view, each equally likely (`TokenDataset(views=True)`), unless `plain_only`; held-out
 tokens are always scored on their plain grids.
@@ -50,6 +53,8 @@ class PriorFitResult:
     codes_per_second: float
     metrics: dict  # the last evaluation's (empty without --val)
     main_process: bool  # whether this process is the one that reports
+    grids: int = 0  # training grids
+    unfinished: dict[str, str] = dataclasses.field(default_factory=dict)  # token dataset read in part -> how far
 
 
 @dataclass
@@ -62,17 +67,30 @@ class PriorData:
     columns: list[str]  # [cond] or []
 
     @property
+    def unfinished(self) -> dict[str, str]:
+        """The token datasets read in part (`partial`), each with how far its run got."""
+        sets = [self.train] if self.val is None else [self.train, self.val]
+        return {path: done.describe() for token_set in sets for path, done in token_set.unfinished.items()}
+
+    @property
     def has_views(self) -> bool:
         """Whether any training file holds augmented views."""
         return any(self.train.has_views(file) for file in self.train.schemas)
 
 
-def open_tokens(tokens: list[str], val: list[str] | None, config: PriorConfig, cond: str | None = None) -> PriorData:
-    """Open and check the training and held-out token sets; StoreError or ConfigError for what would spoil a run."""
+def open_tokens(
+    tokens: list[str],
+    val: list[str] | None,
+    config: PriorConfig,
+    cond: str | None = None,
+    partial: bool = False,
+) -> PriorData:
+    """Open and check the training and held-out token sets; StoreError or ConfigError for what would spoil a run,
+    UnfinishedDataset for a dataset whose run did not finish unless `partial` (its committed parts are read)."""
     columns = [cond] if cond else []
-    train = TokenSet(tokens, columns)
+    train = TokenSet(tokens, columns, partial=partial)
     meta = train.tokenizer()
-    held_out = TokenSet(val, columns) if val else None
+    held_out = TokenSet(val, columns, partial=partial) if val else None
     if held_out is not None:
         theirs = held_out.tokenizer()
         changed = [name for name in ("model_id", "codebook_size", "grid") if theirs.get(name) != meta.get(name)]
@@ -123,11 +141,12 @@ def fit_prior(
     resume: bool = False,
     show_progress: bool = True,
     plain_only: bool = False,
+    partial: bool = False,
 ) -> PriorFitResult:
     from accelerate.utils import set_seed
 
     cfg = train_config
-    data = open_tokens(tokens, val, config, cond)
+    data = open_tokens(tokens, val, config, cond, partial)
     config = data.config
     decoder = tokenizer_of_tokens(tokenizer, config) if tokenizer else None
     settings = {"prior": config.to_dict(), "steps": cfg.steps, "cond": cond}
@@ -171,6 +190,11 @@ def fit_prior(
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     run.restore()
+    # The grids this leg trains on: fewer than the datasets will hold where some are read in part (--partial).
+    held_out = {"val_grids": data.val.rows} if data.val is not None else {}
+    run.record(
+        {"split": "train", "step": start_step, "grids": data.train.rows, **held_out, "unfinished": data.unfinished}
+    )
     raw_model: Prior = accelerator.unwrap_model(model)
 
     def evaluate_and_record(step: int) -> dict:
@@ -249,8 +273,9 @@ def fit_prior(
     # Every process must hold the same weights: the run records the evidence.
     last_metrics = run.finish(step, evaluate_and_record, "weights_digests", raw_model.model_id)
     model_dir = run.export(raw_model, "prior")
+    rate = codes_seen / max(elapsed, 1e-9)
     return PriorFitResult(
-        model_dir, step, start_step, codes_seen / max(elapsed, 1e-9), last_metrics, accelerator.is_main_process
+        model_dir, step, start_step, rate, last_metrics, accelerator.is_main_process, data.train.rows, data.unfinished
     )
 
 
