@@ -6,8 +6,9 @@ Everything about the tokens is checked before the first step: that one tokenizer
 K, grid), that every code lies in [0, K), and that the `--cond` column holds a class in [0, classes) on
 every row.
 
-A token dataset whose run did not finish is refused (`vqtok.tokens.UnfinishedDataset`) unless `partial`: then
-the committed parts alone are read, and metrics.jsonl records how many grids the prior trains on.
+TOKENS, --val, --tokenizer and OUT may be URLs that fsspec opens (`storage_options` go to every one). A token
+dataset whose run did not finish is refused (`vqtok.tokens.UnfinishedDataset`) unless `partial`: then the
+committed parts alone are read, and metrics.jsonl records how many grids the prior trains on.
 
 Tokens encoded with augmented views (`vqtok encode --augment`) train on one of each image's grids per epoch,
 the plain one or a view, each equally likely (`TokenDataset(views=True)`), unless `plain_only`; held-out
@@ -83,14 +84,15 @@ def open_tokens(
     val: list[str] | None,
     config: PriorConfig,
     cond: str | None = None,
+    storage_options: dict | None = None,
     partial: bool = False,
 ) -> PriorData:
     """Open and check the training and held-out token sets; StoreError or ConfigError for what would spoil a run,
     UnfinishedDataset for a dataset whose run did not finish unless `partial` (its committed parts are read)."""
     columns = [cond] if cond else []
-    train = TokenSet(tokens, columns, partial=partial)
+    train = TokenSet(tokens, columns, storage_options, partial=partial)
     meta = train.tokenizer()
-    held_out = TokenSet(val, columns, partial=partial) if val else None
+    held_out = TokenSet(val, columns, storage_options, partial=partial) if val else None
     if held_out is not None:
         theirs = held_out.tokenizer()
         changed = [name for name in ("model_id", "codebook_size", "grid") if theirs.get(name) != meta.get(name)]
@@ -141,19 +143,20 @@ def fit_prior(
     resume: bool = False,
     show_progress: bool = True,
     plain_only: bool = False,
+    storage_options: dict | None = None,
     partial: bool = False,
 ) -> PriorFitResult:
     from accelerate.utils import set_seed
 
     cfg = train_config
-    data = open_tokens(tokens, val, config, cond, partial)
+    data = open_tokens(tokens, val, config, cond, storage_options, partial)
     config = data.config
-    decoder = tokenizer_of_tokens(tokenizer, config) if tokenizer else None
+    decoder = tokenizer_of_tokens(tokenizer, config, storage_options) if tokenizer else None
     settings = {"prior": config.to_dict(), "steps": cfg.steps, "cond": cond}
     draw_views = data.has_views and not plain_only
     if data.has_views:  # recorded only then, so that runs on plain tokens keep the run.json of before
         settings["views"] = "drawn" if draw_views else "plain"
-    run = Run(out, settings, cfg, resume=resume)
+    run = Run(out, settings, cfg, resume=resume, storage_options=storage_options)
     accelerator = run.accelerator
     start_step = run.start_step
     set_seed(cfg.seed)  # the same initial weights on every process; load_state restores a resumed run's RNGs
@@ -294,11 +297,11 @@ def held_out_nll(prior: Prior, loader, cond: str | None, device: torch.device) -
     return nats, grids
 
 
-def tokenizer_of_tokens(path: str | Path, config: PriorConfig):
+def tokenizer_of_tokens(path: str | Path, config: PriorConfig, storage_options: dict | None = None):
     """The tokenizer that made the tokens, to decode samples with; ConfigError for another one."""
     from vqtok.tokenizers import load_tokenizer
 
-    model = load_tokenizer(path)
+    model = load_tokenizer(path, storage_options=storage_options)
     if model.model_id != config.tokenizer:
         raise ConfigError(
             f"--tokenizer {path} is model {model.model_id}, but the tokens were made by model {config.tokenizer}"
