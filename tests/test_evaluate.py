@@ -16,7 +16,8 @@ from skimage.metrics import structural_similarity
 from vqtok import VQVAE, ModelConfig
 from vqtok.cli import cli
 from vqtok.data import iter_samples, sample_image
-from vqtok.evaluate import BAND, FONT_SIZE, GAP, MIN_TILE, psnr, ssim, tile_scale
+from vqtok.evaluate import psnr, ssim
+from vqtok.pictures import BAND, FONT_SIZE, GAP, MIN_TILE, tile_scale
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The prior: the model's sampling (cache, greedy, guidance, seeds), `vqtok prior fit` in one process and two,
-kill and resume, refusals, and the loop tokens -> prior -> sampled grids -> `vqtok decode` -> images."""
+kill and resume, tokens of a killed encode (--partial), the picture of samples, refusals, and the loop tokens ->
+prior -> sampled grids -> `vqtok decode` -> images."""
 
 import json
 import sys
@@ -9,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import kill_and_resume, launch_two_processes, read_metrics
+from conftest import image_samples, kill_and_resume, kill_when, launch_two_processes, read_metrics
 from PIL import Image
 
 from vqtok import VQVAE
 from vqtok.cli import cli
 from vqtok.config import PriorConfig, PriorTrainConfig, load_config
+from vqtok.pictures import BAND, GAP, draw_texts
 from vqtok.pretrained import read_header
 from vqtok.prior import Prior
+from vqtok.prior.fit import save_sample_picture
 from vqtok.tokens import TokenSettings, TokenStore, read_codes
+from vqtok.tokens.format import STATS_DIR
 
 CLASSES, CODES_PER_CLASS = 8, 4  # class c's grids are drawn from the codes [4c, 4c + 4) of K = 32
 TINY = ["--layers", "2", "--width", "32", "--heads", "2", "--batch-size", "32", "--num-workers", "0"]
@@ -190,7 +194,7 @@ def test_fit_one_process_then_sample_and_decode(model_dir, tokens, tmp_path):
     assert (prior.config.codebook_size, prior.config.grid, prior.config.num_classes) == (32, (4, 4), CLASSES)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     picture = Image.open(out / "samples" / "step-000006.png")
-    assert picture.size == (8 * 16, 8 * 16)  # 8 classes by 8 samples of 16x16 images
+    assert picture.size == (8 * 128 + 7 * GAP, BAND + 8 * (BAND + 128))  # 8 classes by 8 samples, 16 px shown 8x
     val_entries = [m for m in read_metrics(out) if m["split"] == "val"]
     assert [m["step"] for m in val_entries] == [3, 6] and val_entries[-1]["grids"] == 64
     assert 0 < val_entries[-1]["bits_per_code"] < 5.5  # from about log2(32) = 5 bits
@@ -290,6 +294,80 @@ def test_killed_run_resumes_from_its_checkpoint(tokens, tmp_path):
     command += ["--steps", "100", "--save-every", "5", "--cond", "cls"]
     kill_and_resume(command, out, 100, ["--width", "16"], "width")
     assert Prior.from_pretrained(out / "model").config.num_classes == CLASSES
+
+
+@pytestmark_fit
+def test_fit_refuses_a_killed_encode_and_with_partial_trains_on_its_committed_rows(
+    model_dir, tokens, make_shard, tmp_path
+):
+    shards = [make_shard(f"k-{i:02d}.tar", image_samples([f"k{i}-{j}" for j in range(6)], seed=i)) for i in range(40)]
+    killed = tmp_path / "killed.parquet"
+    command = [sys.executable, "-m", "vqtok", "encode", *shards, str(killed), "--model", model_dir]
+    done = kill_when(
+        command + ["--num-workers", "0", "--batch-size", "2"], lambda: len(list((killed / STATS_DIR).glob("*.json"))), 3
+    )
+    assert 3 <= done < 40, "the encode was not killed mid-way"
+    committed, _ = read_codes(killed, partial=True)
+    assert len(committed) == 6 * done
+
+    out = tmp_path / "run"
+    train, _ = tokens
+    for inputs in ([killed], [train, "--val", killed]):  # the training tokens and the held-out ones alike
+        line = one_line_error(invoke("prior", "fit", *inputs, "--out", out, *TINY, "--steps", "2"))
+        assert f"{killed} is unfinished: {done} of 40 shards done" in line and "--partial" in line, line
+        assert not out.exists()
+
+    args = ["prior", "fit", killed, "--val", killed, "--out", out, "--partial", *TINY, "--steps", "2"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert f"note: {killed} is unfinished ({done} of 40 shards done): read its committed parts only" in result.output
+    assert f"trained on {len(committed)} grids" in result.output
+    metrics = read_metrics(out)
+    (facts,) = [m for m in metrics if "unfinished" in m]
+    assert facts["grids"] == facts["val_grids"] == len(committed)
+    assert facts["unfinished"] == {str(killed): f"{done} of 40 shards done"}
+    assert [m["grids"] for m in metrics if m["split"] == "val"] == [len(committed)]  # scored on the same rows
+
+
+@pytestmark_fit
+def test_fit_with_a_tokenizer_and_no_val_still_draws_samples(model_dir, tokens, tmp_path):
+    train, _ = tokens
+    out = tmp_path / "run"
+    args = ["prior", "fit", train, "--out", out, "--cond", "cls", *TINY, "--steps", "4", "--eval-every", "2"]
+    result = invoke(*args, "--tokenizer", model_dir)
+    assert result.exit_code == 0, result.output
+    assert "held-out" not in result.output
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]
+    assert not [m for m in read_metrics(out) if m["split"] == "val"]  # nothing to score without --val
+
+
+# ---------------------------------------------------------------------------------------------- the picture
+
+
+@pytest.mark.parametrize("classes", [CLASSES, 0])
+def test_sample_picture_enlarges_the_tiles_and_labels_each_row(model_dir, tmp_path, classes):
+    prior, tokenizer = tiny_prior(classes, grid=(4, 4)), VQVAE.from_pretrained(model_dir)
+    save_sample_picture(prior, tokenizer, tmp_path / "samples.png", step=1500, seed=3)
+    pixels = np.asarray(Image.open(tmp_path / "samples.png"))
+    labels = [f"class {c}" for c in range(classes)] or ["no class"]
+    tile, width = 8 * 16, 8 * 128 + 7 * GAP  # 16 px images shown 8 times larger, eight to a row
+    assert pixels.shape == (BAND + len(labels) * (BAND + tile), width, 3)
+
+    def text(words):  # what a band holding these words looks like
+        return draw_texts(np.zeros((BAND, width, 3), dtype=np.uint8), [(0, 0, width, words)])
+
+    assert np.array_equal(pixels[:BAND], text("samples at step 1,500")) and pixels[:BAND].max() == 255
+    generator = seeded(3)
+    for r, label in enumerate(labels):
+        top = BAND + r * (BAND + tile)
+        band, tiles = pixels[top : top + BAND], pixels[top + BAND : top + BAND + tile]
+        assert band.max() == 255 and np.array_equal(band, text(label)), label
+        codes = prior.sample(8, cls=r if classes else None, generator=generator)
+        images = tokenizer.decode(codes).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for j, image in enumerate(images):
+            x = j * (tile + GAP)
+            assert np.array_equal(tiles[:, x : x + tile], image.repeat(8, 0).repeat(8, 1))
+            assert not tiles[:, x + tile : x + tile + GAP].any()  # black between tiles
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -1,7 +1,9 @@
 """Object storage, tested for real against a local S3 server (moto) on 127.0.0.1: encode from a bucket into a
 bucket, killed and rerun; decode, info, read_codes and TokenDataset reading it; fit writing its run there and
-resuming from it, and prior fit writing its run there; and the failures a user meets (credentials, a missing
-bucket, an unreachable endpoint, no s3fs, a Hugging Face Hub that cannot be reached), each one line with nothing
+resuming from it; prior fit writing its run there, and prior fit and prior sample with the tokens, the
+tokenizer, the run and the samples all in the bucket, reached through --storage-options; and the failures a
+user meets (credentials, a missing bucket, an unreachable endpoint, no s3fs, a Hugging Face Hub that cannot be
+reached), each one line with nothing
 written."""
 
 import json
@@ -319,6 +321,36 @@ def test_prior_fit_writes_its_run_to_a_bucket(bucket, model_dir, make_shard, tmp
     assert Prior.from_pretrained(f"{out}/model").config.num_classes == 8
     info = invoke("info", f"{out}/model", "--json")
     assert info.exit_code == 0 and json.loads(info.output)["kind"] == "prior"
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_prior_fit_and_sample_read_and_write_a_bucket_with_storage_options(
+    bucket, model_dir, make_shard, s3_endpoint, monkeypatch, tmp_path
+):
+    shard = make_shard("t.tar", image_samples([f"t{j}" for j in range(8)], seed=3))
+    tokens = bucket.url("tokens.parquet")
+    assert invoke("encode", shard, tokens, "--model", model_dir, "--keep", "cls", "--num-workers", "0").exit_code == 0
+    VQVAE.from_pretrained(model_dir).save_pretrained(bucket.url("models/x"))
+    point_at_s3(monkeypatch, f"http://127.0.0.1:{free_port()}", tmp_path)  # the environment points nowhere...
+    reach = ["--storage-options", json.dumps({"endpoint_url": s3_endpoint})]  # ...and the option to the server
+
+    out = bucket.url("runs/p")
+    tiny = ["--layers", "1", "--width", "16", "--heads", "2", "--batch-size", "4", "--num-workers", "0"]
+    args = ["prior", "fit", tokens, "--out", out, "--val", tokens, "--tokenizer", bucket.url("models/x"), *tiny]
+    result = invoke(*args, "--cond", "cls", "--steps", "4", *reach)
+    assert result.exit_code == 0, result.output
+    assert "held-out" in result.output
+    assert bucket.fs.exists(f"{bucket.name}/runs/p/checkpoints/step-000004/_COMPLETE")
+    assert bucket.fs.exists(f"{bucket.name}/runs/p/samples/step-000004.png")
+    assert bucket.fs.exists(f"{bucket.name}/runs/p/model/model.safetensors")
+
+    samples = bucket.url("samples.parquet")
+    result = invoke("prior", "sample", out, samples, "--per-class", "2", *reach)  # the run folder, in the bucket
+    assert result.exit_code == 0, result.output
+    assert f"sampled 16 grids into {samples}" in result.output
+    keys, codes = read_codes(samples, storage_options={"endpoint_url": s3_endpoint})
+    assert keys == [f"sample-{i:06d}" for i in range(16)] and codes.shape == (16, 4, 4) and (codes < 32).all()
+    assert bucket.fs.exists(f"{bucket.name}/samples.parquet/{SUCCESS_NAME}")
 
 
 def test_storage_options_reach_the_back_end_and_bad_ones_are_one_line(

@@ -847,9 +847,9 @@ def prior():
 
 
 @prior.command("fit")
-@click.argument("tokens", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("tokens", nargs=-1, required=True)
 @click.option("--out", required=True, help="Run folder (a path or a URL): checkpoints, model, samples.")
-@click.option("--val", multiple=True, type=click.Path(exists=True), help="Held-out tokens (repeatable).")
+@click.option("--val", multiple=True, help="Held-out tokens (repeatable; a path or a URL).")
 @click.option("--cond", help="The column of class labels to condition on, e.g. cls.")
 @click.option(
     "--classes", "num_classes", type=click.IntRange(min=1), help="Classes in --cond.  [default: the largest + 1]"
@@ -862,34 +862,49 @@ def prior():
 @training_options(PriorTrainConfig, "Grids", "Token reading workers per process.")
 @click.option(
     "--tokenizer",
-    type=click.Path(exists=True, file_okay=False),
-    help="The tokenizer that made the tokens: each evaluation then decodes samples into samples/.",
+    help="The tokenizer that made the tokens (a path or a URL): each evaluation then decodes sampled grids into "
+    "a picture in samples/, with or without --val.",
 )
 @click.option(
     "--plain-only",
     is_flag=True,
     help="Train on each image's plain grid only, not on the augmented views of tokens encoded with --augment.",
 )
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="Read token datasets whose encode did not finish (TOKENS and --val alike): only their committed parts, "
+    "the shards done so far; metrics.jsonl records the grids read. Without it such a dataset is refused.",
+)
+@storage_options_option
 @user_errors
-def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, plain_only, **overrides):
+def prior_fit(
+    tokens, out, val, cond, config_path, resume, tokenizer, plain_only, partial, storage_options, **overrides
+):
     """Train a prior (a transformer over the codes in raster order) on token grids.
 
     TOKENS are token datasets written by `vqtok encode`, Parquet files of
-    them, or several of either, all from one tokenizer. With --cond the prior
-    is class-conditional (the class is its first token) and can be sampled
-    with classifier-free guidance. Held-out --val tokens are scored in bits
-    per code at each evaluation. Runs on one CPU or GPU, or on many under
-    `accelerate launch`. Tokens encoded with --augment give each image one
-    of its grids per epoch, the plain one or a view, each equally likely,
-    unless --plain-only; held-out tokens are scored on their plain grids.
+    them, or several of either, all from one tokenizer. A dataset whose
+    encode has not finished is refused unless --partial. With --cond the
+    prior is class-conditional (the class is its first token) and can be
+    sampled with classifier-free guidance. Held-out --val tokens are scored
+    in bits per code at each evaluation; with --tokenizer each evaluation
+    also decodes sampled grids into samples/step-NNNNNN.png, a labelled row
+    per class. TOKENS, --val, --tokenizer and --out may be URLs (s3://...).
+    Runs on one CPU or GPU, or on many under `accelerate launch`. Tokens
+    encoded with --augment give each image one of its grids per epoch, the
+    plain one or a view, each equally likely, unless --plain-only; held-out
+    tokens are scored on their plain grids.
 
     \b
     Examples:
         vqtok prior fit tokens.parquet --out runs/p --val val.parquet --cond cls
         vqtok prior fit tokens.parquet --out runs/p --config pipelines/prior-cpu-small.toml
+        vqtok prior fit s3://bucket/tokens.parquet --out s3://bucket/runs/p --tokenizer s3://bucket/runs/x/model
         accelerate launch --multi_gpu --num_processes 8 -m vqtok prior fit tokens.parquet --out runs/p
     """
     from vqtok.prior.fit import fit_prior
+    from vqtok.storage import parse_options
 
     config, train_config = load_recipe(config_path, overrides, PriorConfig, PriorTrainConfig)
     result = fit_prior(
@@ -902,8 +917,16 @@ def prior_fit(tokens, out, val, cond, config_path, resume, tokenizer, plain_only
         tokenizer=tokenizer,
         resume=resume,
         plain_only=plain_only,
+        storage_options=parse_options(storage_options),
+        partial=partial,
     )
-    if result.main_process and "bits_per_code" in result.metrics:
+    if not result.main_process:
+        return
+    for path, progress in result.unfinished.items():
+        click.echo(f"note: {path} is unfinished ({progress}): read its committed parts only")
+    if result.unfinished:
+        click.echo(f"trained on {result.grids:,} grids")
+    if "bits_per_code" in result.metrics:
         click.echo(f"held-out {result.metrics['bits_per_code']:.4f} bits per code")
 
 
@@ -918,8 +941,8 @@ def class_list(ctx, param, value):
 
 
 @prior.command("sample")
-@click.argument("prior_dir", metavar="PRIOR", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("prior_dir", metavar="PRIOR")
+@click.argument("out")
 @click.option("--n", type=click.IntRange(min=1), help="Grids to sample.  [default: 64]")
 @click.option("--cls", callback=class_list, help="A class for every grid (3), or classes to cycle through (0,1,2).")
 @click.option("--per-class", type=click.IntRange(min=1), help="N grids of each class of the prior.")
@@ -931,12 +954,13 @@ def class_list(ctx, param, value):
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Grids per batch.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--overwrite", is_flag=True, help="Replace samples drawn with other settings.")
+@storage_options_option
 @user_errors
-def prior_sample(prior_dir, out, **options):
+def prior_sample(prior_dir, out, storage_options, **options):
     """Sample grids from a prior into a token dataset OUT for `vqtok decode`.
 
     PRIOR is a prior's directory (runs/p/model) or its run folder (runs/p).
-    OUT names the tokenizer the prior's codes came from, so `vqtok decode`
+    PRIOR and OUT may be URLs (s3://...). OUT names the tokenizer the prior's codes came from, so `vqtok decode`
     takes that tokenizer and refuses others. Guidance w mixes the conditional
     and unconditional logits, cond + w (cond - uncond): 0 is plain
     conditional sampling, larger w sticks closer to the class. The same seed
@@ -947,11 +971,13 @@ def prior_sample(prior_dir, out, **options):
     Examples:
         vqtok prior sample runs/p/model samples.parquet --n 64
         vqtok prior sample runs/p/model samples.parquet --per-class 8 --guidance 2 --top-k 100
+        vqtok prior sample s3://bucket/runs/p s3://bucket/samples.parquet --n 1024
         vqtok decode samples.parquet images/ --model runs/x/model
     """
     from vqtok.prior.sample import sample
+    from vqtok.storage import parse_options
 
-    result = sample(prior_dir, out, **options)
+    result = sample(prior_dir, out, storage_options=parse_options(storage_options), **options)
     if result.rank == 0:
         who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
         click.echo(

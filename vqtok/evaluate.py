@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from vqtok.data import expand_inputs, make_loader
 from vqtok.distributed import in_process_group, launched
 from vqtok.errors import MAX_ERROR_RATE, ConfigError, DataError, ErrorTally
+from vqtok.pictures import BAND, GAP, draw_texts, enlarge, tile_scale
 from vqtok.tokenizers import load_tokenizer, pick_device
 from vqtok.usage import CodeUsage
 
@@ -46,9 +47,6 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (K1 * L)^2, (K2 * L)^2 for a data range L
 MAX_PSNR = 100.0  # a perfect reconstruction's PSNR, instead of infinity
 EXAMPLES = 8  # images in each row of the picture: the worst, and typical ones
 PICTURE_NAME = "reconstructions.png"
-MIN_TILE = 128  # pixels: the picture enlarges smaller images until their shorter side is at least this
-FONT_SIZE, BAND = 12, 18  # pixels: the picture's text (Pillow's default font), and the band that holds a line
-GAP = 4  # black pixels between tiles side by side, without which images of noise run into each other
 RESERVOIR = 64  # images kept at random, from which the typical ones are picked once the median is known
 
 
@@ -135,13 +133,6 @@ class Report:
         return save_picture([self], path)
 
 
-def tile_scale(height: int, width: int) -> int:
-    """The whole factor by which the picture enlarges an image, nearest neighbour: the least that makes its
-    shorter side at least MIN_TILE pixels (4 for 32 px crops). Images that large already keep their size (1);
-    none is ever shrunk."""
-    return max(1, -(-MIN_TILE // min(height, width)))
-
-
 def picture(reports: Sequence[Report]) -> np.ndarray | None:
     """uint8 RGB pixels of the images `reports` show (M reports of the same images): the worst originals, under
     them each model's reconstructions in the order of `reports`, then typical ones likewise; None if none.
@@ -154,8 +145,6 @@ def picture(reports: Sequence[Report]) -> np.ndarray | None:
     shown) 2 * (1 + M) * (T + 2 * BAND) pixels high and n * scale * W + (n - 1) * GAP wide. Text is white on
     black; the tiles hold the images' pixels unchanged.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     sections = [(kind, [getattr(report, kind) for report in reports]) for kind in ("worst", "typical")]
     sections = [(kind, shown) for kind, shown in sections if shown[0]]  # the same images in each report
     if not sections:
@@ -176,25 +165,10 @@ def picture(reports: Sequence[Report]) -> np.ndarray | None:
             for j, example in enumerate(shown[max(r - 1, 0)]):
                 image = example.original if r == 0 else example.reconstruction  # (H, W, 3)
                 x = j * (tile_w + GAP)
-                pixels[y : y + tile_h, x : x + tile_w] = image.repeat(scale, 0).repeat(scale, 1)
+                pixels[y : y + tile_h, x : x + tile_w] = enlarge(image, scale)
                 texts.append((x, y + tile_h, tile_w, example.key if r == 0 else f"{example.psnr:.2f} dB"))
             y += tile_h + BAND
-    canvas = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=FONT_SIZE)
-    for x, y, room, text in texts:
-        draw.text((x + 3, y + 2), _fit(text, font, room - 6), fill=(255, 255, 255), font=font)
-    return np.asarray(canvas)
-
-
-def _fit(text: str, font, room: float) -> str:
-    """text, or its end after "..." if it is wider than room pixels: the end of a key or a path tells most."""
-    if font.getlength(text) <= room:
-        return text
-    for start in range(1, len(text)):
-        if font.getlength("..." + text[start:]) <= room:
-            return "..." + text[start:]
-    return ""
+    return draw_texts(pixels, texts)
 
 
 def save_picture(reports: Sequence[Report], path: Path) -> bool:

@@ -6,13 +6,18 @@ Everything about the tokens is checked before the first step: that one tokenizer
 K, grid), that every code lies in [0, K), and that the `--cond` column holds a class in [0, classes) on
 every row.
 
+TOKENS, --val, --tokenizer and OUT may be URLs that fsspec opens (`storage_options` go to every one). A token
+dataset whose run did not finish is refused (`vqtok.tokens.UnfinishedDataset`) unless `partial`: then the
+committed parts alone are read, and metrics.jsonl records how many grids the prior trains on.
+
 Tokens encoded with augmented views (`vqtok encode --augment`) train on one of each image's grids per epoch,
 the plain one or a view, each equally likely (`TokenDataset(views=True)`), unless `plain_only`; held-out
 tokens are always scored on their plain grids.
 
 Layout of OUT (run.json, checkpoints/ and metrics.jsonl as every trainer's):
     model/                     the exported prior (config.json of kind "prior" + model.safetensors)
-    samples/step-000500.png    with a tokenizer: grids sampled at each evaluation and decoded, a row per class
+    samples/step-000500.png    with a tokenizer: grids sampled at each evaluation and decoded, a row per class,
+                               laid out as `vqtok eval`'s picture (`vqtok.pictures`)
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from vqtok.config import PriorConfig, PriorTrainConfig
 from vqtok.errors import ConfigError
+from vqtok.pictures import BAND, GAP, draw_texts, enlarge, tile_scale
 from vqtok.progress import ProgressBar
 from vqtok.runs import Run, lr_lambda
 from vqtok.tokens import TokenDataset, TokenSet
@@ -48,6 +54,8 @@ class PriorFitResult:
     codes_per_second: float
     metrics: dict  # the last evaluation's (empty without --val)
     main_process: bool  # whether this process is the one that reports
+    grids: int = 0  # training grids
+    unfinished: dict[str, str] = dataclasses.field(default_factory=dict)  # token dataset read in part -> how far
 
 
 @dataclass
@@ -60,17 +68,31 @@ class PriorData:
     columns: list[str]  # [cond] or []
 
     @property
+    def unfinished(self) -> dict[str, str]:
+        """The token datasets read in part (`partial`), each with how far its run got."""
+        sets = [self.train] if self.val is None else [self.train, self.val]
+        return {path: done.describe() for token_set in sets for path, done in token_set.unfinished.items()}
+
+    @property
     def has_views(self) -> bool:
         """Whether any training file holds augmented views."""
         return any(self.train.has_views(file) for file in self.train.schemas)
 
 
-def open_tokens(tokens: list[str], val: list[str] | None, config: PriorConfig, cond: str | None = None) -> PriorData:
-    """Open and check the training and held-out token sets; StoreError or ConfigError for what would spoil a run."""
+def open_tokens(
+    tokens: list[str],
+    val: list[str] | None,
+    config: PriorConfig,
+    cond: str | None = None,
+    storage_options: dict | None = None,
+    partial: bool = False,
+) -> PriorData:
+    """Open and check the training and held-out token sets; StoreError or ConfigError for what would spoil a run,
+    UnfinishedDataset for a dataset whose run did not finish unless `partial` (its committed parts are read)."""
     columns = [cond] if cond else []
-    train = TokenSet(tokens, columns)
+    train = TokenSet(tokens, columns, storage_options, partial=partial)
     meta = train.tokenizer()
-    held_out = TokenSet(val, columns) if val else None
+    held_out = TokenSet(val, columns, storage_options, partial=partial) if val else None
     if held_out is not None:
         theirs = held_out.tokenizer()
         changed = [name for name in ("model_id", "codebook_size", "grid") if theirs.get(name) != meta.get(name)]
@@ -121,18 +143,20 @@ def fit_prior(
     resume: bool = False,
     show_progress: bool = True,
     plain_only: bool = False,
+    storage_options: dict | None = None,
+    partial: bool = False,
 ) -> PriorFitResult:
     from accelerate.utils import set_seed
 
     cfg = train_config
-    data = open_tokens(tokens, val, config, cond)
+    data = open_tokens(tokens, val, config, cond, storage_options, partial)
     config = data.config
-    decoder = tokenizer_of_tokens(tokenizer, config) if tokenizer else None
+    decoder = tokenizer_of_tokens(tokenizer, config, storage_options) if tokenizer else None
     settings = {"prior": config.to_dict(), "steps": cfg.steps, "cond": cond}
     draw_views = data.has_views and not plain_only
     if data.has_views:  # recorded only then, so that runs on plain tokens keep the run.json of before
         settings["views"] = "drawn" if draw_views else "plain"
-    run = Run(out, settings, cfg, resume=resume)
+    run = Run(out, settings, cfg, resume=resume, storage_options=storage_options)
     accelerator = run.accelerator
     start_step = run.start_step
     set_seed(cfg.seed)  # the same initial weights on every process; load_state restores a resumed run's RNGs
@@ -169,24 +193,31 @@ def fit_prior(
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     run.restore()
+    # The grids this leg trains on: fewer than the datasets will hold where some are read in part (--partial).
+    held_out = {"val_grids": data.val.rows} if data.val is not None else {}
+    run.record(
+        {"split": "train", "step": start_step, "grids": data.train.rows, **held_out, "unfinished": data.unfinished}
+    )
     raw_model: Prior = accelerator.unwrap_model(model)
 
     def evaluate_and_record(step: int) -> dict:
-        if data.val is None:
-            return {}
-        held_out = TokenDataset(data.val, columns=data.columns, rank=rank, world_size=world)
-        loader = DataLoader(held_out, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 1))
-        with accelerator.autocast():
-            nats, grids = held_out_nll(raw_model, loader, cond, accelerator.device)
-        sums = accelerator.reduce(torch.tensor([nats, grids], dtype=torch.float64, device=accelerator.device))
-        nats, grids = sums.tolist()
-        codes = grids * config.length
-        metrics = {"grids": int(grids), "nll": nats / codes, "bits_per_code": nats / codes / math.log(2)}
+        """Held-out bits per code with --val, a picture of samples with --tokenizer: either, both or neither."""
+        metrics: dict = {}
+        if data.val is not None:
+            held_out = TokenDataset(data.val, columns=data.columns, rank=rank, world_size=world)
+            loader = DataLoader(held_out, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 1))
+            with accelerator.autocast():
+                nats, grids = held_out_nll(raw_model, loader, cond, accelerator.device)
+            sums = accelerator.reduce(torch.tensor([nats, grids], dtype=torch.float64, device=accelerator.device))
+            nats, grids = sums.tolist()
+            codes = grids * config.length
+            metrics = {"grids": int(grids), "nll": nats / codes, "bits_per_code": nats / codes / math.log(2)}
         if decoder is not None and accelerator.is_main_process:
             with accelerator.autocast():
                 picture = f"samples/step-{step:06d}.png"
-                run.save(picture, lambda path: save_sample_picture(raw_model, decoder, path, seed=cfg.seed))
-        run.record({"split": "val", "step": step, **metrics})
+                run.save(picture, lambda path: save_sample_picture(raw_model, decoder, path, step, seed=cfg.seed))
+        if metrics:
+            run.record({"split": "val", "step": step, **metrics})
         return metrics
 
     progress = ProgressBar("prior fit", cfg.steps, start_step, enabled=show_progress and accelerator.is_main_process)
@@ -245,8 +276,9 @@ def fit_prior(
     # Every process must hold the same weights: the run records the evidence.
     last_metrics = run.finish(step, evaluate_and_record, "weights_digests", raw_model.model_id)
     model_dir = run.export(raw_model, "prior")
+    rate = codes_seen / max(elapsed, 1e-9)
     return PriorFitResult(
-        model_dir, step, start_step, codes_seen / max(elapsed, 1e-9), last_metrics, accelerator.is_main_process
+        model_dir, step, start_step, rate, last_metrics, accelerator.is_main_process, data.train.rows, data.unfinished
     )
 
 
@@ -265,11 +297,11 @@ def held_out_nll(prior: Prior, loader, cond: str | None, device: torch.device) -
     return nats, grids
 
 
-def tokenizer_of_tokens(path: str | Path, config: PriorConfig):
+def tokenizer_of_tokens(path: str | Path, config: PriorConfig, storage_options: dict | None = None):
     """The tokenizer that made the tokens, to decode samples with; ConfigError for another one."""
     from vqtok.tokenizers import load_tokenizer
 
-    model = load_tokenizer(path)
+    model = load_tokenizer(path, storage_options=storage_options)
     if model.model_id != config.tokenizer:
         raise ConfigError(
             f"--tokenizer {path} is model {model.model_id}, but the tokens were made by model {config.tokenizer}"
@@ -284,8 +316,34 @@ def sample_classes(classes: int) -> list[int | None]:
     return sorted({round(i * (classes - 1) / max(1, PICTURE_CLASSES - 1)) for i in range(PICTURE_CLASSES)})
 
 
-def save_sample_picture(prior: Prior, tokenizer, path: Path, seed: int = 0) -> None:
-    """Grids sampled from the prior (a row per class, PICTURE_SAMPLES each), decoded by the tokenizer, as a PNG."""
+def sample_picture(rows: list[tuple[int | None, np.ndarray]], title: str) -> np.ndarray:
+    """uint8 RGB pixels of sampled images, a row per class: rows are (class or None, uint8 (n, H, W, 3) images).
+
+    Laid out as `vqtok eval`'s picture: each image enlarged by `tile_scale` into a tile of T = scale * H by
+    scale * W pixels, n tiles to a row GAP pixels apart, a text band of BAND pixels above each row naming its
+    class ("class 3", or "no class" for grids sampled without one), and a band at the top holding the title.
+    So R rows make a picture BAND + R * (BAND + T) pixels high and n * scale * W + (n - 1) * GAP wide.
+    """
+    n, height, width = rows[0][1].shape[:3]
+    scale = tile_scale(height, width)
+    tile_h, tile_w = scale * height, scale * width
+    full_width = n * (tile_w + GAP) - GAP
+    pixels = np.zeros((BAND + len(rows) * (BAND + tile_h), full_width, 3), dtype=np.uint8)
+    texts = [(0, 0, full_width, title)]  # (x, y, width, text): drawn once the tiles are in place
+    y = BAND
+    for label, images in rows:
+        texts.append((0, y, full_width, "no class" if label is None else f"class {label}"))
+        y += BAND
+        for j, image in enumerate(images):
+            x = j * (tile_w + GAP)
+            pixels[y : y + tile_h, x : x + tile_w] = enlarge(image, scale)
+        y += tile_h
+    return draw_texts(pixels, texts)
+
+
+def save_sample_picture(prior: Prior, tokenizer, path: Path, step: int, seed: int = 0) -> None:
+    """Grids sampled from the prior at training step `step` (a row per class, PICTURE_SAMPLES each), decoded
+    by the tokenizer, as a PNG (`sample_picture`)."""
     from PIL import Image
 
     rows = []
@@ -293,7 +351,6 @@ def save_sample_picture(prior: Prior, tokenizer, path: Path, seed: int = 0) -> N
     for label in sample_classes(prior.config.num_classes):
         codes = prior.sample(PICTURE_SAMPLES, cls=label, generator=generator)  # (n, h, w)
         images = tokenizer.decode(codes.to(tokenizer.device))  # (n, 3, H, W) in [0, 1]
-        pixels = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
-        rows.append(np.concatenate(list(pixels), axis=1))  # (H, n * W, 3)
+        rows.append((label, images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    Image.fromarray(sample_picture(rows, f"samples at step {step:,}")).save(path)

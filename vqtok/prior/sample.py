@@ -9,6 +9,8 @@ The grids are drawn in shards of SHARD_ROWS, each with its own random generator 
 the shard's number, and each committed whole: the same seed gives the same codes whatever the batch size;
 running the same command again skips the shards already done, which is how an interrupted run resumes; and
 under `accelerate launch` or torchrun shard i goes to process i mod world size.
+
+The prior and OUT may be URLs that fsspec opens, with `storage_options` for both.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from vqtok.distributed import process_rank
 from vqtok.errors import ConfigError
 from vqtok.pretrained import CONFIG_NAME
 from vqtok.progress import ProgressBar
+from vqtok.storage import Location
 from vqtok.tokenizers import pick_device
 from vqtok.tokens import TokenSettings, TokenStore
 
@@ -37,7 +40,7 @@ DEFAULT_N = 64
 
 @dataclass
 class SampleResult:
-    out: Path
+    out: Path | str  # a URL when OUT is in a store
     rank: int = 0
     world_size: int = 1
     grids: int = 0  # sampled now by this process
@@ -99,13 +102,15 @@ def sample(
     device: str = "auto",
     overwrite: bool = False,
     show_progress: bool = True,
+    storage_options: dict | None = None,
 ) -> SampleResult:
     """Sample grids from the prior in prior_dir (or in the run folder prior_dir/model) into the token dataset
-    `out`, skipping shards already done."""
+    `out`, skipping shards already done. Either may be a URL (`storage_options` go to fsspec)."""
     started = time.perf_counter()
     rank, world_size = process_rank()
-    if not (Path(prior_dir) / CONFIG_NAME).exists() and (Path(prior_dir) / "model" / CONFIG_NAME).exists():
-        prior_dir = Path(prior_dir) / "model"  # a run folder of vqtok prior fit: its exported prior
+    prior_dir = Location.of(prior_dir, storage_options)
+    if not prior_dir.join(CONFIG_NAME).exists() and prior_dir.join("model", CONFIG_NAME).exists():
+        prior_dir = prior_dir.join("model")  # a run folder of vqtok prior fit: its exported prior
     prior = Prior.from_pretrained(prior_dir, device=pick_device(device))
     config = prior.config
     if config.tokenizer is None or config.image_size is None:
@@ -131,7 +136,7 @@ def sample(
         preprocessing=f"sampled from a prior: {json.dumps(how)}",
         keep=("cls",),
     )
-    store = TokenStore(out, settings)
+    store = TokenStore(out, settings, storage_options)
     shards = [f"samples-{i:06d}" for i in range(-(-len(labels) // SHARD_ROWS))]
     mine = shards[rank::world_size]
     store.open(shards, mine, overwrite=overwrite, tidy=rank == 0)
