@@ -1,6 +1,7 @@
 """The prior: the model's sampling (cache, greedy, guidance, seeds), `vqtok prior fit` in one process and two,
 kill and resume, refusals, and the loop tokens -> prior -> sampled grids -> `vqtok decode` -> images."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -164,7 +165,10 @@ def test_recipes_in_pipelines_load():
         path = Path(__file__).resolve().parent.parent / "pipelines" / f"{name}.toml"
         return load_config(path, model_class=PriorConfig, train_class=PriorTrainConfig)
 
-    assert recipe("prior-cpu-small") == (PriorConfig(), PriorTrainConfig())  # the small recipe is the defaults
+    # The small recipe is the defaults, its warm-up given as the 100 steps the default comes to over its 5000.
+    small, small_train = recipe("prior-cpu-small")
+    assert (small, dataclasses.replace(small_train, warmup_steps=None)) == (PriorConfig(), PriorTrainConfig())
+    assert small_train.warmup == PriorTrainConfig().warmup == 100
     big, train = recipe("prior-llamagen-b")
     assert (big.layers, big.width, big.heads, train.mixed_precision) == (12, 768, 12, "bf16")
 

@@ -39,8 +39,8 @@ COMPLETE_NAME = "_COMPLETE"  # in a store: written last into a checkpoint whose 
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up (at most a tenth of the run), then cosine decay to min_lr_ratio of the peak."""
-    warmup = min(config.warmup_steps, config.steps // 10)
+    """Linear warm-up over `config.warmup` steps, then cosine decay to min_lr_ratio of the peak at config.steps."""
+    warmup = config.warmup
 
     def factor(step: int) -> float:
         if step < warmup:
