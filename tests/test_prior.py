@@ -280,9 +280,14 @@ def test_fit_two_processes_ends_with_identical_weights(tokens, tmp_path):
     assert final["weights_digests"][0] == Prior.from_pretrained(out / "model").model_id
     assert [m["grids"] for m in read_metrics(out) if m["split"] == "val"] == [64]  # both halves of one row group
     assert (proc.stdout + proc.stderr).count("exported prior to") == 1
-    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").glob("random_states_*")) == [
-        "random_states_0.pkl",
-        "random_states_1.pkl",
+    # the shared state once, from the main process, and each process's own random states
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").iterdir()) == [
+        "rng-0.json",
+        "rng-0.safetensors",
+        "rng-1.json",
+        "rng-1.safetensors",
+        "state.json",
+        "state.safetensors",
     ]
 
 

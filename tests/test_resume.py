@@ -1,15 +1,33 @@
-"""Resuming a run: a checkpoint downloaded from a bucket never writes outside the local stage; the warm-up
-as given."""
+"""Resuming a run: the checkpoint format (safetensors and JSON, never a pickle), hostile checkpoints in a bucket
+refused in one line with nothing run and nothing written outside the stage, and the warm-up as given."""
 
+import json
 import math
+import pickle
+import random
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import image_samples, read_metrics
 
+from vqtok.checkpoints import (
+    CheckpointError,
+    flatten,
+    load,
+    read_header,
+    read_state,
+    save_random_state,
+    save_shared,
+    unflatten,
+)
 from vqtok.cli import cli
 from vqtok.config import TOKENIZER_CONFIGS, PriorConfig, PriorTrainConfig, TrainConfig, load_config, tokenizer_family
 from vqtok.errors import StorageError
@@ -17,10 +35,134 @@ from vqtok.runs import lr_lambda
 from vqtok.storage import Location
 
 TINY = ["--hidden", "8", "--codebook-size", "8", "--code-dim", "4", "--image-size", "16", "--batch-size", "4"]
+TINY_PRIOR = ["--layers", "1", "--width", "16", "--heads", "2", "--batch-size", "4"]
+PICKLES = ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin")
 
 
 def invoke(*args):
     return CliRunner().invoke(cli, [*map(str, args)])
+
+
+class Payload:
+    """Unpickling it creates the file `marker`: what a pickle planted in a bucket could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The one line a refused command prints, checked to be all it says about the error."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and sum(line.startswith("Error") for line in lines) == 1
+    return lines[-1]
+
+
+# ------------------------------------------------------------------------------------------------ the format
+
+
+def test_a_state_comes_back_from_safetensors_and_json_as_it_was(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), betas=(0.8, 0.9))
+    model(torch.rand(4, 3)).sum().backward()
+    optimizer.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    odd = {"__tensor__": "a string, not a reference", "nested": [(1, None, True), {7: "int key"}], "x": 0.1}
+    objects = {"model": model, "optimizer": optimizer, "scaler": scaler}
+    save_shared(tmp_path, 5, objects, processes=1)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.safetensors"]
+    header = json.loads((tmp_path / "state.json").read_text())  # plain JSON
+    assert (header["step"], header["processes"]) == (5, 1)
+    state = read_state(tmp_path, "state", read_header(tmp_path, "state", "here"), "here")
+    original = optimizer.state_dict()
+    assert state["optimizer"]["param_groups"] == original["param_groups"]  # betas a tuple again, params a list
+    assert isinstance(state["optimizer"]["param_groups"][0]["betas"], tuple)
+    assert sorted(state["optimizer"]["state"]) == [0, 1]  # keyed by parameter index, as torch keys it
+    for index, moments in original["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(state["optimizer"]["state"][index][name], value)
+    assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
+    assert state["scaler"] == scaler.state_dict()
+
+    skeleton, tensors = flatten(odd)
+    assert tensors == {} and unflatten(json.loads(json.dumps(skeleton)), {}) == odd
+
+
+def test_random_states_come_back_exactly(tmp_path):
+    save_random_state(tmp_path, 0)
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    model = torch.nn.Linear(2, 2)
+    save_shared(tmp_path, 1, {"model": model}, processes=1)
+    assert load(tmp_path, 1, {"model": model}, rank=0, processes=1, where="here")  # restored: as at the save
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+
+
+def test_random_states_of_another_process_count_are_not_restored_and_a_missing_one_is_refused(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    save_shared(tmp_path, 1, {"model": model}, processes=2)
+    save_random_state(tmp_path, 0)
+    save_random_state(tmp_path, 1)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    assert not load(tmp_path, 1, {"model": model}, rank=0, processes=1, where="here")
+    assert torch.equal(torch.rand(3), expected)  # left as the run's seed made it
+
+    (tmp_path / "rng-1.json").unlink()
+    (tmp_path / "rng-1.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="written by 2 processes but has no rng-1.json"):
+        load(tmp_path, 1, {"model": model}, rank=1, processes=2, where="here")
+
+
+def test_a_checkpoint_whose_state_does_not_fit_the_run_is_one_line(tmp_path):
+    save_shared(tmp_path, 3, {"model": torch.nn.Linear(2, 2)}, processes=1)
+    save_random_state(tmp_path, 0)
+    with pytest.raises(CheckpointError, match="holds model, but this run has model, optimizer"):
+        load(tmp_path, 3, {"model": torch.nn.Linear(2, 2), "optimizer": None}, 0, 1, "here")
+    with pytest.raises(CheckpointError, match="its model does not fit this run's: Error.s. in loading state_dict"):
+        load(tmp_path, 3, {"model": torch.nn.Linear(2, 3)}, 0, 1, "here")
+    with pytest.raises(CheckpointError, match="state.json says step 3, its folder step 4"):
+        load(tmp_path, 4, {"model": torch.nn.Linear(2, 2)}, 0, 1, "here")
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_run_restores_what_it_saved_exactly(tmp_path):
+    from vqtok.runs import Run
+
+    def leg(resume: bool, seed: int):
+        run = Run(tmp_path / "run", {"steps": 4}, TrainConfig(steps=4, lr=0.01), resume=resume)
+        # fp16 mixed precision's gradient scaler, which only a GPU gets: a CPU one stands in for it
+        run.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**seed)
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        model, optimizer = run.accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=0.01))
+        run.track(model=model, optimizer=optimizer)
+        run.restore()
+        return run, model, optimizer
+
+    run, model, optimizer = leg(resume=False, seed=0)
+    scheduler = run.schedule(optimizer)
+    for _ in range(4):
+        run.accelerator.backward(model(torch.rand(8, 3)).square().mean())
+        optimizer.step()
+        scheduler.step()
+    run.save_checkpoint(4)
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+
+    again, restored, restored_optimizer = leg(resume=True, seed=1)
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in model.state_dict().items())  # BatchNorm's too
+    saved, loaded = optimizer.state_dict(), restored_optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for index, moments in saved["state"].items():
+        assert all(torch.equal(value, loaded["state"][index][name]) for name, value in moments.items())
+    assert again.accelerator.scaler.state_dict() == run.accelerator.scaler.state_dict()  # not this leg's 2 ** 1
+    assert again.schedule(restored_optimizer).get_last_lr() == scheduler.get_last_lr()  # at step 4 again
 
 
 # ------------------------------------------------------------------------------------- hostile keys and files
@@ -43,6 +185,116 @@ def test_download_refuses_a_key_that_would_leave_the_folder_before_writing_anyth
         assert not (tmp_path / "stage").exists()  # nothing written, not even the clean keys
         assert not list(tmp_path.rglob("escape.txt"))
         s3.delete_object(Bucket=bucket.name, Key=key)
+
+
+@pytest.fixture
+def stages(tmp_path, monkeypatch):
+    """TMPDIR, where runs in a bucket stage their files: this process's and the commands'. (Not only theirs:
+    torch may make its own cache folder there.)"""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))  # this process read TMPDIR already
+    return folder
+
+
+def fit_in_bucket(bucket, make_shard) -> list[str]:
+    """A 4-step run in s3://BUCKET/runs/x, checkpoint step-000004; returns its command, to which --resume adds."""
+    train = make_shard("t.tar", image_samples([f"t{j}" for j in range(8)], seed=1))
+    args = ["fit", train, "--out", bucket.url("runs/x"), *TINY, "--steps", "4", "--num-workers", "0"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return [sys.executable, "-m", "vqtok", *args]
+
+
+def prior_fit_in_bucket(bucket, make_shard, model_dir, tmp_path) -> list[str]:
+    """The same for `vqtok prior fit`, on tokens the conftest's tiny tokenizer made."""
+    shard = make_shard("t.tar", image_samples([f"t{j}" for j in range(8)], seed=3))
+    tokens = tmp_path / "tokens.parquet"
+    assert invoke("encode", shard, tokens, "--model", model_dir, "--keep", "cls", "--num-workers", "0").exit_code == 0
+    args = ["prior", "fit", tokens, "--out", bucket.url("runs/x"), *TINY_PRIOR, "--steps", "4", "--num-workers", "0"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return [sys.executable, "-m", "vqtok", *map(str, args)]
+
+
+def plant(bucket, s3_endpoint, tmp_path, how: str, model_config: dict | None = None) -> Path:
+    """Make s3://BUCKET/runs/x/checkpoints/step-000004 hostile; returns the file its payload would create.
+    escape: a key with `..` beside the checkpoint's own files. pickles: accelerate's pickle files, each a
+    payload, beside them. accelerate: in their place, the checkpoint accelerate's save_state writes (a run's
+    model and optimizer), with the payload in its RNG file and in custom_checkpoint_0.pkl, the file that
+    accelerate's load_state unpickles with weights_only=False: a checkpoint of earlier vqtok, as planted."""
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    prefix = "runs/x/checkpoints/step-000004/"
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(Payload(marker))
+    if how == "escape":
+        s3.put_object(Bucket=bucket.name, Key=prefix + "../../../escape.txt", Body=b"planted")
+    elif how == "pickles":
+        for name in PICKLES:
+            s3.put_object(Bucket=bucket.name, Key=prefix + name, Body=payload)
+    else:
+        from accelerate import Accelerator
+
+        from vqtok.config import ModelConfig
+        from vqtok.tokenizers import build_tokenizer
+
+        model = build_tokenizer(ModelConfig(**model_config))
+        accelerator = Accelerator(cpu=True)
+        prepared = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+        folder = tmp_path / "accelerate-checkpoint"
+        accelerator.save_state(str(folder))
+        assert prepared and (folder / "optimizer.bin").exists() and (folder / "random_states_0.pkl").exists()
+        for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl"):
+            (folder / name).write_bytes(payload)
+        bucket.fs.rm(bucket.fs.find(f"{bucket.name}/{prefix}"))
+        for file in folder.iterdir():
+            s3.put_object(Bucket=bucket.name, Key=prefix + file.name, Body=file.read_bytes())
+        s3.put_object(Bucket=bucket.name, Key=prefix + "_COMPLETE", Body=b'{"step": 4}')
+    bucket.fs.invalidate_cache()
+    return marker
+
+
+REFUSALS = {
+    "escape": "refused, this key would be written outside",
+    "pickles": "holds files not written by vqtok ('custom_checkpoint_0.pkl', 'optimizer.bin', 'random_states_0.pkl', "
+    "'scheduler.bin')",
+    "accelerate": "is in accelerate's format, which earlier vqtok wrote: loading it unpickles its files, which can "
+    "run code, so it cannot be resumed safely",
+}
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("how", REFUSALS)
+def test_fit_resume_refuses_a_hostile_checkpoint_in_a_bucket(how, bucket, s3_endpoint, make_shard, stages, tmp_path):
+    command = fit_in_bucket(bucket, make_shard)
+    model_config = json.loads(bucket.fs.cat(f"{bucket.name}/runs/x/run.json"))["model"]
+    marker = plant(bucket, s3_endpoint, tmp_path, how, model_config)
+    before, staged_before = sorted(tmp_path.iterdir()), sorted(stages.iterdir())
+    assert not list(stages.glob("vqtok-run-*"))  # the first run removed its stage
+
+    line = one_line_error(subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300))
+    assert REFUSALS[how] in line
+    assert f"{bucket.url('runs/x/checkpoints/step-000004')}" in line
+    assert not marker.exists()  # no payload ran
+    assert sorted(stages.iterdir()) == staged_before  # the stage was removed, and nothing was written beside it
+    assert sorted(tmp_path.iterdir()) == before and not list(tmp_path.rglob("escape.txt"))  # nor above it
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("how", ["escape", "pickles"])
+def test_prior_fit_resume_refuses_a_hostile_checkpoint_in_a_bucket(
+    how, bucket, s3_endpoint, make_shard, model_dir, stages, tmp_path
+):
+    command = prior_fit_in_bucket(bucket, make_shard, model_dir, tmp_path)
+    marker = plant(bucket, s3_endpoint, tmp_path, how)
+    before, staged_before = sorted(tmp_path.iterdir()), sorted(stages.iterdir())
+
+    line = one_line_error(subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300))
+    assert REFUSALS[how] in line
+    assert not marker.exists()
+    assert sorted(stages.iterdir()) == staged_before
+    assert sorted(tmp_path.iterdir()) == before and not list(tmp_path.rglob("escape.txt"))
 
 
 # ------------------------------------------------------------------------------------------------ the warm-up

@@ -1,7 +1,7 @@
 """`vqtok prior fit`: train a prior over token grids with Hugging Face accelerate.
 
 The same loop as `vqtok fit` (see `vqtok.train`), on the same run conventions (`vqtok.runs`): accelerator, data,
-model, optimizer, one `prepare`, then `accumulate` / `backward` steps, `save_state` checkpoints and `--resume`.
+model, optimizer, one `prepare`, then `accumulate` / `backward` steps, checkpoints and `--resume`.
 Everything about the tokens is checked before the first step: that one tokenizer made every file (model id,
 K, grid), that every code lies in [0, K), and that the `--cond` column holds a class in [0, classes) on
 every row.
@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from vqtok.config import PriorConfig, PriorTrainConfig
 from vqtok.errors import ConfigError
 from vqtok.progress import ProgressBar
-from vqtok.runs import Run, lr_lambda
+from vqtok.runs import Run
 from vqtok.tokens import TokenDataset, TokenSet
 
 from .model import Prior
@@ -135,7 +134,7 @@ def fit_prior(
     run = Run(out, settings, cfg, resume=resume)
     accelerator = run.accelerator
     start_step = run.start_step
-    set_seed(cfg.seed)  # the same initial weights on every process; load_state restores a resumed run's RNGs
+    set_seed(cfg.seed)  # the same initial weights on every process; restore sets a resumed run's random states
 
     rank, world = accelerator.process_index, accelerator.num_processes
     for r in range(world):  # every process can tell, so all of them refuse together rather than wait
@@ -163,12 +162,12 @@ def fit_prior(
 
     model = Prior(config).to(accelerator.device)
     optimizer = configure_optimizer(model, cfg)
-    scheduler = LambdaLR(optimizer, lr_lambda(cfg))
-    # The loader is not prepared: it is already split by process and endless on each. Nor is the scheduler,
+    # The loader is not prepared: it is already split by process and endless on each. Nor is the schedule,
     # which accelerate would step once per process: it steps once per optimizer step.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    run.track(model=model, optimizer=optimizer)
     run.restore()
+    scheduler = run.schedule(optimizer)
     raw_model: Prior = accelerator.unwrap_model(model)
 
     def evaluate_and_record(step: int) -> dict:
