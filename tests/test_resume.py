@@ -1,5 +1,6 @@
 """Resuming a run: the checkpoint format (safetensors and JSON, never a pickle), hostile checkpoints in a bucket
-refused in one line with nothing run and nothing written outside the stage, and the warm-up as given."""
+refused in one line with nothing run and nothing written outside the stage, a finished run trained further with
+a larger --steps, and the warm-up as given."""
 
 import json
 import math
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import image_samples, read_metrics
+from conftest import image_samples, launch_two_processes, read_metrics
 
+from vqtok import VQVAE
 from vqtok.checkpoints import (
     CheckpointError,
     flatten,
@@ -31,6 +33,7 @@ from vqtok.checkpoints import (
 from vqtok.cli import cli
 from vqtok.config import TOKENIZER_CONFIGS, PriorConfig, PriorTrainConfig, TrainConfig, load_config, tokenizer_family
 from vqtok.errors import StorageError
+from vqtok.prior import Prior
 from vqtok.runs import lr_lambda
 from vqtok.storage import Location
 
@@ -297,7 +300,53 @@ def test_prior_fit_resume_refuses_a_hostile_checkpoint_in_a_bucket(
     assert sorted(tmp_path.iterdir()) == before and not list(tmp_path.rglob("escape.txt"))
 
 
-# ------------------------------------------------------------------------------------------------ the warm-up
+def test_a_run_in_a_bucket_resumes_from_its_checkpoint_and_trains_further(bucket, make_shard, stages):
+    command = fit_in_bucket(bucket, make_shard)
+    staged_before = sorted(stages.iterdir())
+    resumed = subprocess.run([*command, "--resume", "--steps", "8"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = bucket.url("runs/x")
+    metrics = [json.loads(line) for line in bucket.fs.cat(f"{bucket.name}/runs/x/metrics.jsonl").splitlines()]
+    assert [(m["step"], m["resumed_from"]) for m in metrics if "resumed_from" in m] == [
+        (0, None),
+        (4, f"{out}/checkpoints/step-000004"),
+    ]
+    assert [m["step"] for m in metrics if "loss" in m][-1] == 8
+    files = [f.split("/runs/x/", 1)[1] for f in bucket.listing()]
+    assert [f for f in files if f.startswith("checkpoints/step-000008/")] == [
+        f"checkpoints/step-000008/{name}"
+        for name in ("_COMPLETE", "rng-0.json", "rng-0.safetensors", "state.json", "state.safetensors")
+    ]
+    assert not [f for f in files if f.endswith((".pkl", ".bin", ".pt"))]
+    assert json.loads(bucket.fs.cat(f"{bucket.name}/runs/x/run.json"))["steps"] == 8
+    assert VQVAE.from_pretrained(f"{out}/model").config.codebook_size == 8
+    assert sorted(stages.iterdir()) == staged_before  # the resumed run removed its stage
+
+
+def test_two_processes_resume_each_from_its_own_random_states_and_one_process_from_theirs(make_shard, tmp_path):
+    train = [make_shard(f"t{i}.tar", image_samples([f"t{i}-{j}" for j in range(8)], seed=i)) for i in range(2)]
+    out = tmp_path / "run"
+    fit = ["fit", *train, "--out", out, *TINY, "--save-every", "3", "--num-workers", "0"]
+    first = launch_two_processes(*fit, "--steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = launch_two_processes(*fit, "--steps", "6", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "random states are not restored" not in resumed.stdout + resumed.stderr
+    final = read_metrics(out)[-1]
+    assert final["processes"] == 2 and len(set(final["codebook_digests"])) == 1
+
+    alone = subprocess.run(
+        [sys.executable, "-m", "vqtok", *map(str, fit), "--steps", "9", "--resume"], capture_output=True, text=True
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert (
+        f"{out}/checkpoints/step-000006 was written by another number of processes than 1: its random states are "
+        "not restored"
+    ) in alone.stdout + alone.stderr
+    assert [m["step"] for m in read_metrics(out) if "resumed_from" in m] == [0, 3, 6]
+
+
+# ----------------------------------------------------------------------------------- a longer run, the warm-up
 
 
 @pytest.fixture
@@ -311,6 +360,53 @@ def every_step(tmp_path) -> Path:
 def learning_rates(out: Path) -> dict[int, float]:
     """step -> the learning rate metrics.jsonl records for it (the last record of the step wins)."""
     return {m["step"]: m["lr"] for m in read_metrics(out) if "lr" in m}
+
+
+def check_trained_further(fit: list, out: Path, planned: Path, model) -> None:
+    """fit (a command writing to out) was run for 6 steps, planned (the same for 12 from the start) too; resumed
+    with --steps 12, it must train on from step 6 with the planned run's learning rates and export its model;
+    --steps below 12 is then refused."""
+    first = (out / "model" / "model.safetensors").read_bytes()
+    resumed = invoke(*fit, "--resume", "--steps", "12")
+    assert resumed.exit_code == 0, resumed.output
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics if "resumed_from" in m] == [0, 6]
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 13))  # continuing, not starting again
+    assert json.loads((out / "run.json").read_text())["steps"] == 12
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000009", "step-000012"]
+    assert (out / "model" / "model.safetensors").read_bytes() != first and model.from_pretrained(out / "model")
+
+    lr, from_the_start = learning_rates(out), learning_rates(planned)
+    assert [lr[step] for step in range(7, 13)] == pytest.approx([from_the_start[step] for step in range(7, 13)])
+    assert lr[6] != pytest.approx(from_the_start[6]), "6 steps and 12 have the same schedule: the test lost its point"
+
+    shorter = invoke(*fit, "--resume", "--steps", "8")
+    assert shorter.exit_code == 1
+    assert shorter.output.strip() == (
+        "Error: --steps 8 is below step 12, the checkpoint --resume continues from: pass --steps 12 or more"
+    )
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_finished_fit_trains_further_with_a_larger_steps(make_shard, every_step, tmp_path):
+    train = make_shard("t.tar", image_samples([f"t{j}" for j in range(8)], seed=1))
+    common = [train, *TINY, "--config", every_step, "--save-every", "3", "--num-workers", "0"]
+    for out, steps in (("run", 6), ("planned", 12)):
+        result = invoke("fit", *common, "--out", tmp_path / out, "--steps", steps)
+        assert result.exit_code == 0, result.output
+    check_trained_further(["fit", *common, "--out", tmp_path / "run"], tmp_path / "run", tmp_path / "planned", VQVAE)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_finished_prior_fit_trains_further_with_a_larger_steps(make_shard, model_dir, every_step, tmp_path):
+    shard = make_shard("t.tar", image_samples([f"t{j}" for j in range(8)], seed=3))
+    tokens = tmp_path / "tokens.parquet"
+    assert invoke("encode", shard, tokens, "--model", model_dir, "--num-workers", "0").exit_code == 0
+    common = ["prior", "fit", tokens, *TINY_PRIOR, "--config", every_step, "--save-every", "3", "--num-workers", "0"]
+    for out, steps in (("run", 6), ("planned", 12)):
+        result = invoke(*common, "--out", tmp_path / out, "--steps", steps)
+        assert result.exit_code == 0, result.output
+    check_trained_further([*common, "--out", tmp_path / "run"], tmp_path / "run", tmp_path / "planned", Prior)
 
 
 def old_warmup(steps: int, limit: int) -> Callable:

@@ -225,7 +225,13 @@ def override(name: str, config_class, *flags, **kwargs):
 def training_options(train_class, examples: str, workers: str):
     """The options every trainer takes (`vqtok fit`, `vqtok prior fit`), overriding train_class's fields."""
     options = [
-        override("steps", train_class, "--steps", type=click.IntRange(min=1), help="Optimizer steps."),
+        override(
+            "steps",
+            train_class,
+            "--steps",
+            type=click.IntRange(min=1),
+            help="Optimizer steps; with --resume, more than the run had trains it further.",
+        ),
         override(
             "batch_size", train_class, "--batch-size", type=click.IntRange(min=1), help=f"{examples} per process."
         ),

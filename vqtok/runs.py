@@ -9,7 +9,8 @@ A `Run` makes the accelerator the way accelerate's examples do (one CPU, one GPU
 `accelerate launch`), checks OUT before anything is trained, restores the latest checkpoint on `--resume`,
 saves checkpoints so that a resumed run never sees half of one, and records metrics from the main process.
 What a checkpoint holds is what the trainer tracks by name (`Run.track`); the learning rate schedule is not
-among it, since it is a function of the step (`Run.schedule`).
+among it, since it is a function of the step (`Run.schedule`). A run may be resumed with another --steps: a
+larger one trains a finished run further, and the schedule is then that of a run planned that long.
 
 OUT may be a URL that fsspec opens (`s3://bucket/runs/x`). Checkpoints are written into a local folder, so the
 run is staged in a local temporary folder (under TMPDIR, one per process: machines need not share a disk,
@@ -80,14 +81,18 @@ def latest_complete_checkpoint(out: Location) -> tuple[Location, int] | None:
     return None
 
 
-def check_run_settings(path: Path | Location, settings: dict, resuming: bool) -> None:
-    """A resumed run must be the run it resumes: `settings` ({"model": {...}, "steps": N, ...}) decide that."""
+def check_run_settings(path: Path | Location, settings: dict, resumed_step: int | None) -> None:
+    """A resumed run (from the checkpoint of `resumed_step`; None for a new run) must be the run it resumes:
+    `settings` ({"model": {...}, "steps": N, ...}) decide that, except for its length. "steps" may change, to
+    any number not below the step resumed from; run.json then records the new one."""
     path = Location.of(path)
-    saved_text = path.read_text(missing_ok=True) if resuming else None
+    saved_text = path.read_text(missing_ok=True) if resumed_step is not None else None
     if saved_text is not None:
         saved = json.loads(saved_text)
         changed = []
         for name, value in settings.items():
+            if name == "steps":
+                continue
             if isinstance(value, dict):
                 theirs = saved.get(name, {})
                 changed += sorted(k for k in value.keys() | theirs.keys() if value.get(k) != theirs.get(k))
@@ -95,6 +100,11 @@ def check_run_settings(path: Path | Location, settings: dict, resuming: bool) ->
                 changed.append(name)
         if changed:
             raise ConfigError(f"--resume with other settings than {path} records: {', '.join(changed)} changed")
+    if resumed_step is not None and settings["steps"] < resumed_step:
+        raise ConfigError(
+            f"--steps {settings['steps']} is below step {resumed_step}, the checkpoint --resume continues from: "
+            f"pass --steps {resumed_step} or more"
+        )
     if is_main_process():  # other processes may be reading it: replace it whole
         path.write_bytes((json.dumps(settings, indent=2) + "\n").encode())
 
@@ -127,8 +137,8 @@ class Run:
             raise ConfigError(
                 f"{self.location} already holds checkpoints: pass --resume to continue, or choose another --out"
             )
-        check_run_settings(self.location.join("run.json"), settings, resuming=self.checkpoint is not None)
         self.start_step = self.checkpoint[1] if self.checkpoint else 0
+        check_run_settings(self.location.join("run.json"), settings, self.start_step if self.checkpoint else None)
         self.tracked: dict = {}  # what a checkpoint holds, by name (`track`)
         # Where checkpoints are written: OUT itself on a local disk, a local stage for a run in a store. The stage is
         # made only once the run is accepted, and is removed by `end`, or at exit when the run fails before it.
@@ -202,7 +212,8 @@ class Run:
     def schedule(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """After `restore`: optimizer's learning rate schedule (`lr_lambda`), stepped once per optimizer step. It
         is not checkpointed: given the peak (each param group's initial_lr, which the optimizer's state keeps)
-        it is a function of the step, so it is built at the step the run starts from, for this run's --steps."""
+        it is a function of the step, so it is built at the step the run starts from, for this run's --steps. A
+        run resumed with a longer --steps thus has, from there on, the learning rate of a run planned that long."""
         from torch.optim.lr_scheduler import LambdaLR
 
         return LambdaLR(optimizer, lr_lambda(self.train), last_epoch=self.start_step - 1)
