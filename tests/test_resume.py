@@ -462,3 +462,10 @@ def test_the_recipes_that_set_a_warmup_keep_it():
     assert recipes["cpu-small"] == (100, 100) and recipes["vqgan-cpu-small"] == (100, 100)  # 2000 steps: not cut
     assert recipes["paper"] == (0, 0) and recipes["prior-llamagen-b"] == (5000, 5000)
     assert recipes["cifar10"] == (None, 500)  # the default, as before
+
+
+def test_a_recipe_asks_for_the_default_warmup_with_false(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[train]\nsteps = 3000\nwarmup_steps = false\n")  # TOML has no null
+    _, train = load_config(recipe)
+    assert (train.warmup_steps, train.warmup) == (None, 300)

@@ -367,6 +367,9 @@ def load_config(
     for name in NULLABLE:  # TOML has no null: `decay = false` says decay = None (no EMA), and so on
         if model_file.get(name) is False:
             model_file[name] = None
+    train_file = dict(tables.get("train", {}))
+    if train_file.get("warmup_steps") is False:  # the default warm-up, as a TOML file writes None
+        train_file["warmup_steps"] = None
     model_table = {**model_file, **{k: v for k, v in (model or {}).items() if v is not None}}
-    train_table = {**tables.get("train", {}), **{k: v for k, v in (train or {}).items() if v is not None}}
+    train_table = {**train_file, **{k: v for k, v in (train or {}).items() if v is not None}}
     return _from_table(model_class, model_table, where), _from_table(train_class, train_table, where)
