@@ -269,6 +269,8 @@ def train_for(model, optimizer, train_config, loss_of, tokens: Tokens, budget: f
     model.train()
     while (elapsed := clock.elapsed()) < budget:
         warmup = train_config.warmup_steps
+        if warmup is None:  # the default: its limit, cut to a tenth of the run below
+            warmup = train_config.default_warmup_limit
         if steps:  # at most a tenth of the steps the budget is on course to allow
             warmup = max(1, min(warmup, int(steps * budget / elapsed) // 10))
         if steps < warmup:

@@ -148,9 +148,14 @@ def test_fit_two_processes(shards, tmp_path):
     assert len(final["codebook_digests"]) == 2 and len(set(final["codebook_digests"])) == 1
     assert (proc.stdout + proc.stderr).count("exported model to") == 1  # by the main process only
     assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
-    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").glob("random_states_*")) == [
-        "random_states_0.pkl",
-        "random_states_1.pkl",
+    # the shared state once, from the main process, and each process's own random states
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").iterdir()) == [
+        "rng-0.json",
+        "rng-0.safetensors",
+        "rng-1.json",
+        "rng-1.safetensors",
+        "state.json",
+        "state.safetensors",
     ]
     model = VQVAE.from_pretrained(out / "model")
     assert model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)

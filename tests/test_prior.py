@@ -2,6 +2,7 @@
 kill and resume, tokens of a killed encode (--partial), the picture of samples, refusals, and the loop tokens ->
 prior -> sampled grids -> `vqtok decode` -> images."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -168,7 +169,10 @@ def test_recipes_in_pipelines_load():
         path = Path(__file__).resolve().parent.parent / "pipelines" / f"{name}.toml"
         return load_config(path, model_class=PriorConfig, train_class=PriorTrainConfig)
 
-    assert recipe("prior-cpu-small") == (PriorConfig(), PriorTrainConfig())  # the small recipe is the defaults
+    # The small recipe is the defaults, its warm-up given as the 100 steps the default comes to over its 5000.
+    small, small_train = recipe("prior-cpu-small")
+    assert (small, dataclasses.replace(small_train, warmup_steps=None)) == (PriorConfig(), PriorTrainConfig())
+    assert small_train.warmup == PriorTrainConfig().warmup == 100
     big, train = recipe("prior-llamagen-b")
     assert (big.layers, big.width, big.heads, train.mixed_precision) == (12, 768, 12, "bf16")
 
@@ -280,9 +284,14 @@ def test_fit_two_processes_ends_with_identical_weights(tokens, tmp_path):
     assert final["weights_digests"][0] == Prior.from_pretrained(out / "model").model_id
     assert [m["grids"] for m in read_metrics(out) if m["split"] == "val"] == [64]  # both halves of one row group
     assert (proc.stdout + proc.stderr).count("exported prior to") == 1
-    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").glob("random_states_*")) == [
-        "random_states_0.pkl",
-        "random_states_1.pkl",
+    # the shared state once, from the main process, and each process's own random states
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").iterdir()) == [
+        "rng-0.json",
+        "rng-0.safetensors",
+        "rng-1.json",
+        "rng-1.safetensors",
+        "state.json",
+        "state.safetensors",
     ]
 
 

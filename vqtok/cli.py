@@ -286,19 +286,31 @@ def token_rows(s: dict) -> list[tuple[str, str]]:
 def override(name: str, config_class, *flags, **kwargs):
     """An option that overrides a config field: no click default, so the TOML file's value stands when absent."""
     default = {f.name: f.default for f in dataclasses.fields(config_class)}[name]
-    return click.option(*flags, name, default=None, show_default=f"{default} or the config file's", **kwargs)
+    show_default = kwargs.pop("show_default", default)  # what the default is, where a value cannot say it
+    return click.option(*flags, name, default=None, show_default=f"{show_default} or the config file's", **kwargs)
 
 
 def training_options(train_class, examples: str, workers: str):
     """The options every trainer takes (`vqtok fit`, `vqtok prior fit`), overriding train_class's fields."""
     options = [
-        override("steps", train_class, "--steps", type=click.IntRange(min=1), help="Optimizer steps."),
+        override(
+            "steps",
+            train_class,
+            "--steps",
+            type=click.IntRange(min=1),
+            help="Optimizer steps; with --resume, more than the run had trains it further.",
+        ),
         override(
             "batch_size", train_class, "--batch-size", type=click.IntRange(min=1), help=f"{examples} per process."
         ),
         override("lr", train_class, "--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate."),
         override(
-            "warmup_steps", train_class, "--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up steps."
+            "warmup_steps",
+            train_class,
+            "--warmup-steps",
+            type=click.IntRange(min=0),
+            show_default=f"a tenth of --steps, at most {train_class.default_warmup_limit},",
+            help="Linear warm-up steps, as given (at or beyond --steps, the rate rises all run long).",
         ),
         override("seed", train_class, "--seed", type=click.IntRange(min=0), help="Random seed."),
         override("eval_every", train_class, "--eval-every", type=click.IntRange(min=1), help="Steps between evals."),

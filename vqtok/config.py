@@ -20,6 +20,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from vqtok.errors import ConfigError
 
@@ -157,7 +158,7 @@ class VQGANConfig:
 TOKENIZER_CONFIGS = {"vqvae": ModelConfig, "vqgan": VQGANConfig}
 
 # The settings that may be None, which a TOML file writes as false.
-NULLABLE = ("res_channels", "decay", "lookup_dim")
+NULLABLE = ("res_channels", "decay", "lookup_dim", "warmup_steps")
 
 # The quantizer's settings, which a tokenizer's table may give flat, beside the network's (`_split_quantizer`).
 QUANTIZER_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizerConfig))
@@ -225,7 +226,10 @@ class TrainConfig:
     steps: int = 10_000
     batch_size: int = 64  # per process
     lr: float = 1e-3
-    warmup_steps: int = 500
+    # Linear warm-up steps, honoured as given (one at or beyond `steps` makes the rate rise all run long). None:
+    # a tenth of the run, at most default_warmup_limit steps, the measured default (docs/performance.md).
+    warmup_steps: int | None = None
+    default_warmup_limit: ClassVar[int] = 500
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_accum_steps: int = 1
     seed: int = 0
@@ -244,6 +248,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "num_workers", "keep_checkpoints", "seed"):
             value = getattr(self, name)
+            if name == "warmup_steps" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
         if not self.lr > 0:
@@ -252,6 +258,13 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+
+    @property
+    def warmup(self) -> int:
+        """The warm-up in steps: warmup_steps, or by default a tenth of the run and at most default_warmup_limit."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(self.default_warmup_limit, self.steps // 10)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -312,7 +325,7 @@ class PriorTrainConfig(TrainConfig):
     steps: int = 5000
     batch_size: int = 16
     lr: float = 2e-3
-    warmup_steps: int = 100
+    default_warmup_limit: ClassVar[int] = 100
     min_lr_ratio: float = 0.1
     eval_every: int = 1000
     save_every: int = 1000
@@ -402,7 +415,8 @@ def load_config(
         )
     else:
         model_config = _from_table(model_class, {**model_file, **model_over}, where)
-    train_table = {**tables.get("train", {}), **{k: v for k, v in (train or {}).items() if v is not None}}
+    train_file = _none_for_false(tables.get("train", {}))
+    train_table = {**train_file, **{k: v for k, v in (train or {}).items() if v is not None}}
     return model_config, _from_table(train_class, train_table, where)
 
 

@@ -2,19 +2,22 @@
 
 A run folder OUT holds:
     run.json                   the settings that make the run what it is; `--resume` with others is refused
-    checkpoints/step-000500/   accelerate state (model, optimizer, scheduler, RNGs), the last few kept
+    checkpoints/step-000500/   the training state (`vqtok.checkpoints`: safetensors and JSON), the last few kept
     metrics.jsonl              one JSON object per log or evaluation
 
 A `Run` makes the accelerator the way accelerate's examples do (one CPU, one GPU, or many processes under
 `accelerate launch`), checks OUT before anything is trained, restores the latest checkpoint on `--resume`,
 saves checkpoints so that a resumed run never sees half of one, and records metrics from the main process.
+What a checkpoint holds is what the trainer tracks by name (`Run.track`); the learning rate schedule is not
+among it, since it is a function of the step (`Run.schedule`). A run may be resumed with another --steps: a
+larger one trains a finished run further, and the schedule is then that of a run planned that long.
 
-OUT may be a URL that fsspec opens (`s3://bucket/runs/x`). accelerate saves its state into a local folder, so
-the run is staged in a local temporary folder (under TMPDIR, one per process: machines need not share a disk,
+OUT may be a URL that fsspec opens (`s3://bucket/runs/x`). Checkpoints are written into a local folder, so the
+run is staged in a local temporary folder (under TMPDIR, one per process: machines need not share a disk,
 removed when the run ends) and each file uploaded once written: a checkpoint's files by the process that wrote
 them, then, when every process is done, `checkpoints/step-N/_COMPLETE` by the main process. A checkpoint without
-that object is half-uploaded and never resumed from; `--resume` downloads the latest complete one. metrics.jsonl
-is kept in the stage and uploaded whole after each record (an object cannot be appended to).
+that object is half-uploaded and never resumed from; `--resume` downloads the latest complete one into the stage.
+metrics.jsonl is kept in the stage and uploaded whole after each record (an object cannot be appended to).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from vqtok import checkpoints
+from vqtok.checkpoints import COMPLETE_NAME
 from vqtok.config import TrainConfig
 from vqtok.distributed import is_main_process, launched
 from vqtok.errors import ConfigError
@@ -36,12 +41,11 @@ from vqtok.pretrained import RUN_MODEL_NAME
 from vqtok.storage import Location
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
-COMPLETE_NAME = "_COMPLETE"  # in a store: written last into a checkpoint whose every file is uploaded
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up (at most a tenth of the run), then cosine decay to min_lr_ratio of the peak."""
-    warmup = min(config.warmup_steps, config.steps // 10)
+    """Linear warm-up over `config.warmup` steps, then cosine decay to min_lr_ratio of the peak at config.steps."""
+    warmup = config.warmup
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -90,20 +94,29 @@ def changed_settings(ours: dict, theirs: dict) -> list[str]:
     return changed
 
 
-def check_run_settings(path: Path | Location, settings: dict, resuming: bool) -> None:
-    """A resumed run must be the run it resumes: `settings` ({"model": {...}, "steps": N, ...}) decide that."""
+def check_run_settings(path: Path | Location, settings: dict, resumed_step: int | None) -> None:
+    """A resumed run (from the checkpoint of `resumed_step`; None for a new run) must be the run it resumes:
+    `settings` ({"model": {...}, "steps": N, ...}) decide that, except for its length. "steps" may change, to
+    any number not below the step resumed from; run.json then records the new one."""
     path = Location.of(path)
-    saved_text = path.read_text(missing_ok=True) if resuming else None
+    saved_text = path.read_text(missing_ok=True) if resumed_step is not None else None
     if saved_text is not None:
         saved = json.loads(saved_text)
         changed = []
         for name, value in settings.items():
+            if name == "steps":
+                continue
             if isinstance(value, dict):
                 changed += changed_settings(value, saved.get(name, {}))
             elif saved.get(name) != value:
                 changed.append(name)
         if changed:
             raise ConfigError(f"--resume with other settings than {path} records: {', '.join(changed)} changed")
+    if resumed_step is not None and settings["steps"] < resumed_step:
+        raise ConfigError(
+            f"--steps {settings['steps']} is below step {resumed_step}, the checkpoint --resume continues from: "
+            f"pass --steps {resumed_step} or more"
+        )
     if is_main_process():  # other processes may be reading it: replace it whole
         path.write_bytes((json.dumps(settings, indent=2) + "\n").encode())
 
@@ -136,9 +149,10 @@ class Run:
             raise ConfigError(
                 f"{self.location} already holds checkpoints: pass --resume to continue, or choose another --out"
             )
-        check_run_settings(self.location.join("run.json"), settings, resuming=self.checkpoint is not None)
         self.start_step = self.checkpoint[1] if self.checkpoint else 0
-        # Where accelerate writes: OUT itself on a local disk, a local stage for a run in a store. The stage is
+        check_run_settings(self.location.join("run.json"), settings, self.start_step if self.checkpoint else None)
+        self.tracked: dict = {}  # what a checkpoint holds, by name (`track`)
+        # Where checkpoints are written: OUT itself on a local disk, a local stage for a run in a store. The stage is
         # made only once the run is accepted, and is removed by `end`, or at exit when the run fails before it.
         self.stage = None
         if self.remote:
@@ -175,16 +189,46 @@ class Run:
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
 
+    def track(self, **objects) -> None:
+        """After `prepare`: what every checkpoint holds and `restore` restores, by name (model=..., optimizer=...).
+        Modules are saved unwrapped; anything else needs state_dict and load_state_dict, with a state of
+        tensors and plain values. fp16 mixed precision's gradient scaler is tracked too, as "scaler"."""
+        for name, obj in objects.items():
+            self.tracked[name] = self.accelerator.unwrap_model(obj) if isinstance(obj, torch.nn.Module) else obj
+        if self.accelerator.scaler is not None:
+            self.tracked["scaler"] = self.accelerator.scaler
+
     def restore(self) -> None:
-        """After `prepare` (and registering anything else to checkpoint): load the checkpoint resumed from."""
-        if self.checkpoint and self.remote:
-            staged = self.out / "checkpoints" / self.checkpoint[0].name
-            self.checkpoint[0].download(staged)
-            self.accelerator.load_state(str(staged))
-            shutil.rmtree(staged, ignore_errors=True)
-        elif self.checkpoint:
-            self.accelerator.load_state(str(self.checkpoint[0]))
+        """After `track`: load the checkpoint resumed from, refusing one that is not vqtok's (`vqtok.checkpoints`).
+        In a store it is downloaded into the stage first, which never writes outside it (`Location.download`)."""
+        if self.checkpoint:
+            accelerator = self.accelerator
+            source, step = self.checkpoint
+            folder = self.out / "checkpoints" / source.name if self.remote else source
+            try:
+                if self.remote:
+                    source.download(folder)
+                exact = checkpoints.load(
+                    folder, step, self.tracked, accelerator.process_index, accelerator.num_processes, str(source)
+                )
+            finally:
+                if self.remote:
+                    shutil.rmtree(folder, ignore_errors=True)
+            if not exact:
+                accelerator.print(
+                    f"{source} was written by another number of processes than {accelerator.num_processes}: "
+                    "its random states are not restored"
+                )
         self.record({"split": "train", "step": self.start_step, "resumed_from": self.resumed_from})
+
+    def schedule(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """After `restore`: optimizer's learning rate schedule (`lr_lambda`), stepped once per optimizer step. It
+        is not checkpointed: given the peak (each param group's initial_lr, which the optimizer's state keeps)
+        it is a function of the step, so it is built at the step the run starts from, for this run's --steps. A
+        run resumed with a longer --steps thus has, from there on, the learning rate of a run planned that long."""
+        from torch.optim.lr_scheduler import LambdaLR
+
+        return LambdaLR(optimizer, lr_lambda(self.train), last_epoch=self.start_step - 1)
 
     @property
     def resumed_from(self) -> str | None:
@@ -209,9 +253,16 @@ class Run:
             self.location.join(name).upload(path)
             path.unlink()
 
+    def _write_checkpoint(self, folder: Path, step: int) -> None:
+        """The main process's shared state and every process's own random states into folder."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            checkpoints.save_shared(folder, step, self.tracked, accelerator.num_processes)
+        checkpoints.save_random_state(folder, accelerator.process_index)
+
     def save_checkpoint(self, step: int) -> None:
-        """save_state into a temporary folder, renamed when every process is done: resume never sees half of one.
-        In a store: uploaded, then marked complete by the main process once every process has uploaded."""
+        """The tracked state into a temporary folder, renamed when every process is done: resume never sees half
+        of one. In a store: uploaded, then marked complete by the main process once every process has uploaded."""
         if self.remote:
             self._save_remote_checkpoint(step)
             return
@@ -220,10 +271,10 @@ class Run:
         if final.exists():
             return
         partial = final.with_name(final.name + ".partial")
-        if accelerator.is_main_process:  # every process writes its own RNG state into it
+        if accelerator.is_main_process:  # every process writes its own random states into it
             partial.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
+        self._write_checkpoint(partial, step)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             partial.rename(final)
@@ -276,9 +327,9 @@ class Run:
         if final.join(COMPLETE_NAME).exists():
             return
         staged = self.out / "checkpoints" / final.name
-        staged.mkdir(parents=True, exist_ok=True)  # on every process: each stages its own RNG state
+        staged.mkdir(parents=True, exist_ok=True)  # on every process: each stages its own random states
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(staged))
+        self._write_checkpoint(staged, step)
         for file in sorted(p for p in staged.rglob("*") if p.is_file()):  # what this process wrote
             final.join(*file.relative_to(staged).parts).upload(file)
         shutil.rmtree(staged, ignore_errors=True)

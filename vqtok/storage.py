@@ -315,11 +315,27 @@ class Location:
             self.fs.put_file(str(path), self.path)
 
     def download(self, folder: Path) -> None:
-        """Copy this folder of a store, and everything beneath it, into a local folder."""
+        """Copy this folder of a store, and everything beneath it, into a local folder. Whoever can write to the
+        store chooses its keys, so every file must land inside folder: a key that would not (an absolute path,
+        a `..` part) is a StorageError naming it, before anything is written."""
         fs, path = self._fresh()
+        root = path.rstrip("/") + "/"
+        inside = folder.resolve()
         with reported(self):
-            for file in fs.find(path):
-                target = folder / file[len(path.rstrip("/")) + 1 :]
+            files = fs.find(path)
+        targets = []
+        for file in files:
+            relative = file[len(root) :] if file.startswith(root) else file
+            target = inside.joinpath(*relative.split("/"))
+            escapes = not file.startswith(root) or relative.startswith("/") or ".." in relative.split("/")
+            if escapes or not target.resolve().is_relative_to(inside):
+                raise StorageError(
+                    f"{fs.unstrip_protocol(file)}: refused, this key would be written outside {folder}; nothing "
+                    "was downloaded"
+                )
+            targets.append((file, target))
+        with reported(self):
+            for file, target in targets:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(file, str(target))
 

@@ -1,9 +1,10 @@
 """`fit`: train a tokenizer (the VQ-VAE, or the VQGAN network) on images with Hugging Face accelerate.
 
 The loop follows accelerate's own examples: accelerator, trackers, data,
-model, optimizer, one `prepare`, then `accumulate` / `backward` steps, with
-`save_state` / `load_state` checkpoints. It runs the same on one CPU, one GPU
-or many processes under `accelerate launch`.
+model, optimizer, one `prepare`, then `accumulate` / `backward` steps; its
+checkpoints are vqtok's own (`vqtok.checkpoints`, which says why not
+accelerate's `save_state`). It runs the same on one CPU, one GPU or many
+processes under `accelerate launch`.
 
 Layout of OUT (run.json, checkpoints/ and metrics.jsonl as every trainer's, see `vqtok.runs`):
     model/                     the exported model (config.json + model.safetensors)
@@ -19,14 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from vqtok.config import ModelConfig, TrainConfig, VQGANConfig
 from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import ConfigError
 from vqtok.evaluate import evaluate
 from vqtok.progress import ProgressBar
-from vqtok.runs import Run, lr_lambda
+from vqtok.runs import Run
 from vqtok.tokenizers import Tokenizer, build_tokenizer
 
 
@@ -69,7 +69,7 @@ def fit(
     run = Run(out, settings, cfg, resume=resume, storage_options=storage_options)
     accelerator = run.accelerator
     start_step = run.start_step
-    # The same seed on every process gives the same initial weights; load_state restores the RNGs of a resumed run.
+    # The same seed on every process gives the same initial weights; restore sets a resumed run's random states.
     set_seed(cfg.seed)
 
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -87,12 +87,12 @@ def fit(
 
     model = build_tokenizer(model_config).to(accelerator.device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = LambdaLR(optimizer, lr_lambda(cfg))
-    # The loader is not prepared: its stream is already split by process and endless on each. Nor
-    # is the scheduler, which accelerate would step once per process: it steps once per optimizer step.
+    # The loader is not prepared: its stream is already split by process and endless on each. Nor is the
+    # schedule, which accelerate would step once per process: it steps once per optimizer step.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    run.track(model=model, optimizer=optimizer)
     run.restore()
+    scheduler = run.schedule(optimizer)
     raw_model: Tokenizer = accelerator.unwrap_model(model)
     record = run.record
 

@@ -1,7 +1,7 @@
 """`vqtok prior fit`: train a prior over token grids with Hugging Face accelerate.
 
 The same loop as `vqtok fit` (see `vqtok.train`), on the same run conventions (`vqtok.runs`): accelerator, data,
-model, optimizer, one `prepare`, then `accumulate` / `backward` steps, `save_state` checkpoints and `--resume`.
+model, optimizer, one `prepare`, then `accumulate` / `backward` steps, checkpoints and `--resume`.
 Everything about the tokens is checked before the first step: that one tokenizer made every file (model id,
 K, grid), that every code lies in [0, K), and that the `--cond` column holds a class in [0, classes) on
 every row.
@@ -31,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from vqtok.config import PriorConfig, PriorTrainConfig
 from vqtok.errors import ConfigError
 from vqtok.pictures import BAND, GAP, draw_texts, enlarge, tile_scale
 from vqtok.progress import ProgressBar
-from vqtok.runs import Run, lr_lambda
+from vqtok.runs import Run
 from vqtok.tokens import TokenDataset, TokenSet
 
 from .model import Prior
@@ -159,7 +158,7 @@ def fit_prior(
     run = Run(out, settings, cfg, resume=resume, storage_options=storage_options)
     accelerator = run.accelerator
     start_step = run.start_step
-    set_seed(cfg.seed)  # the same initial weights on every process; load_state restores a resumed run's RNGs
+    set_seed(cfg.seed)  # the same initial weights on every process; restore sets a resumed run's random states
 
     rank, world = accelerator.process_index, accelerator.num_processes
     for r in range(world):  # every process can tell, so all of them refuse together rather than wait
@@ -187,12 +186,12 @@ def fit_prior(
 
     model = Prior(config).to(accelerator.device)
     optimizer = configure_optimizer(model, cfg)
-    scheduler = LambdaLR(optimizer, lr_lambda(cfg))
-    # The loader is not prepared: it is already split by process and endless on each. Nor is the scheduler,
+    # The loader is not prepared: it is already split by process and endless on each. Nor is the schedule,
     # which accelerate would step once per process: it steps once per optimizer step.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    run.track(model=model, optimizer=optimizer)
     run.restore()
+    scheduler = run.schedule(optimizer)
     # The grids this leg trains on: fewer than the datasets will hold where some are read in part (--partial).
     held_out = {"val_grids": data.val.rows} if data.val is not None else {}
     run.record(
