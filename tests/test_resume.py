@@ -242,7 +242,7 @@ def plant(bucket, s3_endpoint, tmp_path, how: str, model_config: dict | None = N
         from vqtok.config import ModelConfig
         from vqtok.tokenizers import build_tokenizer
 
-        model = build_tokenizer(ModelConfig(**model_config))
+        model = build_tokenizer(ModelConfig.from_dict(model_config))
         accelerator = Accelerator(cpu=True)
         prepared = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
         folder = tmp_path / "accelerate-checkpoint"
@@ -319,7 +319,7 @@ def test_a_run_in_a_bucket_resumes_from_its_checkpoint_and_trains_further(bucket
     ]
     assert not [f for f in files if f.endswith((".pkl", ".bin", ".pt"))]
     assert json.loads(bucket.fs.cat(f"{bucket.name}/runs/x/run.json"))["steps"] == 8
-    assert VQVAE.from_pretrained(f"{out}/model").config.codebook_size == 8
+    assert VQVAE.from_pretrained(f"{out}/model").codebook_size == 8
     assert sorted(stages.iterdir()) == staged_before  # the resumed run removed its stage
 
 
