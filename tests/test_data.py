@@ -431,9 +431,9 @@ def test_resampling_shards_without_images_raises_instead_of_spinning(make_shard,
     undecodable = make_shard("bad.tar", [{"__key__": "x", "jpg": b"not a jpeg"}])
     shards = [labels, undecodable, str(tmp_path / "missing.tar")]
     in_process = first_error(make_loader(shards, 8, batch_size=2, resample=True, num_workers=0))
-    assert in_process == "none of the 3 shard(s) holds an image that can be decoded"
+    assert in_process == "none of the 3 shards holds an image that can be decoded"
     in_worker = first_error(make_loader(shards, 8, batch_size=2, resample=True, num_workers=1))
-    assert "none of the 3 shard(s) holds an image" in in_worker
+    assert "none of the 3 shards holds an image" in in_worker
 
 
 def test_dataset_refuses_no_shards():

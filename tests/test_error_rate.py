@@ -138,7 +138,7 @@ def test_eval_fails_on_broken_inputs_and_names_the_reason(model_dir, make_shard,
     result = invoke("eval", model_dir, parquet, "--num-workers", "0")
     assert result.exit_code == 1
     assert error_line(result.output) == (
-        f"Error: {parquet}: no image to evaluate (3 sample(s) could not be decoded); the commonest reason "
+        f"Error: {parquet}: no image to evaluate (3 samples could not be decoded); the commonest reason "
         f"(3 samples): only a path, no image bytes: a/0.png {HINT}"
     )
     read = invoke("eval", model_dir, parquet, "--image-root", root, "--num-workers", "0", "--json")

@@ -132,7 +132,7 @@ def test_fit_refuses_missing_shards_and_empty_data(make_shard, tmp_path):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1, result.output
         last_line = result.output.strip().splitlines()[-1]
-        assert last_line == "Error: none of the 1 shard(s) holds an image that can be decoded"
+        assert last_line == "Error: none of the 1 shard holds an image that can be decoded"
         assert "Traceback" not in result.output
 
 

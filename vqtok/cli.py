@@ -719,7 +719,8 @@ def decode(tokens, out, model_dir, format_, keys, storage_options, **options):
     wanted = [k for k in keys.split(",") if k] if keys else None
     options["storage_options"] = parse_options(storage_options)
     result = decode_tokens(tokens, out, model_dir, format=format_, keys=wanted, **options)
-    what = f"{result.files} PNG files" if format_ == "png" else f"{result.files} WebDataset shard(s)"
+    what = plural(result.files, "PNG file") if format_ == "png" else plural(result.files, "WebDataset shard")
+    what = f"{result.files} {what}"
     who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
     click.echo(
         f"decoded {result.images:,} images into {what} under {result.out}{who} in {result.seconds:.1f} s "
@@ -728,7 +729,8 @@ def decode(tokens, out, model_dir, format_, keys, storage_options, **options):
     if result.rank != 0:  # the notes are about the whole selection, which every process read alike
         return
     if result.renamed:
-        click.echo(f"{result.renamed} key(s) mapped to a name another key had taken; written with a ~hash suffix")
+        keys = plural(result.renamed, "key")
+        click.echo(f"{result.renamed} {keys} mapped to a name another key had taken; written with a ~hash suffix")
     for path, progress in result.unfinished.items():
         click.echo(f"note: {path} is unfinished ({progress}): decoded its committed parts only")
 
@@ -994,7 +996,8 @@ def prior_sample(prior_dir, out, storage_options, **options):
         who = f" (process {result.rank} of {result.world_size})" if result.world_size > 1 else ""
         click.echo(
             f"sampled {result.grids:,} grids into {result.out}{who} in {result.seconds:.1f} s "
-            f"({result.codes_per_second:,.0f} codes/s); {result.skipped} shard(s) already done; "
+            f"({result.codes_per_second:,.0f} codes/s); {result.skipped} {plural(result.skipped, 'shard')} "
+            "already done; "
             f"decode them with the tokenizer whose model id is {result.tokenizer}"
         )
 

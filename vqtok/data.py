@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vqtok.errors import DataError
+from vqtok.errors import DataError, plural
 from vqtok.sources import (  # noqa: F401  (BrokenShardError, expand_inputs...: part of this module's interface)
     IMAGE_EXTENSIONS,
     IMAGE_FIELD,
@@ -246,7 +246,8 @@ class ImageDataset(IterableDataset):
             barren.add(index)
             # Random draws reach every unit eventually; once each has given nothing, more draws never will.
             if len(barren) == len(self.shards):
-                raise DataError(f"none of the {len(barren)} shard(s) holds an image that can be decoded")
+                shards = f"{len(barren)} {plural(len(barren), 'shard')}"
+                raise DataError(f"none of the {shards} holds an image that can be decoded")
 
 
 def collate(records: list[dict], image_size: int | None = None) -> Batch:

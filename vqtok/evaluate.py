@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from vqtok.data import expand_inputs, make_loader
 from vqtok.distributed import in_process_group, launched
-from vqtok.errors import MAX_ERROR_RATE, ConfigError, DataError, ErrorTally
+from vqtok.errors import MAX_ERROR_RATE, ConfigError, DataError, ErrorTally, plural
 from vqtok.pictures import BAND, GAP, draw_texts, enlarge, tile_scale
 from vqtok.tokenizers import load_tokenizer, pick_device
 from vqtok.usage import CodeUsage
@@ -404,7 +404,8 @@ def check_images(report: Report, where: str, tally: ErrorTally | None = None) ->
     """DataError when nothing could be evaluated, naming where the images were looked for (and with a tally,
     the commonest reason why)."""
     if report.images == 0:
-        detail = f" ({report.errors} sample(s) could not be decoded)" if report.errors else ""
+        samples = plural(report.errors, "sample")
+        detail = f" ({report.errors} {samples} could not be decoded)" if report.errors else ""
         reason = f"; {tally.commonest()}" if tally is not None and tally.failed else ""
         raise DataError(f"{where}: no image to evaluate{detail}{reason}")
     return report

@@ -26,7 +26,7 @@ import torch
 
 from vqtok.distributed import process_rank
 from vqtok.errors import ConfigError
-from vqtok.pretrained import CONFIG_NAME
+from vqtok.pretrained import CONFIG_NAME, run_model
 from vqtok.progress import ProgressBar
 from vqtok.storage import Location
 from vqtok.tokenizers import pick_device
@@ -109,8 +109,8 @@ def sample(
     started = time.perf_counter()
     rank, world_size = process_rank()
     prior_dir = Location.of(prior_dir, storage_options)
-    if not prior_dir.join(CONFIG_NAME).exists() and prior_dir.join("model", CONFIG_NAME).exists():
-        prior_dir = prior_dir.join("model")  # a run folder of vqtok prior fit: its exported prior
+    if not prior_dir.join(CONFIG_NAME).exists():
+        prior_dir = run_model(prior_dir) or prior_dir  # a run folder of vqtok prior fit: its exported prior
     prior = Prior.from_pretrained(prior_dir, device=pick_device(device))
     config = prior.config
     if config.tokenizer is None or config.image_size is None:

@@ -312,7 +312,9 @@ class TokenSet:
             total += len(rows)
         if wanted is not None and wanted - found:
             missing = sorted(wanted - found)
-            raise StoreError(f"{len(missing)} key(s) not in the tokens: {', '.join(missing[:5])}")
+            raise StoreError(
+                f"{len(missing)} {plural(len(missing), 'key')} not in the tokens: {', '.join(missing[:5])}"
+            )
         return selection
 
     def has_views(self, file: Location) -> bool:
@@ -355,7 +357,8 @@ class TokenSet:
             with open_parquet(file) as parquet:
                 values = parquet.read(columns=[column]).column(column)
             if values.null_count:
-                raise StoreError(f"{file}: column {column!r} has {values.null_count} row(s) without a class")
+                rows = f"{values.null_count} {plural(values.null_count, 'row')}"
+                raise StoreError(f"{file}: column {column!r} has {rows} without a class")
             labels[file] = values.to_numpy()
         largest = max((int(v.max()) for v in labels.values() if len(v)), default=-1)
         classes = largest + 1 if classes is None else classes
