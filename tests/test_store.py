@@ -321,3 +321,33 @@ def test_a_settings_file_that_is_not_vqtoks_is_one_clear_refusal(tmp_path, conte
         TokenStore(out, settings()).open(["a.tar"], ["a.tar"])
     TokenStore(out, settings()).open(["a.tar"], ["a.tar"], overwrite=True, tidy=True)  # which replaces it
     assert json.loads((out / "_vqtok.json").read_text())["model_id"] == "abc"
+
+
+def test_the_first_import_paths_still_reach_the_token_dataset_and_the_prior(tmp_path):
+    """Users' scripts hold `vqtok.store.read_codes`, `vqtok.tokens.TokenDataset` and `vqtok.prior.Prior`."""
+    import subprocess
+    import sys
+
+    write(tmp_path / "t", ["a.tar"])
+    script = (
+        "import sys; from vqtok.store import read_codes, TokenSet, summarize; from vqtok.tokens import TokenDataset; "
+        "from vqtok.prior import Prior; import vqtok.prior.model, vqtok.tokens.reader; "
+        "assert Prior is vqtok.prior.model.Prior and read_codes is vqtok.tokens.reader.read_codes; "
+        "keys, codes = read_codes(sys.argv[1]); assert len(keys) == len(list(TokenDataset(sys.argv[1]))) == 5; "
+        "assert summarize(sys.argv[1])['rows'] == 5 and TokenSet(sys.argv[1]).rows == 5"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "t")], check=True)  # a fresh interpreter
+
+
+def test_reading_tokens_needs_no_torch(tmp_path):
+    """The token format is read without torch: only TokenDataset imports it."""
+    import subprocess
+    import sys
+
+    write(tmp_path / "t", ["a.tar"])
+    script = (
+        "import sys; from vqtok.tokens import read_codes, summarize, TokenSet; "
+        "assert len(read_codes(sys.argv[1])[0]) == 5 and summarize(sys.argv[1])['rows'] == 5; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "t")], check=True)
