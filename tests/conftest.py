@@ -156,6 +156,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def checkpoint_files(processes: int) -> list[str]:
+    """The files of a checkpoint that `processes` processes wrote (vqtok.checkpoints), sorted."""
+    random_states = [f"rng-{rank}.{suffix}" for rank in range(processes) for suffix in ("json", "safetensors")]
+    return sorted([*random_states, "state.json", "state.safetensors"])
+
+
 def launch_two_processes(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 -m vqtok ARGS`: two processes on the CPU."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]

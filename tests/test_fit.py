@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import image_samples, kill_and_resume, launch_two_processes, read_metrics
+from conftest import checkpoint_files, image_samples, kill_and_resume, launch_two_processes, read_metrics
 
 from vqtok import VQVAE
 from vqtok.cli import cli
@@ -149,14 +149,7 @@ def test_fit_two_processes(shards, tmp_path):
     assert (proc.stdout + proc.stderr).count("exported model to") == 1  # by the main process only
     assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
     # the shared state once, from the main process, and each process's own random states
-    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").iterdir()) == [
-        "rng-0.json",
-        "rng-0.safetensors",
-        "rng-1.json",
-        "rng-1.safetensors",
-        "state.json",
-        "state.safetensors",
-    ]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").iterdir()) == checkpoint_files(2)
     model = VQVAE.from_pretrained(out / "model")
     assert model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import image_samples, kill_and_resume, kill_when, launch_two_processes, read_metrics
+from conftest import checkpoint_files, image_samples, kill_and_resume, kill_when, launch_two_processes, read_metrics
 from PIL import Image
 
 from vqtok import VQVAE
@@ -285,14 +285,7 @@ def test_fit_two_processes_ends_with_identical_weights(tokens, tmp_path):
     assert [m["grids"] for m in read_metrics(out) if m["split"] == "val"] == [64]  # both halves of one row group
     assert (proc.stdout + proc.stderr).count("exported prior to") == 1
     # the shared state once, from the main process, and each process's own random states
-    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").iterdir()) == [
-        "rng-0.json",
-        "rng-0.safetensors",
-        "rng-1.json",
-        "rng-1.safetensors",
-        "state.json",
-        "state.safetensors",
-    ]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000006").iterdir()) == checkpoint_files(2)
 
 
 @pytestmark_fit

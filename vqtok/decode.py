@@ -1,13 +1,13 @@
 """Token dataset -> images: the decoder behind `vqtok decode`.
 
-Reads a token dataset written by `vqtok encode`, one of its Parquet files, or any Parquet file with a `key`
-and a `codes` column of (h, w) grids (what a prior samples). Of a dataset whose run did not finish, the committed
+Reads a token dataset written by `vqtok encode`, one of its Parquet files, or any Parquet file with a `key` and
+a `codes` column of (h, w) grids (what a prior samples). Of a dataset whose run did not finish, the committed
 parts are decoded, and the result says how far it got. Checked before the first image is written: that every
-file's codes were made by this model, that every code lies in [0, K) (for vqtok's own files, from the
-row-group statistics, and again on each batch as it is decoded), that the keys asked for exist. A row group the
+file's codes were made by this model, that every code lies in [0, K) (for vqtok's own files, from the row-group
+statistics, and again on each batch as it is decoded), that the keys asked for exist. A row group the
 statistics vouch for is not read beforehand, so a row in it without a key is found when its batch is, and the
-decode stops there (a WebDataset shard it was writing is removed). Keys are data from strangers: they become file names only through `key_path`, which keeps every file
-inside the output folder.
+decode stops there (a WebDataset shard it was writing is removed). Keys are data from strangers: they become
+file names only through `key_path`, which keeps every file inside the output folder.
 
 Under `accelerate launch` or torchrun, batch i of the selection goes to process i mod world size. Every process
 still reads every batch's keys and names them all in one order, so a key's file name does not depend on how many
