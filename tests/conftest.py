@@ -522,6 +522,14 @@ def kill_when(command: list[str], done, at_least: int, timeout: float = 180) -> 
     return done()
 
 
+def killed_progress(out: Path, done: int, planned: int) -> str:
+    """How far a token dataset got whose one encoding process was killed with `done` shards committed, as the
+    readers say it: a kill between a shard's part and its marker leaves that one part without its marker."""
+    uncommitted = len(list(Path(out).glob("part-*.parquet"))) - done
+    assert uncommitted in (0, 1), f"{uncommitted} part files without a marker after one process was killed"
+    return f"{done} of {planned} shards done" + (", 1 part file without a commit marker" if uncommitted else "")
+
+
 def interrupt_when(command: list[str], done, at_least: int, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run command and press Ctrl-C once done() reaches at_least: SIGINT to its whole process group (its DataLoader
     workers too), as a terminal sends it. SIGINT is set to its default first, so that Python turns it into

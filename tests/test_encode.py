@@ -1,6 +1,7 @@
 """vqtok encode: codes equal to the model's, every sample accounted for, resume, several processes, readers."""
 
 import json
+import re
 import sys
 import tarfile
 
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import bad_samples, broken_copy, image_samples, kill_when, launch_two_processes
+from conftest import bad_samples, broken_copy, image_samples, kill_when, killed_progress, launch_two_processes
 
 from vqtok import VQVAE
 from vqtok.cli import cli
@@ -159,7 +160,8 @@ def test_killed_run_reruns_to_every_key_exactly_once(model_dir, make_shard, tmp_
     done_before = kill_when(command, lambda: len(list((out / STATS_DIR).glob("*.json"))), 3)
     assert 3 <= done_before < 40, "the run was not killed mid-way"
 
-    with pytest.raises(UnfinishedDataset, match=rf"{done_before} of 40 shards done\. Run .* --partial"):
+    progress = re.escape(killed_progress(out, done_before, 40))
+    with pytest.raises(UnfinishedDataset, match=rf"unfinished: {progress}\. Run .* --partial"):
         read_codes(out)  # a reader that trains on it is told, rather than given a part of it
     keys, _ = read_codes(out, partial=True)  # the committed shards, whole
     assert len(keys) == 6 * done_before and len(keys) == len(set(keys))

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import checkpoint_files, image_samples, kill_and_resume, kill_when, launch_two_processes, read_metrics
+from conftest import (
+    checkpoint_files,
+    image_samples,
+    kill_and_resume,
+    kill_when,
+    killed_progress,
+    launch_two_processes,
+    read_metrics,
+)
 from PIL import Image
 
 from vqtok import VQVAE
@@ -311,23 +319,24 @@ def test_fit_refuses_a_killed_encode_and_with_partial_trains_on_its_committed_ro
     assert 3 <= done < 40, "the encode was not killed mid-way"
     committed, _ = read_codes(killed, partial=True)
     assert len(committed) == 6 * done
+    progress = killed_progress(killed, done, 40)
 
     out = tmp_path / "run"
     train, _ = tokens
     for inputs in ([killed], [train, "--val", killed]):  # the training tokens and the held-out ones alike
         line = one_line_error(invoke("prior", "fit", *inputs, "--out", out, *TINY, "--steps", "2"))
-        assert f"{killed} is unfinished: {done} of 40 shards done" in line and "--partial" in line, line
+        assert f"{killed} is unfinished: {progress}." in line and "--partial" in line, line
         assert not out.exists()
 
     args = ["prior", "fit", killed, "--val", killed, "--out", out, "--partial", *TINY, "--steps", "2"]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert f"note: {killed} is unfinished ({done} of 40 shards done): read its committed parts only" in result.output
+    assert f"note: {killed} is unfinished ({progress}): read its committed parts only" in result.output
     assert f"trained on {len(committed)} grids" in result.output
     metrics = read_metrics(out)
     (facts,) = [m for m in metrics if "unfinished" in m]
     assert facts["grids"] == facts["val_grids"] == len(committed)
-    assert facts["unfinished"] == {str(killed): f"{done} of 40 shards done"}
+    assert facts["unfinished"] == {str(killed): progress}
     assert [m["grids"] for m in metrics if m["split"] == "val"] == [len(committed)]  # scored on the same rows
 
 

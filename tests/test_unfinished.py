@@ -5,7 +5,7 @@ import json
 import sys
 
 from click.testing import CliRunner
-from conftest import image_samples, kill_when
+from conftest import image_samples, kill_when, killed_progress
 
 from vqtok.cli import cli
 from vqtok.tokens import read_codes
@@ -32,15 +32,16 @@ def test_info_and_decode_read_an_unfinished_dataset_and_say_so(model_dir, make_s
     out = tmp_path / "tokens.parquet"
     done = killed_encode(model_dir, make_shard, out)
     committed, _ = read_codes(out, partial=True)
+    progress = killed_progress(out, done, 30)
 
     summary = json.loads(invoke("info", out, "--json").output)
-    assert summary["complete"] is False and summary["progress"] == f"{done} of 30 shards done"
+    assert summary["complete"] is False and summary["progress"] == progress
     assert (summary["shards"], summary["planned_shards"], summary["rows"]) == (done, 30, len(committed))
     table = invoke("info", out)
-    assert table.exit_code == 0 and f"no: {done} of 30 shards done; run the command that wrote it again" in table.output
+    assert table.exit_code == 0 and f"no: {progress}; run the command that wrote it again" in table.output
 
     decoded = invoke("decode", out, tmp_path / "images", "--model", model_dir)
     assert decoded.exit_code == 0, decoded.output
     assert f"decoded {len(committed):,} images" in decoded.output
-    assert f"note: {out} is unfinished ({done} of 30 shards done): decoded its committed parts only" in decoded.output
+    assert f"note: {out} is unfinished ({progress}): decoded its committed parts only" in decoded.output
     assert len(list((tmp_path / "images").rglob("*.png"))) == len(committed)
