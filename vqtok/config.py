@@ -345,6 +345,80 @@ class PriorTrainConfig(TrainConfig):
             raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
 
 
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What a tokenizer is trained to minimise (`vqtok.tokenizers.losses.Objective`; a recipe's [objective] table),
+    in the terms of taming-transformers and LlamaGen, whose losses are computed on images in [-1, 1] as these are,
+    so that their published weights carry over. The defaults are vqtok's objective before these terms: the pixel
+    MSE plus the quantizer's loss, no perceptual or adversarial term. The published settings:
+
+        taming, configs/imagenet_vqgan.yaml   pixel_loss l1, perceptual_weight 1, disc_weight 0.8,
+                                              disc_start 250001, adaptive_weight true, hinge for both sides
+        LlamaGen, vq_train.py's defaults      pixel_loss l2, perceptual_weight 1, disc_weight 0.5,
+                                              disc_start 20000, adaptive_weight false, hinge for both sides
+        Open-MAGVIT2, imagenet_lfqgan_256_L   disc_weight 0.1 (its gen_loss_weight) without the adaptive weight,
+                                              disc_start 0, lecam_weight 0.05; its non-saturating generator
+                                              loss is taken on each image's mean logit, vqtok's on each patch's
+    """
+
+    pixel_loss: str = "l2"  # l1 (taming) or l2 (LlamaGen), a mean over pixels
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 0.0  # on the LPIPS distance the training loop passes in
+    codebook_weight: float = 1.0  # on the quantizer's loss (codebook + beta * commitment)
+    disc_weight: float = 0.0  # on the generator's adversarial term; 0: no discriminator at all
+    disc_start: int = 0  # training step from which the discriminator plays (taming's disc_start)
+    disc_loss: str = "hinge"  # the discriminator's: hinge or non-saturating (taming's "vanilla")
+    gen_loss: str = "hinge"  # the generator's: hinge (-mean logits) or non-saturating
+    disc_layers: int = 3  # the PatchGAN's strided layers (taming's n_layers)
+    disc_filters: int = 64  # its first layer's width (taming's ndf)
+    adaptive_weight: bool = True  # scale the adversarial term by taming's gradient-norm ratio at the last layer
+    lecam_weight: float = 0.0  # LeCAM regularisation of the discriminator (Open-MAGVIT2); 0: off
+    lecam_decay: float = 0.999  # of the moving averages of its mean outputs that LeCAM pulls towards
+    entropy_weight: float = 0.0  # codebook-usage entropy loss (LlamaGen's entropy_loss_ratio); 0: off
+    entropy_temperature: float = 0.01  # of the softmax over negative distances (LlamaGen's and MAGVIT's)
+
+    WEIGHTS: ClassVar[tuple[str, ...]] = (
+        "pixel_weight",
+        "perceptual_weight",
+        "codebook_weight",
+        "disc_weight",
+        "lecam_weight",
+        "entropy_weight",
+    )
+    LOSS_KINDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "pixel_loss": ("l1", "l2"),
+        "disc_loss": ("hinge", "non-saturating"),
+        "gen_loss": ("hinge", "non-saturating"),
+    }
+
+    def __post_init__(self) -> None:
+        for name, kinds in self.LOSS_KINDS.items():
+            if getattr(self, name) not in kinds:
+                raise ConfigError(f"{name} must be {' or '.join(kinds)}, got {getattr(self, name)!r}")
+        for name in self.WEIGHTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        _check_positive(self, ("disc_layers", "disc_filters"))
+        if not isinstance(self.disc_start, int) or isinstance(self.disc_start, bool) or self.disc_start < 0:
+            raise ConfigError(f"disc_start must be a non-negative integer, got {self.disc_start!r}")
+        if not isinstance(self.adaptive_weight, bool):
+            raise ConfigError(f"adaptive_weight must be true or false, got {self.adaptive_weight!r}")
+        if not 0 < self.lecam_decay < 1:
+            raise ConfigError(f"lecam_decay must be in (0, 1), got {self.lecam_decay!r}")
+        if not 0 < self.entropy_temperature < float("inf"):
+            raise ConfigError(f"entropy_temperature must be positive, got {self.entropy_temperature!r}")
+        if self.pixel_weight == 0 and self.perceptual_weight == 0:
+            raise ConfigError("pixel_weight and perceptual_weight are both 0: nothing would ask for reconstructions")
+        if self.lecam_weight > 0 and self.disc_weight == 0:
+            raise ConfigError("lecam_weight regularises the discriminator, but disc_weight 0 has none")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether there is a discriminator to train."""
+        return self.disc_weight > 0
+
+
 def _from_table(cls, table: dict, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - known)
