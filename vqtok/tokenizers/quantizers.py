@@ -73,6 +73,17 @@ def nearest_codes(flat: torch.Tensor, codebook: torch.Tensor, block_bytes: int |
     return codes
 
 
+def squared_distances(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """||z - e||^2 from each row of `flat` to each codebook row, with gradients: (N, d), (K, d) -> (N, K).
+
+    For losses over the whole distribution of codes (the codebook-usage entropy, `losses.entropy_loss`), which
+    need every distance and its gradient; `nearest_codes` keeps only the argmin, in bounded memory. Give it
+    vectors and codes in the space codes are looked up in (after the quantizer's projection and normalisation,
+    and its `table()`), so that these are the distances the lookup minimises.
+    """
+    return flat.pow(2).sum(dim=1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(dim=1)  # (N, K)
+
+
 # k-means++ seeding takes one pass over the data per code; above this many
 # codes that costs more than it gains over random seeds.
 KMEANS_PLUS_PLUS_MAX_K = 2048
