@@ -442,6 +442,19 @@ def test_every_term_gives_finite_losses_and_gradients_to_every_weight(images):
     assert all(g is None for g in grads(d_loss, generator))
 
 
+def test_under_bf16_autocast_the_losses_are_kept_in_full_precision(images):
+    config = ObjectiveConfig(perceptual_weight=1.0, disc_weight=0.8, disc_layers=2, disc_filters=16, lecam_weight=0.05)
+    objective, model = Objective(config), tiny_vqgan()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, x_rec, quantizer_loss, _ = tokenize(model, images)
+        assert x_rec.dtype == torch.bfloat16
+        last = model.decoder.conv_out.weight
+        loss, logs = objective.generator_loss(x, x_rec, quantizer_loss, None, last, 0, StandInPerceptual())
+        d_loss, d_logs = objective.discriminator_loss(x, x_rec, 0)
+    for value in (loss, d_loss, *logs.values(), *d_logs.values(), objective.ema_real):
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+
+
 def test_without_gradients_the_adaptive_weight_is_zero_as_tamings(images):
     objective, model = Objective(ObjectiveConfig(disc_weight=0.8)), tiny_vqgan()
     with torch.no_grad():

@@ -177,7 +177,8 @@ class Objective(nn.Module):
         step: int,
         perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """The tokenizer's loss at a training step, and its terms for the logs (detached).
+        """The tokenizer's loss at a training step, and its terms for the logs (detached), all in full precision
+        under autocast too.
 
         images, reconstructions (B, C, H, W) in [-1, 1]; quantizer_loss as the quantizer returns it; distances
         (N, K) squared, when the entropy term is on; last_layer the decoder's last weight, for the adaptive
@@ -191,7 +192,7 @@ class Objective(nn.Module):
         if c.perceptual_weight > 0:
             if perceptual is None:
                 raise ValueError("perceptual_weight is not 0: pass the perceptual network (LPIPS) as `perceptual`")
-            p_loss = perceptual(images, reconstructions).mean()
+            p_loss = perceptual(images, reconstructions).float().mean()
             rec_loss = rec_loss + c.perceptual_weight * p_loss
             logs["perceptual"] = p_loss.detach()
         loss = rec_loss + c.codebook_weight * quantizer_loss
@@ -203,7 +204,7 @@ class Objective(nn.Module):
             loss = loss + c.entropy_weight * entropy
             logs["entropy"] = entropy.detach()
         if self.discriminator is not None and step >= c.disc_start:
-            g_loss = GENERATOR_LOSSES[c.gen_loss](self.discriminator(reconstructions))
+            g_loss = GENERATOR_LOSSES[c.gen_loss](self.discriminator(reconstructions).float())
             d_weight = c.disc_weight
             if c.adaptive_weight:
                 if last_layer is None:
@@ -224,14 +225,14 @@ class Objective(nn.Module):
             raise ValueError("this objective has no discriminator: disc_weight is 0")
         c = self.config
         # one batch each, as taming's: BatchNorm normalises real and fake apart
-        logits_real = self.discriminator(images.detach())  # (B, 1, h, w)
-        logits_fake = self.discriminator(reconstructions.detach())
+        logits_real = self.discriminator(images.detach()).float()  # (B, 1, h, w)
+        logits_fake = self.discriminator(reconstructions.detach()).float()
         d_loss = DISCRIMINATOR_LOSSES[c.disc_loss](logits_real, logits_fake)
         logs = {"logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
         if c.lecam_weight > 0:
             if self.training:  # the averages first, then the penalty against them (Open-MAGVIT2's order)
-                self.ema_real.lerp_(logs["logits_real"].float(), 1 - c.lecam_decay)
-                self.ema_fake.lerp_(logs["logits_fake"].float(), 1 - c.lecam_decay)
+                self.ema_real.lerp_(logs["logits_real"], 1 - c.lecam_decay)
+                self.ema_fake.lerp_(logs["logits_fake"], 1 - c.lecam_decay)
             lecam = lecam_regularizer(logits_real, logits_fake, self.ema_real, self.ema_fake)
             d_loss = d_loss + c.lecam_weight * lecam
             logs["lecam"] = lecam.detach()
