@@ -220,6 +220,7 @@ def tokenizer_rows(s: dict) -> list[tuple[str, str]]:
     rows = [
         ("family", s["family"]),
         ("model id", s["model_id"]),
+        ("codes id", s["codes_id"]),
         ("parameters", f"{s['parameters']:,}"),
         ("codebook", f"K = {s['codebook_size']}, D = {s['code_dim']}"),
     ]
@@ -246,6 +247,7 @@ def prior_rows(s: dict) -> list[tuple[str, str]]:
         ("tokens", f"{h}x{w} grids of codes from a codebook of K = {s['codebook_size']}"),
         ("classes", f"{s['num_classes']}" if s["num_classes"] else "none (unconditional)"),
         ("tokenizer", f"{s['tokenizer']} ({s['image_size']}x{s['image_size']} images)"),
+        ("tokenizer codes id", s["codes_id"] or "not recorded"),
     ]
     return rows + [(name, str(value)) for name, value in config.items()]
 
@@ -262,6 +264,7 @@ def token_rows(s: dict) -> list[tuple[str, str]]:
         ("image size", known("image_size", str)),
         ("codebook", f"K = {s['codebook_size']}"),
         ("model id", known("model_id", str)),
+        ("codes id", known("codes_id", str)),
         ("codebook usage", known("usage", lambda u: f"{count(s['codes_used'], 'code')}, {u:.1%}")),
         ("perplexity", f"{s['perplexity']:.1f}"),
         ("bits per code", f"{s['bits_per_code']:.3f} (entropy)"),

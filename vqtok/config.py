@@ -273,7 +273,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PriorConfig:
     """A prior over (h, w) grids of codes (`vqtok.prior.Prior`): the transformer's shape, and what its tokens
-    are. `vqtok prior fit` takes the last four from the tokens it trains on, and the class count from --cond."""
+    are. `vqtok prior fit` takes the last five from the tokens it trains on, and the class count from --cond."""
 
     layers: int = 4
     width: int = 128
@@ -284,6 +284,7 @@ class PriorConfig:
     codebook_size: int = 512  # K
     grid: tuple[int, int] = (16, 16)  # (h, w)
     tokenizer: str | None = None  # the model id of the tokenizer whose codes these are
+    codes_id: str | None = None  # that tokenizer's codes id, where the tokens record it
     image_size: int | None = None  # the size of the images that tokenizer turned into these grids
 
     def __post_init__(self) -> None:

@@ -27,9 +27,12 @@ WEIGHTS_NAME = "model.safetensors"
 RUN_MODEL_NAME = "model"  # the model directory inside a run folder, where `vqtok.runs` exports a run's model
 
 
-def weights_hash(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of the tensors, in name order; 16 hex digits."""
+def weights_hash(state: dict[str, torch.Tensor], settings: dict | None = None) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the tensors, in name order, after `settings` (as JSON with
+    sorted keys) where given; 16 hex digits."""
     digest = hashlib.sha256()
+    if settings is not None:
+        digest.update(json.dumps(settings, sort_keys=True).encode() + b"|")
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
