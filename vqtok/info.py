@@ -24,8 +24,8 @@ def describe(path: str | os.PathLike, storage_options: dict | None = None) -> di
 
 
 def describe_tokenizer(where: Location) -> dict:
-    """Family, provenance, model id and codes id, size, K and D, the grid at several image sizes, and the whole
-    config."""
+    """Family, provenance (an import's source, a fine-tune's parent), model id and codes id, size, K and D, the
+    grid at several image sizes, and the whole config."""
     from vqtok.tokenizers import load_tokenizer
 
     model = load_tokenizer(where)
@@ -35,6 +35,7 @@ def describe_tokenizer(where: Location) -> dict:
         "path": str(where),
         "family": model.FAMILY,
         "source": model.source,
+        "parent": model.parent,
         "model_id": model.model_id,
         "codes_id": model.codes_id,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -187,12 +187,16 @@ class Pretrained:
         return cls.from_header(where, read_header(where, cls.KIND), device)
 
     @classmethod
-    def from_header(cls, where: Location, header: dict, device: str | torch.device = "cpu"):
-        """The model of a directory whose config.json (`read_header`) has been read already."""
+    def config_from_header(cls, where: Location, header: dict):
+        """The config in a directory's config.json (`read_header`), checked."""
         try:
-            config = cls.config_class.from_dict(header["config"])
+            return cls.config_class.from_dict(header["config"])
         except (ConfigError, TypeError) as e:
             raise ModelFormatError(f"{where.join(CONFIG_NAME)}: {e}") from None
-        model = cls(config)
+
+    @classmethod
+    def from_header(cls, where: Location, header: dict, device: str | torch.device = "cpu"):
+        """The model of a directory whose config.json (`read_header`) has been read already."""
+        model = cls(cls.config_from_header(where, header))
         load_weights(where, model, header)
         return model.to(device).eval()
