@@ -439,15 +439,20 @@ def llamagen_vq(ch_mult, images, seed=0):
     return model
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerator state is a process-wide singleton; each in-process fit starts from a clean one."""
+def reset_accelerate_state() -> None:
+    """Accelerator state is a process-wide singleton: clear it after an in-process fit, for the next one."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process fit starts from a clean accelerator state."""
+    yield
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="session")

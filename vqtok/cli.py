@@ -19,7 +19,7 @@ import sys
 import click
 
 from vqtok import __version__
-from vqtok.config import ModelConfig, PriorConfig, PriorTrainConfig, QuantizerConfig, TrainConfig
+from vqtok.config import TRAIN_PARTS, ModelConfig, PriorConfig, PriorTrainConfig, QuantizerConfig, TrainConfig
 from vqtok.errors import VQTokError, plural
 
 # How to go on after Ctrl-C, by command: what a rerun keeps of the interrupted run. The others start over.
@@ -185,11 +185,14 @@ def info(path, as_json, storage_options):
     """What a model directory, a prior or a token dataset holds.
 
     A model: its family, settings, parameter count, K, D, grid size per image
-    size and model id, and for one made by `vqtok import`, where it came from
-    (format, file name, SHA-256). A prior: its size, the tokens it models (K, grid, classes, the
-    tokenizer's model id) and its model id. Tokens (a folder written by
+    size, model id and codes id (shared by the models that give the same
+    codes), for one made by `vqtok import` where it came from (format, file
+    name, SHA-256), and for one made by `vqtok fit --init` its parent (path,
+    model id, codes id, what was trained, the parent's own provenance). A
+    prior: its size, the tokens it models (K, grid, classes, the tokenizer's
+    model id and codes id) and its model id. Tokens (a folder written by
     `vqtok encode` or `vqtok prior sample`, or one Parquet file): rows,
-    shards, errors, grid, K, model id, codebook usage and perplexity, bits per
+    shards, errors, grid, K, model id, codes id, codebook usage and perplexity, bits per
     code and bytes on disk per image, whether the run finished, and the class
     names that cls numbers. PATH may be a URL (s3://...).
 
@@ -220,16 +223,45 @@ def tokenizer_rows(s: dict) -> list[tuple[str, str]]:
     rows = [
         ("family", s["family"]),
         ("model id", s["model_id"]),
+        ("codes id", s["codes_id"]),
         ("parameters", f"{s['parameters']:,}"),
         ("codebook", f"K = {s['codebook_size']}, D = {s['code_dim']}"),
     ]
     if s["source"]:
-        source = s["source"]
-        rows += [("imported from", f"{source['file']} ({source['format']})"), ("source sha256", source["sha256"])]
+        rows += source_rows(s["source"])
+    if s["parent"]:
+        rows += parent_rows(s["parent"])
     rows += [(f"grid at {size}x{size}", f"{h}x{w} codes") for size, (h, w) in s["grids"].items()]
     network = {name: value for name, value in s["config"].items() if name != "quantizer"}
     rows += [(name, str(value)) for name, value in network.items()]
     return rows + [(f"quantizer.{name}", str(value)) for name, value in s["config"]["quantizer"].items()]
+
+
+def source_rows(source: dict, prefix: str = "") -> list[tuple[str, str]]:
+    return [
+        (f"{prefix}imported from", f"{source['file']} ({source['format']})"),
+        (f"{prefix}source sha256", source["sha256"]),
+    ]
+
+
+# What a fine-tune trained of its parent, as `vqtok info` says it.
+TRAINED = {"all": "every weight", "decoder": "the decoder alone: its codes are the parent's"}
+
+
+def parent_rows(parent: dict) -> list[tuple[str, str]]:
+    """A fine-tune's parent, and that parent's own provenance: where it was imported from, or its parent's id."""
+    rows = [
+        ("fine-tuned from", parent["path"]),
+        ("parent model id", parent["model_id"]),
+        ("parent codes id", parent["codes_id"]),
+        ("trained", TRAINED.get(parent["trained"], parent["trained"])),
+    ]
+    if parent.get("source"):
+        rows += source_rows(parent["source"], "parent ")
+    if parent.get("parent"):
+        grandparent = parent["parent"]
+        rows.append(("parent fine-tuned from", f"{grandparent['path']} (model id {grandparent['model_id']})"))
+    return rows
 
 
 def prior_rows(s: dict) -> list[tuple[str, str]]:
@@ -246,6 +278,7 @@ def prior_rows(s: dict) -> list[tuple[str, str]]:
         ("tokens", f"{h}x{w} grids of codes from a codebook of K = {s['codebook_size']}"),
         ("classes", f"{s['num_classes']}" if s["num_classes"] else "none (unconditional)"),
         ("tokenizer", f"{s['tokenizer']} ({s['image_size']}x{s['image_size']} images)"),
+        ("tokenizer codes id", s["codes_id"] or "not recorded"),
     ]
     return rows + [(name, str(value)) for name, value in config.items()]
 
@@ -262,6 +295,7 @@ def token_rows(s: dict) -> list[tuple[str, str]]:
         ("image size", known("image_size", str)),
         ("codebook", f"K = {s['codebook_size']}"),
         ("model id", known("model_id", str)),
+        ("codes id", known("codes_id", str)),
         ("codebook usage", known("usage", lambda u: f"{count(s['codes_used'], 'code')}, {u:.1%}")),
         ("perplexity", f"{s['perplexity']:.1f}"),
         ("bits per code", f"{s['bits_per_code']:.3f} (entropy)"),
@@ -336,18 +370,21 @@ def training_options(train_class, examples: str, workers: str):
 
 def load_recipe(config_path, overrides: dict, model_class, train_class):
     """The TOML recipe's [model] and [train] tables, with the command line's overrides of either."""
-    from vqtok.config import QUANTIZER_FIELDS, load_config
+    from vqtok.config import load_config
+
+    model, train = split_overrides(overrides, model_class)
+    return load_config(config_path, model=model, train=train, model_class=model_class, train_class=train_class)
+
+
+def split_overrides(overrides: dict, model_class) -> tuple[dict, dict]:
+    """A command's overrides as (the model's, the training recipe's)."""
+    from vqtok.config import QUANTIZER_FIELDS
 
     model_fields = {f.name for f in dataclasses.fields(model_class)}
     if "quantizer" in model_fields:  # a tokenizer's: its quantizer's settings are options of their own
         model_fields |= set(QUANTIZER_FIELDS)
-    return load_config(
-        config_path,
-        model={k: v for k, v in overrides.items() if k in model_fields},
-        train={k: v for k, v in overrides.items() if k not in model_fields},
-        model_class=model_class,
-        train_class=train_class,
-    )
+    model = {k: v for k, v in overrides.items() if k in model_fields}
+    return model, {k: v for k, v in overrides.items() if k not in model_fields}
 
 
 # fit's options that set the VQ-VAE's network, which no other family has: field -> flag
@@ -397,6 +434,21 @@ VQVAE_ONLY = {"hidden_channels": "--hidden", "res_channels": "--res-channels", "
     "decay", QuantizerConfig, "--decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="EMA decay."
 )
 @click.option("--no-ema", is_flag=True, help="Learn the codebook by the paper's codebook loss instead of EMA.")
+@click.option(
+    "--init",
+    metavar="MODEL",
+    help="Fine-tune this tokenizer (a model directory, fitted or imported; a path or a URL) instead of a new one: "
+    "its family, shape and weights. Options that would change its shape are refused.",
+)
+@click.option(
+    "--train",
+    "train_part",
+    type=click.Choice(TRAIN_PARTS),
+    default="all",
+    show_default=True,
+    help="What trains: every weight, or (with --init) the decoder side alone, so every image keeps the codes "
+    "MODEL gives it and MODEL's token datasets decode with the result.",
+)
 @click.option("--val", multiple=True, help="Validation inputs (repeatable), evaluated every --eval-every steps.")
 @training_options(TrainConfig, "Images", "Image decoding workers per process.")
 @click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
@@ -404,7 +456,21 @@ VQVAE_ONLY = {"hidden_channels": "--hidden", "res_channels": "--res-channels", "
 @storage_options_option
 @user_errors
 @inputs_help
-def fit(inputs, out, config_path, family, no_ema, val, resume, image_column, image_root, storage_options, **overrides):
+def fit(
+    inputs,
+    out,
+    config_path,
+    family,
+    no_ema,
+    init,
+    train_part,
+    val,
+    resume,
+    image_column,
+    image_root,
+    storage_options,
+    **overrides,
+):
     """Train a tokenizer on images in shards, folders or Parquet files.
 
     The paper's VQ-VAE by default; the VQGAN network with --family vqgan or
@@ -412,6 +478,16 @@ def fit(inputs, out, config_path, family, no_ema, val, resume, image_column, ima
     set (base_channels, channel_mult, ...; the VQ-VAE's --hidden, --res-channels
     and --res-blocks do not apply). Both train with the pixel and quantizer
     losses. Runs on one CPU or GPU, or on many under `accelerate launch`.
+
+    With --init MODEL it fine-tunes MODEL on INPUTS: a tokenizer vqtok fitted
+    or imported, of either family, its weights and codebook as they are. Its
+    shape stays: of the model's settings, options and a --config [model]
+    table may change only the crop size, --beta, the EMA --decay and the
+    dead-code settings, and any other change is refused ([train] is as for
+    any run). --train decoder freezes the encoder, the codebook and their
+    buffers, and trains the decoder alone: codes stay the same, and token
+    datasets MODEL made decode with the new model without --force. run.json
+    and the model's config.json record MODEL as its parent.
 
     {INPUTS}
 
@@ -421,25 +497,31 @@ def fit(inputs, out, config_path, family, no_ema, val, resume, image_column, ima
         vqtok fit imagenet/train/ --out runs/imagenet --val imagenet/val/
         vqtok fit shards/ --out runs/cifar --config pipelines/cifar10.toml --steps 250000
         vqtok fit shards/ --out runs/vqgan --config pipelines/vqgan-cpu-small.toml
+        vqtok fit my-photos/ --out runs/ft --init runs/llamagen/model --train decoder --steps 2000
         accelerate launch --multi_gpu --num_processes 8 -m vqtok fit shards/ --out runs/x
     """
-    from vqtok.config import TOKENIZER_CONFIGS, tokenizer_family
+    from vqtok.config import TOKENIZER_CONFIGS, family_name, tokenizer_family
     from vqtok.storage import parse_options
     from vqtok.train import fit as fit_model
 
-    family = tokenizer_family(config_path, family)
+    options = parse_options(storage_options)
+    if overrides["decay"] is not None and no_ema:
+        raise click.UsageError("--decay and --no-ema exclude each other")
+    parent_config = fine_tuned(init, family, options)
+    family = family_name(parent_config) if init else tokenizer_family(config_path, family)
     not_for_family = [flag for name, flag in VQVAE_ONLY.items() if overrides[name] is not None]
     if family != "vqvae" and not_for_family:
         raise click.UsageError(
             f"{', '.join(not_for_family)}: VQ-VAE options; the {family} network's shape is set in the --config file"
         )
-    model_config, train_config = load_recipe(config_path, overrides, TOKENIZER_CONFIGS[family], TrainConfig)
-    if no_ema:
-        if overrides["decay"] is not None:
-            raise click.UsageError("--decay and --no-ema exclude each other")
-        model_config = dataclasses.replace(
-            model_config, quantizer=dataclasses.replace(model_config.quantizer, decay=None)
-        )
+    if init:
+        model_config, train_config = fine_tune_recipe(parent_config, config_path, no_ema, overrides)
+    else:
+        model_config, train_config = load_recipe(config_path, overrides, TOKENIZER_CONFIGS[family], TrainConfig)
+        if no_ema:
+            model_config = dataclasses.replace(
+                model_config, quantizer=dataclasses.replace(model_config.quantizer, decay=None)
+            )
     result = fit_model(
         list(inputs),
         out,
@@ -449,7 +531,9 @@ def fit(inputs, out, config_path, family, no_ema, val, resume, image_column, ima
         resume=resume,
         image_column=image_column,
         image_root=image_root,
-        storage_options=parse_options(storage_options),
+        storage_options=options,
+        init=init,
+        train=train_part,
     )
     if result.main_process and "psnr" in result.metrics:
         m = result.metrics
@@ -457,6 +541,36 @@ def fit(inputs, out, config_path, family, no_ema, val, resume, image_column, ima
             f"held-out PSNR {m['psnr']:.2f} dB over all pixels, codebook usage {m['usage']:.1%}, "
             f"perplexity {m['perplexity']:.0f}"
         )
+
+
+def fine_tuned(init, family, storage_options):
+    """The config of the tokenizer --init names (None without --init), whose family a --family must be."""
+    if not init:
+        return None
+    from vqtok.config import family_name
+    from vqtok.errors import ConfigError
+    from vqtok.tokenizers import tokenizer_config
+
+    config = tokenizer_config(init, storage_options)
+    if family is not None and family != family_name(config):
+        raise ConfigError(
+            f"--family {family}: --init {init} is a {family_name(config)} tokenizer, and a fine-tune keeps its family"
+        )
+    return config
+
+
+def fine_tune_recipe(parent_config, config_path, no_ema, overrides):
+    """(model config, train config) of a fine-tune: the parent's config with what the options and the --config
+    recipe may change (`vqtok.config.fine_tune_config`, whose refusals name the option), and the recipe's [train]."""
+    from vqtok.config import fine_tune_config, fine_tune_refusal, load_train_config
+    from vqtok.errors import ConfigError
+
+    if no_ema and (reason := fine_tune_refusal(parent_config, "decay", None)):
+        raise ConfigError(f"--no-ema: {reason}")
+    model, train = split_overrides(overrides, type(parent_config))
+    command = click.get_current_context().command
+    flags = {p.name: "/".join([*p.opts, *p.secondary_opts]) for p in command.params if isinstance(p, click.Option)}
+    return fine_tune_config(parent_config, config_path, model, flags), load_train_config(config_path, train)
 
 
 @cli.command("eval")

@@ -157,6 +157,15 @@ class VQGANConfig:
 # The tokenizer families `vqtok fit` trains, by the name a TOML file's [model] table gives as `family`.
 TOKENIZER_CONFIGS = {"vqvae": ModelConfig, "vqgan": VQGANConfig}
 
+# What `vqtok fit --train` trains: every weight, or the decoder side alone (the encode side frozen, `Tokenizer.
+# freeze_encode_side`), which needs a model to start from (--init).
+TRAIN_PARTS = ("all", "decoder")
+
+# The settings a fine-tune (`vqtok fit --init`) may change: none changes the state dict's names or shapes, nor how
+# the parent's codes are looked up. decay only from one rate to another: between a rate and None (a codebook
+# learned by the codebook loss) the moving averages' buffers come or go.
+FINE_TUNABLE = ("image_size", "dropout", "beta", "decay", "kmeans_init", "dead_code_window", "rare_code_share")
+
 # The settings that may be None, which a TOML file writes as false.
 NULLABLE = ("res_channels", "decay", "lookup_dim", "warmup_steps")
 
@@ -273,7 +282,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PriorConfig:
     """A prior over (h, w) grids of codes (`vqtok.prior.Prior`): the transformer's shape, and what its tokens
-    are. `vqtok prior fit` takes the last four from the tokens it trains on, and the class count from --cond."""
+    are. `vqtok prior fit` takes the last five from the tokens it trains on, and the class count from --cond."""
 
     layers: int = 4
     width: int = 128
@@ -284,6 +293,7 @@ class PriorConfig:
     codebook_size: int = 512  # K
     grid: tuple[int, int] = (16, 16)  # (h, w)
     tokenizer: str | None = None  # the model id of the tokenizer whose codes these are
+    codes_id: str | None = None  # that tokenizer's codes id, where the tokens record it
     image_size: int | None = None  # the size of the images that tokenizer turned into these grids
 
     def __post_init__(self) -> None:
@@ -489,9 +499,69 @@ def load_config(
         )
     else:
         model_config = _from_table(model_class, {**model_file, **model_over}, where)
+    return model_config, _train_config(tables, train, train_class, where)
+
+
+def load_train_config(path: str | Path | None = None, train: dict | None = None, train_class: type = TrainConfig):
+    """The training recipe alone, from a TOML file's [train] table (or the defaults), then overrides: for a
+    fine-tune, whose model is the one it starts from (`fine_tune_config`)."""
+    tables = _read_tables(path) if path is not None else {}
+    return _train_config(tables, train, train_class, str(path) if path else "settings")
+
+
+def _train_config(tables: dict, train: dict | None, train_class: type, where: str):
     train_file = _none_for_false(tables.get("train", {}))
     train_table = {**train_file, **{k: v for k, v in (train or {}).items() if v is not None}}
-    return model_config, _from_table(train_class, train_table, where)
+    return _from_table(train_class, train_table, where)
+
+
+def family_name(config) -> str:
+    """The family a tokenizer config is of: vqvae for a ModelConfig, vqgan for a VQGANConfig."""
+    return next(name for name, cls in TOKENIZER_CONFIGS.items() if isinstance(config, cls))
+
+
+def fine_tune_refusal(parent, name: str, value) -> str | None:
+    """Why a fine-tune of a model whose config is `parent` cannot set `name` to `value`; None when it can."""
+    decay = parent.quantizer.decay
+    if name == "decay" and (value is None) != (decay is None):
+        learned = "by the codebook loss" if decay is None else f"as a moving average (decay {decay})"
+        return f"the model's codebook is learned {learned}, and a fine-tune keeps it so (its state dict would change)"
+    if name in FINE_TUNABLE:
+        return None
+    current = getattr(parent.quantizer if name in QUANTIZER_FIELDS else parent, name)
+    what = "the lookup its codebook was learned in" if name == "normalize_codes" else "the model's shape"
+    return f"a fine-tune keeps {what} ({name} = {current!r}); train a new model without --init to change it"
+
+
+def fine_tune_config(parent, path: str | Path | None = None, overrides: dict | None = None, flags: dict | None = None):
+    """The config a fine-tune of a model whose config is `parent` trains under: the parent's, with what a TOML
+    recipe's [model] table (at `path`) and then the overrides (field -> value; None: not given) change.
+    ConfigError for a change `fine_tune_refusal` refuses, naming the option (its flag in `flags`, field -> flag)
+    or the recipe's entry; a value equal to the parent's changes nothing and passes."""
+    family = family_name(parent)
+    given: dict[str, tuple[object, str]] = {}  # field -> (value, where it was given)
+    if path is not None:
+        table = _none_for_false(_read_tables(path).get("model", {}))
+        in_file = table.pop("family", None)
+        if in_file is not None and in_file != family:
+            raise ConfigError(f"{path} says family = {in_file!r} in [model]; the model fine-tuned is a {family}")
+        network, quantizer = _split_quantizer(table, str(path))
+        given |= {name: (value, f"{path}: [model] {name}") for name, value in {**network, **quantizer}.items()}
+    flags = flags or {}
+    given |= {name: (value, flags.get(name, name)) for name, value in (overrides or {}).items() if value is not None}
+    network = {name: value for name, value in parent.to_dict().items() if name != "quantizer"}
+    quantizer = dataclasses.asdict(parent.quantizer)
+    for name, (value, where) in given.items():
+        settings = quantizer if name in QUANTIZER_FIELDS else network
+        if name not in settings:
+            raise ConfigError(f"{where}: a {family} model has no setting {name}")
+        if value == settings[name]:
+            continue
+        reason = fine_tune_refusal(parent, name, value)
+        if reason is not None:
+            raise ConfigError(f"{where}: {reason}")
+        settings[name] = value
+    return _tokenizer_config(type(parent), network, quantizer, "fine-tune")
 
 
 def _none_for_false(table: dict) -> dict:

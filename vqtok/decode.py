@@ -131,7 +131,7 @@ def decode(
     model.to(memory_format=torch.channels_last)
     # Every file's columns, and one tokenizer; an unfinished dataset's committed parts, which the result notes.
     token_set = TokenSet(tokens, storage_options=storage_options, partial=True)
-    token_set.check_tokenizer(model.model_id, model.codebook_size, model.grid_size, force)
+    token_set.check_tokenizer(model.model_id, model.codebook_size, model.grid_size, force, model.codes_id)
     first = next(iter(token_set.schemas.values()))
     carried = [name for name in first.names if name not in RESERVED_COLUMNS] if format == "wds" else []
     selection = token_set.select(model.codebook_size, keys, limit)

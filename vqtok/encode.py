@@ -200,6 +200,7 @@ def encode(
     image_size = image_size or model.config.image_size
     settings = TokenSettings(
         model_id=model.model_id,
+        codes_id=model.codes_id,
         codebook_size=model.codebook_size,
         grid=model.grid_size(image_size),
         image_size=image_size,

@@ -24,7 +24,8 @@ def describe(path: str | os.PathLike, storage_options: dict | None = None) -> di
 
 
 def describe_tokenizer(where: Location) -> dict:
-    """Family, provenance, model id, size, K and D, the grid at several image sizes, and the whole config."""
+    """Family, provenance (an import's source, a fine-tune's parent), model id and codes id, size, K and D, the
+    grid at several image sizes, and the whole config."""
     from vqtok.tokenizers import load_tokenizer
 
     model = load_tokenizer(where)
@@ -34,7 +35,9 @@ def describe_tokenizer(where: Location) -> dict:
         "path": str(where),
         "family": model.FAMILY,
         "source": model.source,
+        "parent": model.parent,
         "model_id": model.model_id,
+        "codes_id": model.codes_id,
         "parameters": sum(p.numel() for p in model.parameters()),
         "codebook_size": model.codebook_size,
         "code_dim": config.quantizer.code_dim,
@@ -46,7 +49,8 @@ def describe_tokenizer(where: Location) -> dict:
 
 
 def describe_prior(where: Location) -> dict:
-    """Size, the transformer's shape, the tokens it models (K, grid, classes, the tokenizer's model id)."""
+    """Size, the transformer's shape, the tokens it models (K, grid, classes, the tokenizer's model id and codes
+    id)."""
     from vqtok.prior import Prior
 
     prior = Prior.from_pretrained(where)
@@ -60,6 +64,7 @@ def describe_prior(where: Location) -> dict:
         "grid": list(config.grid),
         "num_classes": config.num_classes,
         "tokenizer": config.tokenizer,
+        "codes_id": config.codes_id,
         "image_size": config.image_size,
         "config": config.to_dict(),
     }

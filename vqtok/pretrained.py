@@ -27,9 +27,12 @@ WEIGHTS_NAME = "model.safetensors"
 RUN_MODEL_NAME = "model"  # the model directory inside a run folder, where `vqtok.runs` exports a run's model
 
 
-def weights_hash(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of the tensors, in name order; 16 hex digits."""
+def weights_hash(state: dict[str, torch.Tensor], settings: dict | None = None) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the tensors, in name order, after `settings` (as JSON with
+    sorted keys) where given; 16 hex digits."""
     digest = hashlib.sha256()
+    if settings is not None:
+        digest.update(json.dumps(settings, sort_keys=True).encode() + b"|")
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -184,12 +187,16 @@ class Pretrained:
         return cls.from_header(where, read_header(where, cls.KIND), device)
 
     @classmethod
-    def from_header(cls, where: Location, header: dict, device: str | torch.device = "cpu"):
-        """The model of a directory whose config.json (`read_header`) has been read already."""
+    def config_from_header(cls, where: Location, header: dict):
+        """The config in a directory's config.json (`read_header`), checked."""
         try:
-            config = cls.config_class.from_dict(header["config"])
+            return cls.config_class.from_dict(header["config"])
         except (ConfigError, TypeError) as e:
             raise ModelFormatError(f"{where.join(CONFIG_NAME)}: {e}") from None
-        model = cls(config)
+
+    @classmethod
+    def from_header(cls, where: Location, header: dict, device: str | torch.device = "cpu"):
+        """The model of a directory whose config.json (`read_header`) has been read already."""
+        model = cls(cls.config_from_header(where, header))
         load_weights(where, model, header)
         return model.to(device).eval()

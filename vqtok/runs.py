@@ -41,6 +41,9 @@ from vqtok.pretrained import RUN_MODEL_NAME
 from vqtok.storage import Location
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+# The settings tables of the model a run trains, whose fields options set by the fields' own names (--code-dim sets
+# quantizer.code_dim): a change is named so. Another table's is named after it (a fine-tune's parent.model_id).
+MODEL_TABLES = ("model", "prior")
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -96,8 +99,8 @@ def changed_settings(ours: dict, theirs: dict) -> list[str]:
 
 def check_run_settings(path: Path | Location, settings: dict, resumed_step: int | None) -> None:
     """A resumed run (from the checkpoint of `resumed_step`; None for a new run) must be the run it resumes:
-    `settings` ({"model": {...}, "steps": N, ...}) decide that, except for its length. "steps" may change, to
-    any number not below the step resumed from; run.json then records the new one."""
+    `settings` ({"model": {...}, "steps": N, "parent": {...} or None, ...}) decide that, except for its length.
+    "steps" may change, to any number not below the step resumed from; run.json then records the new one."""
     path = Location.of(path)
     saved_text = path.read_text(missing_ok=True) if resumed_step is not None else None
     if saved_text is not None:
@@ -106,9 +109,11 @@ def check_run_settings(path: Path | Location, settings: dict, resumed_step: int 
         for name, value in settings.items():
             if name == "steps":
                 continue
-            if isinstance(value, dict):
-                changed += changed_settings(value, saved.get(name, {}))
-            elif saved.get(name) != value:
+            other = saved.get(name)
+            if isinstance(value, dict) and isinstance(other, dict):
+                prefix = "" if name in MODEL_TABLES else f"{name}."
+                changed += [prefix + inner for inner in changed_settings(value, other)]
+            elif other != value:
                 changed.append(name)
         if changed:
             raise ConfigError(f"--resume with other settings than {path} records: {', '.join(changed)} changed")

@@ -6,6 +6,13 @@ checkpoints are vqtok's own (`vqtok.checkpoints`, which says why not
 accelerate's `save_state`). It runs the same on one CPU, one GPU or many
 processes under `accelerate launch`.
 
+With `init`, the run fine-tunes a tokenizer directory (fitted by vqtok or imported) instead of a new model: its
+family, its config (less what `vqtok.config.FINE_TUNABLE` lets a fine-tune change), its weights and its
+quantizer's state as they are. The quantizer's `initialized` flag is part of that state: true in a fitted model
+(its k-means ran) and in an imported one (kmeans_init false), so k-means does not run again. `train="decoder"`
+trains the decoder side alone (`Tokenizer.freeze_encode_side`): the child gives every image the parent's codes,
+and has its codes id. run.json and the exported config.json record the parent.
+
 Layout of OUT (run.json, checkpoints/ and metrics.jsonl as every trainer's, see `vqtok.runs`):
     model/                     the exported model (config.json + model.safetensors)
     samples/step-000500.png    the worst reconstructed validation images and typical ones, each over
@@ -14,6 +21,7 @@ Layout of OUT (run.json, checkpoints/ and metrics.jsonl as every trainer's, see 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -21,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from vqtok.config import ModelConfig, TrainConfig, VQGANConfig
+from vqtok.config import TRAIN_PARTS, ModelConfig, TrainConfig, VQGANConfig, fine_tune_config
 from vqtok.data import expand_inputs, make_loader
 from vqtok.errors import ConfigError
 from vqtok.evaluate import evaluate
 from vqtok.progress import ProgressBar
 from vqtok.runs import Run
-from vqtok.tokenizers import Tokenizer, build_tokenizer
+from vqtok.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -44,10 +52,21 @@ def codebook_digest(model: Tokenizer) -> str:
     return hashlib.sha256(model.quantizer.codebook.detach().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
+def parent_record(parent: Tokenizer, init: str, train: str) -> dict:
+    """What a fine-tune records of the model it started from: where it was (`init` as given), its identity, what
+    the run trains of it, and the parent's own provenance (an imported model's source, a fine-tune's parent)."""
+    record = {"path": init, "model_id": parent.model_id, "codes_id": parent.codes_id, "trained": train}
+    if parent.source:
+        record["source"] = parent.source
+    if parent.parent:
+        record["parent"] = parent.parent
+    return record
+
+
 def fit(
     shards: list[str],
     out: str | Path,
-    model_config: ModelConfig | VQGANConfig,  # the family to train is the one whose config this is
+    model_config: ModelConfig | VQGANConfig | None,  # its class is the family trained; None with init: the parent's
     train_config: TrainConfig,
     val_shards: list[str] | None = None,
     resume: bool = False,
@@ -55,17 +74,41 @@ def fit(
     image_column: str | None = None,
     image_root: str | None = None,
     storage_options: dict | None = None,
+    init: str | None = None,
+    train: str = "all",
 ) -> FitResult:
+    """Train a tokenizer on `shards` into the run folder `out`. With `init` (a model directory, a path or a URL) the
+    run fine-tunes it: `model_config` is then None (the parent's) or the parent's with what FINE_TUNABLE allows
+    changed. `train` ("all" or "decoder") says which weights train."""
     from accelerate.utils import set_seed
 
     cfg = train_config
+    if train not in TRAIN_PARTS:
+        raise ConfigError(f"train must be one of {', '.join(TRAIN_PARTS)}, not {train!r}")
+    if train != "all" and init is None:
+        raise ConfigError(f"--train {train} fine-tunes a model: give the one to start from with --init")
+    parent = None
+    if init is not None:
+        parent = load_tokenizer(init, storage_options=storage_options)
+        if model_config is None:
+            model_config = parent.config
+        elif not isinstance(model_config, parent.config_class):
+            raise ConfigError(
+                f"--init {init} is a {parent.FAMILY} tokenizer, not one a {type(model_config).__name__} describes"
+            )
+        else:  # the same checks as the command line's, naming the fields
+            fields = {**model_config.to_dict(), **dataclasses.asdict(model_config.quantizer)}
+            fields.pop("quantizer")
+            model_config = fine_tune_config(parent.config, overrides=fields)
     # Shards, image folders and Parquet files alike: units of work that the loaders split and draw from.
     sources = {"image_column": image_column, "image_root": image_root, "storage_options": storage_options}
     train_shards = expand_inputs(shards, **sources).units
     val_shards = expand_inputs(val_shards, **sources).units if val_shards else []
     if model_config.in_channels != 3:
         raise ConfigError("fit reads RGB images: in_channels must be 3")
-    settings = {"model": model_config.to_dict(), "steps": cfg.steps}
+    record_of_parent = parent_record(parent, str(init), train) if parent is not None else None
+    # "parent" is None for a new model, so resuming a fine-tune without its --init (or the other way round) is refused
+    settings = {"model": model_config.to_dict(), "steps": cfg.steps, "parent": record_of_parent}
     run = Run(out, settings, cfg, resume=resume, storage_options=storage_options)
     accelerator = run.accelerator
     start_step = run.start_step
@@ -85,8 +128,15 @@ def fit(
         world_size=world,
     )
 
-    model = build_tokenizer(model_config).to(accelerator.device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model = build_tokenizer(model_config)
+    if parent is not None:
+        model.load_state_dict(parent.state_dict())
+        model.parent = record_of_parent
+        del parent  # its weights are the model's now: one copy in memory is enough
+        if train == "decoder":
+            model.freeze_encode_side()  # before prepare: DDP then leaves the frozen parameters out
+    model = model.to(accelerator.device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     # The loader is not prepared: its stream is already split by process and endless on each. Nor is the
     # schedule, which accelerate would step once per process: it steps once per optimizer step.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -159,18 +209,21 @@ def fit(
                     "loss": loss,
                     "recon_loss": recon,
                     "vq_loss": vq,
-                    "usage": raw_model.quantizer.usage(),
-                    "perplexity": raw_model.quantizer.recent_perplexity(),
                     "lr": scheduler.get_last_lr()[0],
                     "images_per_second": rate,
                     "data_wait": data_wait,
                 }
+                # The quantizer's usage over its last batches, not the held-out usage fit reports at its end. A
+                # frozen quantizer counts nothing: its counters are still the parent's.
+                usage = ""
+                if not raw_model.encode_side_frozen:
+                    entry["usage"] = raw_model.quantizer.usage()
+                    entry["perplexity"] = raw_model.quantizer.recent_perplexity()
+                    usage = f"train usage (last {raw_model.quantizer.usage_window} batches) {entry['usage']:.0%}  "
                 record(entry)
-                # The quantizer's usage over its last batches, not the held-out usage fit reports at its end.
-                window = raw_model.quantizer.usage_window
                 progress.update(
                     status=f"recon {entry['recon_loss']:.4f}  vq {entry['vq_loss']:.4f}  "
-                    f"train usage (last {window} batches) {entry['usage']:.0%}  {entry['images_per_second']:.0f} img/s"
+                    f"{usage}{entry['images_per_second']:.0f} img/s"
                 )
             progress.update(step)
 

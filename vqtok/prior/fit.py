@@ -39,6 +39,7 @@ from vqtok.pictures import BAND, GAP, draw_texts, enlarge, tile_scale
 from vqtok.progress import ProgressBar
 from vqtok.runs import Run
 from vqtok.tokens import TokenDataset, TokenSet
+from vqtok.tokens.reader import gives_codes
 
 from .model import Prior
 
@@ -117,6 +118,7 @@ def open_tokens(
         codebook_size=K,
         grid=tuple(meta["grid"]),
         tokenizer=meta.get("model_id"),
+        codes_id=meta.get("codes_id"),
         image_size=meta.get("image_size"),
         num_classes=classes,
     )
@@ -297,11 +299,12 @@ def held_out_nll(prior: Prior, loader, cond: str | None, device: torch.device) -
 
 
 def tokenizer_of_tokens(path: str | Path, config: PriorConfig, storage_options: dict | None = None):
-    """The tokenizer that made the tokens, to decode samples with; ConfigError for another one."""
+    """The tokenizer that made the tokens (or one that gives their codes), to decode samples with; ConfigError for
+    another one."""
     from vqtok.tokenizers import load_tokenizer
 
     model = load_tokenizer(path, storage_options=storage_options)
-    if model.model_id != config.tokenizer:
+    if not gives_codes({"model_id": config.tokenizer, "codes_id": config.codes_id}, model.model_id, model.codes_id):
         raise ConfigError(
             f"--tokenizer {path} is model {model.model_id}, but the tokens were made by model {config.tokenizer}"
         )

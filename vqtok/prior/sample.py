@@ -1,8 +1,9 @@
 """Prior -> token dataset: the sampler behind `vqtok prior sample`.
 
 OUT is a token dataset as `vqtok encode` writes them (`vqtok.tokens`), whose metadata names the tokenizer the
-prior's training tokens came from (model id, K, grid, image size): `vqtok decode OUT images/ --model TOKENIZER`
-turns it into images, and refuses any other tokenizer. Rows: `key` (`sample-000000`, ...), `shard`, `codes`
+prior's training tokens came from (model id, codes id where they recorded one, K, grid, image size):
+`vqtok decode OUT images/ --model TOKENIZER` turns it into images with that tokenizer or one that shares its
+codes (a decoder-only fine-tune of it), and refuses any other. Rows: `key` (`sample-000000`, ...), `shard`, `codes`
 and `cls` (empty for grids sampled without a class); the metadata's `preprocessing` says how they were drawn.
 
 The grids are drawn in shards of SHARD_ROWS, each with its own random generator seeded from the seed and
@@ -130,6 +131,7 @@ def sample(
     }
     settings = TokenSettings(
         model_id=config.tokenizer,
+        codes_id=config.codes_id,
         codebook_size=config.codebook_size,
         grid=config.grid,
         image_size=config.image_size,

@@ -25,7 +25,16 @@ from .vqvae import VQVAE
 
 FAMILIES: dict[str, type[Tokenizer]] = {"vqvae": VQVAE, "vqgan": VQGAN}
 
-__all__ = ["FAMILIES", "VQGAN", "VQVAE", "Tokenizer", "build_tokenizer", "load_tokenizer", "pick_device"]
+__all__ = [
+    "FAMILIES",
+    "VQGAN",
+    "VQVAE",
+    "Tokenizer",
+    "build_tokenizer",
+    "load_tokenizer",
+    "pick_device",
+    "tokenizer_config",
+]
 
 
 def build_tokenizer(config) -> Tokenizer:
@@ -42,10 +51,22 @@ def load_tokenizer(
     """The tokenizer in a model directory (a local path or a URL), of whichever family it names, in eval mode."""
     where = Location.of(directory, storage_options)
     header = read_header(where, Tokenizer.KIND)
+    return family_class(where, header).from_header(where, header, device)
+
+
+def tokenizer_config(directory: str | os.PathLike, storage_options: dict | None = None):
+    """The config of the tokenizer in a model directory, from its config.json alone, without reading the weights."""
+    where = Location.of(directory, storage_options)
+    header = read_header(where, Tokenizer.KIND)
+    return family_class(where, header).config_from_header(where, header)
+
+
+def family_class(where: Location, header: dict) -> type[Tokenizer]:
+    """The class of the family a tokenizer directory's config.json names."""
     family = family_of(header)
     if family not in FAMILIES:
         raise ModelFormatError(
             f"{where} holds a tokenizer of family {family!r}, which this vqtok does not know "
             f"(it knows {', '.join(FAMILIES)}): upgrade vqtok to load it"
         )
-    return FAMILIES[family].from_header(where, header, device)
+    return FAMILIES[family]

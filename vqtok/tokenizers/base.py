@@ -7,8 +7,12 @@ latents and back (`encode_latent`, `decode_latent`), and this class does the res
     codes = tok.encode(images)   # float (B, 3, H, W) in [0, 1] -> int64 (B, h, w)
     images = tok.decode(codes)   # int (B, h, w) in [0, K) -> float (B, 3, H, W) in [0, 1]
     tok(images)                  # the training forward: reconstruction, codes and losses
-    tok.codebook_size, tok.stride, tok.grid_size(256), tok.model_id, tok.config
+    tok.codebook_size, tok.stride, tok.grid_size(256), tok.model_id, tok.codes_id, tok.config
     tok.save_pretrained(dir), Family.from_pretrained(dir), vqtok.load_tokenizer(dir)
+
+The encode side (the encoder, the codebook and the lookup's input projection) alone decides which code an image
+gets: `codes_id` is a hash of it, so models that share it share their codes, and `freeze_encode_side` keeps it
+as it is while the decoder alone trains (`vqtok fit --init --train decoder`).
 
 Every family here works in [-1, 1] inside (taming, LlamaGen and diffusers alike), so the [0, 1] contract of
 the commands is kept at the boundary, in `encode`, `decode` and `forward` alone.
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.pretrained import Pretrained
+from vqtok.pretrained import CONFIG_NAME, Pretrained, weights_hash
 
 from .quantizers import VectorQuantizer
 
@@ -40,13 +44,17 @@ class TokenizerOutput(NamedTuple):
 class Tokenizer(Pretrained, nn.Module):
     """Images <-> (h, w) grids of codebook indices; saved and loaded as a model directory (`Pretrained`)
     whose config.json names the family. A subclass sets FAMILY and config_class, builds `self.quantizer`,
-    and implements encode_latent and decode_latent. `source` is where an imported model came from."""
+    names the modules before it in ENCODER_MODULES, and implements encode_latent and decode_latent. `source` is
+    where an imported model came from, `parent` the model a fine-tune started from."""
 
     KIND = "tokenizer"  # what config.json's "kind" says of every tokenizer's directory
     FAMILY: str
+    ENCODER_MODULES: tuple[str, ...] = ("encoder",)  # the modules encode_latent runs, by attribute name
     quantizer: VectorQuantizer
 
     source: dict | None = None  # {"format", "file", "sha256"} for a model converted by `vqtok import`
+    parent: dict | None = None  # {"path", "model_id", "codes_id", "trained", ...} for a fine-tune (`vqtok.train`)
+    encode_side_frozen = False  # set by freeze_encode_side
 
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] -> latents z_e (B, D, h, w) for the quantizer."""
@@ -90,8 +98,13 @@ class Tokenizer(Pretrained, nn.Module):
     def forward(self, images: torch.Tensor) -> TokenizerOutput:
         """A training step's forward: images (B, C, H, W) in [0, 1]."""
         x = images * 2 - 1  # (B, C, H, W) in [-1, 1]
-        z_e = self.encode_latent(x)  # (B, D, h, w)
-        z_q, codes, vq_loss = self.quantizer(z_e)
+        if self.encode_side_frozen:
+            with torch.no_grad():  # the quantizer is in eval mode: codes and loss, and nothing updated
+                _, codes, vq_loss = self.quantizer(self.encode_latent(x))
+            z_q = self.quantizer.lookup(codes)  # as decode feeds the decoder; the output projection learns
+        else:
+            z_e = self.encode_latent(x)  # (B, D, h, w)
+            z_q, codes, vq_loss = self.quantizer(z_e)
         out = self.decode_latent(z_q)  # (B, C, H, W)
         recon_loss = F.mse_loss(out.float(), x.float())
         return TokenizerOutput((out + 1) / 2, codes, recon_loss, vq_loss, recon_loss + vq_loss)
@@ -114,10 +127,61 @@ class Tokenizer(Pretrained, nn.Module):
         out = self.decode_latent(self.quantizer.lookup(codes))  # (B, C, H, W)
         return ((out.float() + 1) / 2).clamp_(0, 1)
 
+    # -- the encode side -------------------------------------------------------
+
+    def encode_side(self) -> dict[str, torch.Tensor]:
+        """The tensors that decide which code an image gets, by state dict name: the ENCODER_MODULES', the
+        codebook's and the lookup's input projection's (where lookup_dim is set). The quantizer's statistics
+        (moving averages, usage counters) only shape later training, and the decoder side (the output
+        projection, the decoder) only what codes become."""
+        prefixes = tuple(f"{name}." for name in (*self.ENCODER_MODULES, "quantizer.project_in"))
+        return {
+            name: tensor
+            for name, tensor in self.state_dict().items()
+            if name == "quantizer.codebook" or name.startswith(prefixes)
+        }
+
+    @property
+    def codes_id(self) -> str:
+        """A hash of the encode side and of the lookup's settings, as model_id is of all weights: models with the
+        same codes_id give every image the same codes, so one's token datasets decode with the other."""
+        quantizer = self.config.quantizer
+        lookup = {
+            "family": self.FAMILY,
+            "normalize_codes": quantizer.normalize_codes,
+            # with normalize_codes, a learned codebook is normalized at each lookup, an EMA one as it is updated
+            "learned_codebook": quantizer.decay is None,
+        }
+        return weights_hash(self.encode_side(), lookup)
+
+    def freeze_encode_side(self) -> None:
+        """Keep the encode side as it is while the rest trains (TiTok's second stage): its parameters get no
+        gradient, and its modules and the quantizer stay in eval mode whatever `train` is asked, so that no
+        moving average, dead-code restart, usage count or k-means initialisation touches the codebook or its
+        buffers, and dropout never changes a code."""
+        frozen = self.encode_side()
+        for name, parameter in self.named_parameters():
+            if name in frozen:
+                parameter.requires_grad_(False)
+        self.encode_side_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.encode_side_frozen:
+            for name in (*self.ENCODER_MODULES, "quantizer"):
+                getattr(self, name).eval()
+        return self
+
     # -- the model directory ---------------------------------------------------
 
     def header_extras(self) -> dict:
-        return {"family": self.FAMILY, **({"source": self.source} if self.source else {})}
+        extras = {"family": self.FAMILY, "codes_id": self.codes_id}
+        if self.source:
+            extras["source"] = self.source
+        if self.parent:
+            extras["parent"] = self.parent
+        return extras
 
     @classmethod
     def from_header(cls, where, header: dict, device: str | torch.device = "cpu"):
@@ -127,7 +191,14 @@ class Tokenizer(Pretrained, nn.Module):
                 f"{where} holds a {found} tokenizer, not a {cls.FAMILY}: load it with vqtok.load_tokenizer"
             )
         model = super().from_header(where, header, device)
+        recorded = header.get("codes_id")  # directories written before codes ids were recorded have none
+        if recorded is not None and recorded != model.codes_id:
+            raise ModelFormatError(
+                f"{where.join(CONFIG_NAME)} records codes_id {recorded}, but the weights' is {model.codes_id}: "
+                "the file was edited after it was saved"
+            )
         model.source = header.get("source")
+        model.parent = header.get("parent")
         return model
 
 

@@ -198,6 +198,7 @@ class VQGAN(Tokenizer):
     """
 
     FAMILY = "vqgan"
+    ENCODER_MODULES = ("encoder", "quant_conv")
     config_class = VQGANConfig
 
     def __init__(self, config: VQGANConfig) -> None:

@@ -16,8 +16,8 @@ this module says what they are called and what a part file holds.
 `codes` is `fixed_size_list<fixed_size_list<uint16>[w]>[h]` (int32 when K > 65536). A dataset encoded with
 augmented views (`--augment`) has one more column, `aug_codes`: each image's extra grids, a fixed-size list of
 grids of the same type, named in the metadata's `views`; one row stays one image. Every part file's metadata
-holds the settings under the key `vqtok` as JSON: K, grid, image size, preprocessing, model id and vqtok
-version. Compression is zstd over dictionary-encoded codes, which stores a code in close to its entropy.
+holds the settings under the key `vqtok` as JSON: K, grid, image size, preprocessing, model id, codes id and
+vqtok version. Compression is zstd over dictionary-encoded codes, which stores a code in close to its entropy.
 docs/token-format.md specifies the layout.
 """
 
@@ -73,6 +73,9 @@ class TokenSettings:
     keep_types: tuple[str, ...] = ()  # each carried column's type; by default cls int64 and the others string
     classes: tuple[str, ...] = ()  # the class names that cls numbers (--class-from-folder), if any
     augment: str = "none"  # the extra views in `aug_codes`: a key of AUGMENT_VIEWS
+    # The tokenizer's codes id (`Tokenizer.codes_id`): every model that has it gives these codes. None where not
+    # known: datasets written before codes ids, samples of a prior trained on such tokens.
+    codes_id: str | None = None
 
     def __post_init__(self) -> None:
         if not self.keep_types:  # what datasets written before the types were recorded hold
@@ -101,6 +104,8 @@ class TokenSettings:
             del data["augment"]
         else:
             data["views"] = list(self.views)
+        if self.codes_id is None:
+            del data["codes_id"]
         return data
 
     @classmethod
@@ -120,12 +125,15 @@ class TokenSettings:
                 keep_types=tuple(data.get("keep_types", ())),
                 classes=tuple(data.get("classes", ())),
                 augment=str(data.get("augment", "none")),
+                codes_id=None if data.get("codes_id") is None else str(data["codes_id"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed token settings: {exc!r}") from exc
 
     def differences(self, other: TokenSettings) -> list[str]:
         mine, theirs = asdict(self), asdict(other)
+        if mine["codes_id"] is None or theirs["codes_id"] is None:  # not known to one side: model_id still compares
+            del mine["codes_id"], theirs["codes_id"]
         return [f"{name} {theirs[name]!r} -> {mine[name]!r}" for name in mine if mine[name] != theirs[name]]
 
 

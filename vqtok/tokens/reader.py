@@ -169,6 +169,15 @@ def check_code_range(keys: list[str], codes: np.ndarray, codebook_size: int, whe
 TOKENIZER_FIELDS = ("model_id", "codebook_size", "grid")  # what says which tokenizer made a file's codes
 
 
+def gives_codes(made_by: dict, model_id: str, codes_id: str | None) -> bool:
+    """Whether a model (its model id and codes id) gives the codes that the tokenizer `made_by` describes
+    ({"model_id", "codes_id"}, as token metadata and priors record it) made: by their codes ids where both are
+    known, for models that share their encode side share their codes; else only the model that made them."""
+    if made_by.get("codes_id") is not None and codes_id is not None:
+        return made_by["codes_id"] == codes_id
+    return made_by.get("model_id") == model_id
+
+
 class TokenSet:
     """One or several token datasets or Parquet files of grids, read as one, with the checks every reader needs.
 
@@ -254,9 +263,11 @@ class TokenSet:
                 )
         return next(iter(self.metadata.values()))
 
-    def check_tokenizer(self, model_id: str, codebook_size: int, grid_size, force: bool = False) -> None:
-        """Refuse codes another model made: K and grid (grid_size(image_size) -> (h, w) is the model's), and the
-        model id unless force. A file without vqtok metadata (another tool's grids) passes."""
+    def check_tokenizer(
+        self, model_id: str, codebook_size: int, grid_size, force: bool = False, codes_id: str | None = None
+    ) -> None:
+        """Refuse codes another model made: K and grid (grid_size(image_size) -> (h, w) is the model's), and unless
+        force the model's identity (`gives_codes`). A file without vqtok metadata (another tool's grids) passes."""
         for meta in self.metadata.values():
             if meta is None:
                 continue
@@ -271,11 +282,17 @@ class TokenSet:
                     f"the codes are {grid[0]}x{grid[1]} grids of {size}px images; this model makes "
                     f"{'x'.join(map(str, grid_size(size)))} grids at that size"
                 )
-            if meta.get("model_id") != model_id and not force:
+            if force or gives_codes(meta, model_id, codes_id):
+                continue
+            if meta.get("model_id") == model_id:  # the same weights, imported with another lookup
                 raise StoreError(
-                    f"the codes were made by model {meta.get('model_id')}, not by this one ({model_id}); "
-                    "--force decodes them anyway"
+                    f"the codes were made by model {model_id} with another lookup (codes id {meta.get('codes_id')}, "
+                    f"this one's {codes_id}); --force decodes them anyway"
                 )
+            raise StoreError(
+                f"the codes were made by model {meta.get('model_id')}, not by this one ({model_id}); "
+                "--force decodes them anyway"
+            )
 
     def select(
         self, codebook_size: int, keys: Sequence[str] | None = None, limit: int | None = None

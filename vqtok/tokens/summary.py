@@ -63,6 +63,7 @@ def summarize(path: str | os.PathLike, storage_options: dict | None = None) -> d
         "grid": grid or meta.get("grid"),
         "codebook_size": K,
         "model_id": meta.get("model_id"),
+        "codes_id": meta.get("codes_id"),
         "image_size": meta.get("image_size"),
         "codes_used": usage.codes_used,
         "usage": usage.usage,
