@@ -52,13 +52,14 @@ def lpips_package_weights() -> Path | None:
 
 @dataclass(frozen=True)
 class WeightsFile:
-    """A pretrained weights file: what it holds, its usual name, the folder it usually lies in (None when that
-    folder's owner is not installed), and the option that names another path."""
+    """A pretrained weights file: what it holds, its usual name, the folder it usually lies in (None when the
+    package that holds it is not installed, which `install` installs), and the option that names another path."""
 
     what: str
     name: str
     folder: Callable[[], Path | None]
     option: str
+    install: str = ""
 
     def locate(self, path: str | Path | None = None) -> Path | None:
         """The file at `path` (ModelFormatError if there is none there), else in its usual folder, else None."""
@@ -67,14 +68,15 @@ class WeightsFile:
                 raise ModelFormatError(f"{self.option} {path}: no such file")
             return Path(path)
         folder = self.folder()
-        found = folder / self.name if folder is not None else None
-        return found if found is not None and found.is_file() else None
+        if folder is not None and (folder / self.name).is_file():
+            return folder / self.name
+        return None
 
     def missing(self) -> str:
         """Why the file was not found and what to do, in one line."""
         folder = self.folder()
         if folder is None:
-            return f"no {self.what}: pip install --no-deps lpips, or name a {self.name} with {self.option}"
+            return f"no {self.what}: {self.install}, or name a {self.name} with {self.option}"
         return f"no {self.what}: put {self.name} in {folder} or name the file with {self.option}"
 
     def require(self, path: str | Path | None = None) -> Path:
@@ -85,7 +87,9 @@ class WeightsFile:
 
 
 VGG16_WEIGHTS = WeightsFile("torchvision's VGG16 weights", "vgg16-397923af.pth", hub_checkpoints, "--vgg16-weights")
-LPIPS_WEIGHTS = WeightsFile("lpips' linear layers", "vgg.pth", lpips_package_weights, "--lpips-weights")
+LPIPS_WEIGHTS = WeightsFile(
+    "lpips' linear layers", "vgg.pth", lpips_package_weights, "--lpips-weights", install="pip install --no-deps lpips"
+)
 INCEPTION_WEIGHTS = WeightsFile(
     "pytorch-fid's Inception weights", "pt_inception-2015-12-05-6726825d.pth", hub_checkpoints, "--inception-weights"
 )
