@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -557,3 +558,166 @@ def wait_until(proc: subprocess.Popen, done, at_least: int, timeout: float) -> N
     deadline = time.monotonic() + timeout
     while done() < at_least and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def empty_torch_hub(tmp_path_factory):
+    """torch hub's cache (TORCH_HOME), where vqtok looks for the VGG16 and Inception weights, empty for every
+    test: what a test measures never depends on the files of the machine it runs on."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+        yield
+
+
+# torchvision's VGG16 `features` (models/vgg.py, configuration "D"): the index and (out, in) channels of each
+# 3x3 convolution; ReLUs and 2x2 max pools take the indices between.
+VGG16_CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256), 14: (256, 256)}
+VGG16_CONVS |= {17: (512, 256), 19: (512, 512), 21: (512, 512), 24: (512, 512), 26: (512, 512), 28: (512, 512)}
+
+
+def vgg16_features_state(seed: int = 0) -> dict:
+    """Random weights in the layout of torchvision's vgg16-397923af.pth, its features.* alone (He-scaled, so that
+    activations keep their size through the 13 layers)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for index, (out, inp) in VGG16_CONVS.items():
+        state[f"features.{index}.weight"] = torch.randn(out, inp, 3, 3, generator=generator) * (2 / (9 * inp)) ** 0.5
+        state[f"features.{index}.bias"] = torch.randn(out, generator=generator) * 0.01
+    return state
+
+
+def lpips_linear_state(seed: int = 0) -> dict:
+    """Random weights in the layout of the lpips package's weights/v0.1/vgg.pth: non-negative, as lpips' are."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=generator) / c
+        for k, c in enumerate((64, 128, 256, 512, 512))
+    }
+
+
+@pytest.fixture(scope="session")
+def lpips_files(tmp_path_factory):
+    """(vgg16, linear): the two files LPIPS reads, with random weights: VGG16's features (59 MB) and lpips'
+    linear layers."""
+    folder = tmp_path_factory.mktemp("lpips-weights")
+    torch.save(vgg16_features_state(), folder / "vgg16-397923af.pth")
+    torch.save(lpips_linear_state(), folder / "vgg.pth")
+    return folder / "vgg16-397923af.pth", folder / "vgg.pth"
+
+
+def inception_file_layout() -> dict[str, tuple]:
+    """The keys and shapes of pytorch-fid's pt_inception-2015-12-05-6726825d.pth, as `fid_inception_v3()` loads it
+    (strictly) into torchvision's Inception3(num_classes=1008, aux_logits=False) with its FIDInception blocks,
+    which keep torchvision's layers: transcribed here from torchvision/models/inception.py, block by block."""
+    convs: dict[str, tuple] = {}  # BasicConv2d -> (out, in, kh, kw)
+
+    def conv(name, inp, out, kh, kw=None):
+        convs[name] = (out, inp, kh, kh if kw is None else kw)
+
+    def block_a(name, inp, pool_features):
+        conv(f"{name}.branch1x1", inp, 64, 1)
+        conv(f"{name}.branch5x5_1", inp, 48, 1)
+        conv(f"{name}.branch5x5_2", 48, 64, 5)
+        conv(f"{name}.branch3x3dbl_1", inp, 64, 1)
+        conv(f"{name}.branch3x3dbl_2", 64, 96, 3)
+        conv(f"{name}.branch3x3dbl_3", 96, 96, 3)
+        conv(f"{name}.branch_pool", inp, pool_features, 1)
+
+    def block_c(name, c7):
+        conv(f"{name}.branch1x1", 768, 192, 1)
+        conv(f"{name}.branch7x7_1", 768, c7, 1)
+        conv(f"{name}.branch7x7_2", c7, c7, 1, 7)
+        conv(f"{name}.branch7x7_3", c7, 192, 7, 1)
+        conv(f"{name}.branch7x7dbl_1", 768, c7, 1)
+        conv(f"{name}.branch7x7dbl_2", c7, c7, 7, 1)
+        conv(f"{name}.branch7x7dbl_3", c7, c7, 1, 7)
+        conv(f"{name}.branch7x7dbl_4", c7, c7, 7, 1)
+        conv(f"{name}.branch7x7dbl_5", c7, 192, 1, 7)
+        conv(f"{name}.branch_pool", 768, 192, 1)
+
+    def block_e(name, inp):
+        conv(f"{name}.branch1x1", inp, 320, 1)
+        conv(f"{name}.branch3x3_1", inp, 384, 1)
+        conv(f"{name}.branch3x3_2a", 384, 384, 1, 3)
+        conv(f"{name}.branch3x3_2b", 384, 384, 3, 1)
+        conv(f"{name}.branch3x3dbl_1", inp, 448, 1)
+        conv(f"{name}.branch3x3dbl_2", 448, 384, 3)
+        conv(f"{name}.branch3x3dbl_3a", 384, 384, 1, 3)
+        conv(f"{name}.branch3x3dbl_3b", 384, 384, 3, 1)
+        conv(f"{name}.branch_pool", inp, 192, 1)
+
+    conv("Conv2d_1a_3x3", 3, 32, 3)
+    conv("Conv2d_2a_3x3", 32, 32, 3)
+    conv("Conv2d_2b_3x3", 32, 64, 3)
+    conv("Conv2d_3b_1x1", 64, 80, 1)
+    conv("Conv2d_4a_3x3", 80, 192, 3)
+    block_a("Mixed_5b", 192, 32)
+    block_a("Mixed_5c", 256, 64)
+    block_a("Mixed_5d", 288, 64)
+    conv("Mixed_6a.branch3x3", 288, 384, 3)
+    conv("Mixed_6a.branch3x3dbl_1", 288, 64, 1)
+    conv("Mixed_6a.branch3x3dbl_2", 64, 96, 3)
+    conv("Mixed_6a.branch3x3dbl_3", 96, 96, 3)
+    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        block_c(name, c7)
+    conv("Mixed_7a.branch3x3_1", 768, 192, 1)
+    conv("Mixed_7a.branch3x3_2", 192, 320, 3)
+    conv("Mixed_7a.branch7x7x3_1", 768, 192, 1)
+    conv("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7)
+    conv("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1)
+    conv("Mixed_7a.branch7x7x3_4", 192, 192, 3)
+    block_e("Mixed_7b", 1280)
+    block_e("Mixed_7c", 2048)
+    layout: dict[str, tuple] = {}
+    for name, (out, inp, kh, kw) in convs.items():
+        layout[f"{name}.conv.weight"] = (out, inp, kh, kw)
+        for entry in ("weight", "bias", "running_mean", "running_var"):
+            layout[f"{name}.bn.{entry}"] = (out,)
+        layout[f"{name}.bn.num_batches_tracked"] = ()
+    layout["fc.weight"], layout["fc.bias"] = (1008, 2048), (1008,)
+    return layout
+
+
+def inception_state(seed: int = 0) -> dict:
+    """Random weights in pytorch-fid's file's layout: He-scaled convolutions, batch norm near the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in inception_file_layout().items():
+        if key.endswith("conv.weight"):
+            fan_in = shape[1] * shape[2] * shape[3]
+            value = torch.randn(shape, generator=generator) * (2 / fan_in) ** 0.5
+        elif key.endswith("num_batches_tracked"):
+            value = torch.tensor(0)
+        elif key.endswith(("bn.weight", "running_var")):
+            value = 0.8 + 0.4 * torch.rand(shape, generator=generator)
+        else:  # bn.bias, running_mean, fc
+            value = 0.05 * torch.randn(shape, generator=generator)
+        state[key] = value
+    return state
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory):
+    """pytorch-fid's pt_inception-2015-12-05-6726825d.pth with random weights (95 MB), written once."""
+    path = tmp_path_factory.mktemp("inception-weights") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(inception_state(), path)
+    return path
+
+
+def pytorch_fids_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
+    """pytorch-fid's calculate_frechet_distance (src/pytorch_fid/fid_score.py), step by step: scipy's sqrtm of the
+    product, an eps on the diagonals if it is not finite, and its real part. (pytorch-fid passes disp=False, which
+    returns an error estimate beside the root and which scipy 1.17 deprecates.)"""
+    from scipy import linalg
+
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # scipy warns of a singular product, as it is with fewer features than images
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        assert np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import image_samples
+from conftest import image_samples, launch_two_processes, pytorch_fids_distance
 from PIL import Image, ImageDraw, ImageFont
 from skimage.metrics import structural_similarity
 
@@ -18,6 +18,7 @@ from vqtok.cli import cli
 from vqtok.data import iter_samples, sample_image
 from vqtok.evaluate import psnr, ssim
 from vqtok.pictures import BAND, FONT_SIZE, GAP, MIN_TILE, tile_scale
+from vqtok.tokenizers.perceptual import load_inception, load_lpips
 
 
 @pytest.fixture
@@ -261,3 +262,116 @@ def test_ssim_agrees_with_scikit_image():
         assert abs(ssim(*tensors).item() - expected) < 1e-5
     same = torch.rand(2, 3, 16, 16)
     assert torch.allclose(ssim(same, same), torch.ones(2))
+
+
+def weights_options(lpips_files, inception_file) -> list[str]:
+    vgg16, linear = lpips_files
+    return ["--vgg16-weights", str(vgg16), "--lpips-weights", str(linear), "--inception-weights", str(inception_file)]
+
+
+def perceptual_by_hand(model_dirs, shards, lpips_files, inception_file, image_size=16) -> list[tuple[float, float]]:
+    """For each model: the mean LPIPS over the images between each crop and its reconstruction, and pytorch-fid's
+    Fréchet distance (scipy's sqrtm) between their Inception features, from the networks alone."""
+    x = torch.stack([sample_image(s, image_size) for shard in shards for s in iter_samples(shard)]).float() / 255
+    lpips, inception = load_lpips(*lpips_files), load_inception(inception_file)
+    with torch.no_grad():
+        real = inception(x).double().numpy()  # (N, 2048)
+    measured = []
+    for model_dir in model_dirs:
+        model = VQVAE.from_pretrained(model_dir)
+        recon = model.decode(model.encode(x))  # (N, 3, S, S) in [0, 1]
+        with torch.no_grad():
+            distance = lpips(x * 2 - 1, recon * 2 - 1).double().mean().item()
+            fake = inception(recon).double().numpy()  # (N, 2048)
+        stats = [(f.mean(axis=0), np.cov(f, rowvar=False)) for f in (real, fake)]
+        measured.append((distance, pytorch_fids_distance(*stats[0], *stats[1])))
+    return measured
+
+
+def test_eval_reports_lpips_and_rfid_from_the_weights_files_for_each_model(
+    model_dir, other_model, make_shard, lpips_files, inception_file, tmp_path
+):
+    """With the three files (random weights, made by the tests), --compare --json carries LPIPS and rFID for
+    each model: the networks' own mean, and pytorch-fid's formula on the networks' features (of 5 images, in
+    batches of 3: the Inception network sees each at 299x299, which takes its time on a CPU)."""
+    shard = make_shard("five.tar", image_samples([f"f{i}" for i in range(5)], seed=7))
+    out = tmp_path / "report"
+    args = [shard, "--compare", other_model, "--json", "--batch-size", "3", "--num-workers", "0", "--out", str(out)]
+    result = CliRunner().invoke(cli, ["eval", model_dir, *args, *weights_options(lpips_files, inception_file)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert json.loads((out / "report.json").read_text()) == rows
+    by_hand = perceptual_by_hand([model_dir, other_model], [shard], lpips_files, inception_file)
+    for row, (lpips, rfid) in zip(rows, by_hand, strict=True):
+        assert row["images"] == 5
+        assert row["lpips"] == pytest.approx(lpips, rel=1e-5) and lpips > 0
+        assert row["rfid"] == pytest.approx(rfid, rel=1e-4) and rfid > 0
+        assert list(row["notes"]) == ["rfid"] and "fewer images than its 2,048 features" in row["notes"]["rfid"]
+    assert rows[0]["lpips"] != rows[1]["lpips"] and rows[0]["rfid"] != rows[1]["rfid"]
+
+
+def test_eval_table_shows_lpips_and_rfid_and_says_in_one_line_when_they_were_not_computed(
+    model_dir, other_model, shards, lpips_files, inception_file
+):
+    single = ["eval", model_dir, shards[0], "--num-workers", "0"]
+    result = CliRunner().invoke(cli, [*single, *weights_options(lpips_files, inception_file)])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"LPIPS +│ 0\.\d{4} \(VGG16, mean over images\)", result.output), result.output
+    assert re.search(r"rFID +│ \d+\.\d{3} on 7 images; fewer images than its 2,048 features", result.output)
+
+    hub = torch.hub.get_dir()  # the tests' own, empty (conftest's empty_torch_hub); lpips' vgg.pth is installed
+    result = CliRunner().invoke(cli, single)
+    assert result.exit_code == 0, result.output
+    lpips = next(line for line in result.output.splitlines() if "LPIPS" in line)
+    assert f"not computed: no torchvision's VGG16 weights: put vgg16-397923af.pth in {hub}/checkpoints" in lpips
+    assert "--vgg16-weights" in lpips
+    rfid = next(line for line in result.output.splitlines() if "rFID" in line)
+    assert "not computed: no pytorch-fid's Inception weights: put pt_inception-2015-12-05-6726825d.pth" in rfid
+
+    result = CliRunner().invoke(cli, [*single, "--json", "--compare", other_model])
+    rows = json.loads(result.output)
+    for row in rows:
+        assert row["lpips"] is None and row["rfid"] is None
+        assert row["notes"]["lpips"].startswith("not computed: no torchvision's VGG16 weights")
+        assert row["notes"]["rfid"].startswith("not computed: no pytorch-fid's Inception weights")
+    result = CliRunner(env={"COLUMNS": None}).invoke(cli, [*single, "--compare", other_model])
+    lines = [line.strip() for line in result.output.splitlines()]
+    assert any(re.search(r" LPIPS +rFID +enc/dec$", line) for line in lines), result.output
+    row = next(line for line in lines if line.startswith(f"{model_dir} "))
+    assert re.search(r" - +- +[\d,]+/[\d,]+$", row), result.output
+    assert "LPIPS: not computed: no torchvision's VGG16 weights" in " ".join(result.output.split())
+
+    result = CliRunner().invoke(cli, [*single, "--json", "--no-lpips", "--no-rfid"])
+    assert not {"lpips", "rfid", "notes"} & set(json.loads(result.output))
+
+
+def test_eval_refuses_weights_it_was_asked_to_use_and_cannot_in_one_line(
+    model_dir, shards, lpips_files, inception_file, tmp_path
+):
+    vgg16, linear = lpips_files
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, tmp_path / "partial.pth")
+    cases = [
+        (["--lpips"], 1, "Error: LPIPS: no torchvision's VGG16 weights: put vgg16-397923af.pth in"),
+        (["--rfid", "--no-lpips"], 1, "Error: rFID: no pytorch-fid's Inception weights: put pt_inception-2015"),
+        (["--lpips-weights", str(linear)], 1, "Error: LPIPS: no torchvision's VGG16 weights"),  # named: asked for
+        (["--vgg16-weights", str(tmp_path / "none.pth")], 2, "none.pth' does not exist"),
+        (["--inception-weights", str(tmp_path / "partial.pth")], 1, "partial.pth: not pytorch-fid's Inception"),
+        (["--vgg16-weights", str(inception_file)], 1, f"{inception_file}: not torchvision's VGG16 weights: it lacks"),
+    ]
+    for options, code, message in cases:
+        result = CliRunner().invoke(cli, ["eval", model_dir, shards[0], "--num-workers", "0", *options])
+        assert result.exit_code == code, (options, result.output)
+        assert message in result.output and "Traceback" not in result.output, (options, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_two_processes_add_up_lpips_and_rfid_as_one_does(model_dir, shards, lpips_files, inception_file, tmp_path):
+    """Each process measures its own shard; LPIPS's sums and the features' count, sum and outer products are
+    added up across them before the figures are made."""
+    weights = weights_options(lpips_files, inception_file)
+    proc = launch_two_processes("eval", model_dir, *shards, "--num-workers", "0", "--out", tmp_path / "two", *weights)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    [(lpips, rfid)] = perceptual_by_hand([model_dir], shards, lpips_files, inception_file)
+    assert two["images"] == 13  # process 0 read a.tar's 7 alone: the counts were added up
+    assert two["lpips"] == pytest.approx(lpips, rel=1e-5) and two["rfid"] == pytest.approx(rfid, rel=1e-4)

@@ -596,6 +596,42 @@ def fine_tune_recipe(parent_config, config_path, no_ema, overrides):
 @click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0), help="Decoding workers.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+@click.option(
+    "--lpips/--no-lpips",
+    default=None,
+    help="Measure LPIPS, refusing to go on without its two files; or leave it out.  [default: measured when "
+    "both files are found or one is named, else noted as not computed]",
+)
+@click.option(
+    "--rfid/--no-rfid",
+    default=None,
+    help="Measure rFID, refusing to go on without its file; or leave it out.  [default: measured when the file "
+    "is found or named, else noted as not computed]",
+)
+@click.option(
+    "--vgg16-weights",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="VQTOK_VGG16_WEIGHTS",
+    show_envvar=True,
+    help="torchvision's VGG16 weights for LPIPS (vgg16-397923af.pth, or its features.* alone).  [default: "
+    "torch hub's cache, $TORCH_HOME/hub/checkpoints]",
+)
+@click.option(
+    "--lpips-weights",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="VQTOK_LPIPS_WEIGHTS",
+    show_envvar=True,
+    help="LPIPS's linear layers, the vgg.pth the lpips package ships (lpips/weights/v0.1/vgg.pth).  [default: "
+    "the installed lpips package's]",
+)
+@click.option(
+    "--inception-weights",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="VQTOK_INCEPTION_WEIGHTS",
+    show_envvar=True,
+    help="pytorch-fid's Inception-v3 weights for rFID (pt_inception-2015-12-05-6726825d.pth).  [default: "
+    "torch hub's cache, $TORCH_HOME/hub/checkpoints]",
+)
 @click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
 @image_root_option
 @max_error_rate_option
@@ -612,6 +648,12 @@ def eval_(model_dir, inputs, compare, as_json, storage_options, **options):
     code, and encode and decode images/s. Images are centre-cropped to
     --image-size, as `vqtok encode` does.
 
+    Also LPIPS (VGG16, the mean over images) and rFID (the Frechet distance
+    between the Inception features of the crops and of their reconstructions)
+    when their pretrained weights files are found: vqtok never downloads them
+    (see docs/perceptual.md). Without them the report says which file is
+    missing. rFID on fewer than 2,048 images is noted as such.
+
     With --compare, every model sees the same images, read and decoded once:
     one row per model (family, K, grid and the numbers above), --json a list
     of them. The crop size is one for all, so each model's stride must divide
@@ -626,6 +668,7 @@ def eval_(model_dir, inputs, compare, as_json, storage_options, **options):
         vqtok eval runs/x/model shards/val.tar --limit 2000 --out report/ --json
         vqtok eval runs/x/model imagenet/val/ --limit 2000
         vqtok eval runs/x/model shards/val.tar --compare runs/y/model --out compare/
+        vqtok eval runs/x/model shards/val.tar --vgg16-weights vgg16-397923af.pth --no-rfid
     """
     from vqtok.evaluate import evaluate_inputs
     from vqtok.storage import parse_options
@@ -657,10 +700,32 @@ def report_table(report, notes: list[tuple[str, str]]):
     table.add_row("perplexity", f"{report.perplexity:,.1f} ({report.bits_per_code:.3f} bits per code)")
     speed = f"encode {report.encode_images_per_second:,.1f}, decode {report.decode_images_per_second:,.1f}"
     table.add_row("images/s (model)", speed)
+    for name, card, _, note in feature_metrics(report):
+        table.add_row(name, "; ".join(text for text in (card, note) if text))
     table.add_row("worst", ", ".join(f"{e.key} ({e.psnr:.1f} dB)" for e in report.worst[:3]))
     for name, note in notes:
         table.add_row(name, note)
     return table
+
+
+# LPIPS and rFID: (name, key in the report, how a value is shown in the report card, and in --compare's column)
+FEATURE_METRICS = (
+    ("LPIPS", "lpips", "{:.4f} (VGG16, mean over images)", "{:.4f}"),
+    ("rFID", "rfid", "{:.3f} on {images:,} images", "{:.3f}"),
+)
+
+
+def feature_metrics(report):
+    """(name, the value as the report card shows it, as --compare's column does, the report's note) of each of
+    LPIPS and rFID that the report measured or notes why it did not; "" and "-" for a value not measured."""
+    for name, key, card, column in FEATURE_METRICS:
+        value, note = getattr(report, key), report.notes.get(key, "")
+        if value is None and not note:
+            continue
+        if value is None:
+            yield name, "", "-", note
+        else:
+            yield name, card.format(value, images=report.images), column.format(value), note
 
 
 def compare_table(reports, notes: list[tuple[str, str]]):
@@ -668,13 +733,16 @@ def compare_table(reports, notes: list[tuple[str, str]]):
     from rich.table import Table
 
     title = f"{len(reports)} tokenizers on the same {count(reports[0].images, 'image')}"
-    caption = "; ".join(["PSNR image mean: the mean of each image's PSNR, in dB", *(note for _, note in notes)])
+    features = [list(feature_metrics(r)) for r in reports]  # every model was measured with the same networks
+    explained = [f"{name}: {note}" for name, _, _, note in features[0] if note]
+    caption = "; ".join(["PSNR image mean: the mean of each image's PSNR, in dB", *explained, *(n for _, n in notes)])
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("model", overflow="fold", min_width=10)
     table.add_column("family")
-    for name in ("K", "grid", "PSNR\nimage mean", "SSIM", "usage", "perplexity", "bits/\ncode", "images/s\nenc/dec"):
+    names = ["K", "grid", "PSNR\nimage mean", "SSIM", "usage", "perplexity", "bits/\ncode"]
+    for name in [*names, *(name for name, *_ in features[0]), "images/s\nenc/dec"]:
         table.add_column(name, justify="right")
-    for r in reports:
+    for r, measured in zip(reports, features, strict=True):
         table.add_row(
             r.model,
             r.family,
@@ -685,6 +753,7 @@ def compare_table(reports, notes: list[tuple[str, str]]):
             f"{r.usage:.1%}",
             f"{r.perplexity:,.1f}",
             f"{r.bits_per_code:.2f}",
+            *(column for _, _, column, _ in measured),
             f"{r.encode_images_per_second:,.0f}/{r.decode_images_per_second:,.0f}",
         )
     return table

@@ -8,10 +8,14 @@ report the same numbers for the same model and images:
 - codebook usage (the share of the K codes that appear at least once), perplexity (2 ** bits per code) and
   bits per code (the order-0 entropy of the codes);
 - encode and decode images per second (the model alone, not reading or decoding files);
+- LPIPS (VGG16, the mean over images) and rFID (the Fréchet distance between the Inception features of the
+  originals and of their reconstructions), when their pretrained weights files are found
+  (`vqtok.tokenizers.perceptual`, `feature_networks`); otherwise the report notes why they were not computed;
 - the worst reconstructed images, and typical ones (those nearest the median PSNR), as a picture.
 
 Reconstructions are compared in float32, before any rounding to 8 bits. Under `torch.distributed` each
-process evaluates its own part of the data and the sums are added up across processes.
+process evaluates its own part of the data and the sums are added up across processes (for rFID: the count,
+sum and sum of outer products of the features).
 
 Several models are compared on the same images (`evaluate_models`, `vqtok eval --compare`): each batch is read
 and decoded once and given to every model in turn, and the images shown are chosen by their mean PSNR over
@@ -37,9 +41,21 @@ import torch.nn.functional as F
 
 from vqtok.data import expand_inputs, make_loader
 from vqtok.distributed import in_process_group, launched
-from vqtok.errors import MAX_ERROR_RATE, ConfigError, DataError, ErrorTally, plural
+from vqtok.errors import MAX_ERROR_RATE, ConfigError, DataError, ErrorTally, ModelFormatError, plural
 from vqtok.pictures import BAND, GAP, draw_texts, enlarge, tile_scale
 from vqtok.tokenizers import load_tokenizer, pick_device
+from vqtok.tokenizers.perceptual import (
+    INCEPTION_FEATURES,
+    INCEPTION_WEIGHTS,
+    LPIPS,
+    LPIPS_WEIGHTS,
+    VGG16_WEIGHTS,
+    FeatureStats,
+    InceptionV3,
+    frechet_distance,
+    load_inception,
+    load_lpips,
+)
 from vqtok.usage import CodeUsage
 
 SSIM_SIGMA, SSIM_WINDOW = 1.5, 11  # Wang et al.'s window: 11 taps, as scikit-image's gaussian_weights=True
@@ -48,6 +64,7 @@ MAX_PSNR = 100.0  # a perfect reconstruction's PSNR, instead of infinity
 EXAMPLES = 8  # images in each row of the picture: the worst, and typical ones
 PICTURE_NAME = "reconstructions.png"
 RESERVOIR = 64  # images kept at random, from which the typical ones are picked once the median is known
+FEATURE_BATCH = 32  # images per pass of VGG16 or Inception (at 299 px), which bounds their activations' memory
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -106,6 +123,9 @@ class Report:
     bits_per_code: float = 0.0
     encode_images_per_second: float = 0.0
     decode_images_per_second: float = 0.0
+    lpips: float | None = None  # the mean over images; None when not computed
+    rfid: float | None = None
+    notes: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed, or what to bear in mind
     worst: list[Example] = field(default_factory=list)
     typical: list[Example] = field(default_factory=list)
     model: str = ""  # the model directory, for `vqtok eval`
@@ -117,6 +137,11 @@ class Report:
         names = ["images", "errors", "psnr_image_mean", "psnr", "ssim", "mse", "codebook_size", "codes_used"]
         names += ["usage", "perplexity", "bits_per_code", "encode_images_per_second", "decode_images_per_second"]
         metrics = {name: getattr(self, name) for name in names}
+        for name in ("lpips", "rfid"):  # only where they were asked for: measured, or noted why not
+            if getattr(self, name) is not None or name in self.notes:
+                metrics[name] = getattr(self, name)
+        if self.notes:
+            metrics["notes"] = dict(self.notes)
         metrics["worst"] = [{"key": e.key, "psnr": e.psnr} for e in self.worst]
         return metrics
 
@@ -252,14 +277,74 @@ def _to_pixels(images: torch.Tensor) -> np.ndarray:
     return images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
 
 
+@dataclass
+class FeatureNetworks:
+    """The pretrained networks an evaluation measures with (None: not used), and for each metric left out when
+    it was not asked to be, why."""
+
+    lpips: LPIPS | None = None
+    inception: InceptionV3 | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def feature_networks(
+    device: str | torch.device = "cpu",
+    *,
+    lpips: bool | None = None,
+    rfid: bool | None = None,
+    vgg16_weights: str | os.PathLike | None = None,
+    lpips_weights: str | os.PathLike | None = None,
+    inception_weights: str | os.PathLike | None = None,
+) -> FeatureNetworks:
+    """LPIPS (VGG16 and lpips' linear layers) and the Inception network of rFID, each loaded when its weights
+    files are found, named or where they usually lie (`vqtok.tokenizers.perceptual`).
+
+    For each metric, True asks for it: ModelFormatError, in one line, when a file is missing. None (the default)
+    asks for it only when one of its files is named, and otherwise notes why it is not computed; False leaves
+    it out. A named file that is not there, or any file of another layout, is refused whatever was asked.
+    """
+    networks = FeatureNetworks()
+    if lpips is not False:
+        files = [(VGG16_WEIGHTS, vgg16_weights), (LPIPS_WEIGHTS, lpips_weights)]
+        if (found := _weights_files("LPIPS", lpips, files, networks.notes)) is not None:
+            networks.lpips = load_lpips(*found, device=device)
+    if rfid is not False:
+        files = [(INCEPTION_WEIGHTS, inception_weights)]
+        if (found := _weights_files("rFID", rfid, files, networks.notes)) is not None:
+            networks.inception = load_inception(*found, device=device)
+    return networks
+
+
+def _weights_files(metric: str, asked: bool | None, files: list, notes: dict[str, str]) -> list[Path] | None:
+    """The paths of a metric's (WeightsFile, path named or None) files when all are found. Otherwise
+    ModelFormatError if the metric was asked for or one of its files named, else None, with a note in `notes`
+    (keyed by the metric's name in lower case) of what is missing."""
+    found = [spec.locate(path) for spec, path in files]
+    missing = [spec.missing() for (spec, _), path in zip(files, found, strict=True) if path is None]
+    if not missing:
+        return found
+    if asked or any(path is not None for _, path in files):
+        raise ModelFormatError(f"{metric}: {missing[0]}")
+    notes[metric.lower()] = f"not computed: {'; '.join(missing)}"
+    return None
+
+
+def _features(network, images: torch.Tensor) -> torch.Tensor:
+    """Inception features (B, 2048) of images (B, 3, H, W) in [0, 1], FEATURE_BATCH at a time."""
+    return torch.cat([network(chunk) for chunk in images.split(FEATURE_BATCH)])
+
+
 class _Sums:
     """One model's running sums over the images it reconstructs."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, networks: FeatureNetworks) -> None:
         self.model = model
-        # float64 sums: squared error, values, images, sum of per-image PSNR, sum of SSIM, then K code counts
-        self.totals = torch.zeros(5 + model.codebook_size, dtype=torch.float64, device=model.device)
+        self.networks = networks
+        # float64 sums: squared error, values, images, sum of per-image PSNR, sum of SSIM, sum of LPIPS, then K
+        # code counts
+        self.totals = torch.zeros(6 + model.codebook_size, dtype=torch.float64, device=model.device)
         self.seconds = [0.0, 0.0]  # encoding, decoding
+        self.features = FeatureStats(INCEPTION_FEATURES, model.device) if networks.inception is not None else None
 
     def add(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) in [0, 1] -> their reconstructions (B, 3, H, W) and PSNRs (B,)."""
@@ -279,19 +364,27 @@ class _Sums:
         totals[2] += len(images)
         totals[3] += per_image.sum()
         totals[4] += ssim(images, recon).sum(dtype=torch.float64)
-        totals[5:] += torch.bincount(codes.flatten(), minlength=self.model.codebook_size)
+        if self.networks.lpips is not None:  # in [-1, 1], as LPIPS takes them
+            pairs = zip(images.split(FEATURE_BATCH), recon.split(FEATURE_BATCH), strict=True)
+            totals[5] += sum(self.networks.lpips(x * 2 - 1, y * 2 - 1).sum(dtype=torch.float64) for x, y in pairs)
+        if self.features is not None:
+            self.features.add(_features(self.networks.inception, recon))
+        totals[6:] += torch.bincount(codes.flatten(), minlength=self.model.codebook_size)
         return recon, per_image
 
-    def report(self, errors: int) -> Report:
-        """The report of this model, its sums added up across processes first."""
+    def report(self, errors: int, originals: FeatureStats | None) -> Report:
+        """The report of this model, its sums added up across processes first; `originals` are the features of
+        the images it reconstructed, already added up."""
         speeds = torch.tensor(self.seconds, dtype=torch.float64, device=self.totals.device)
         if in_process_group():
             dist.all_reduce(self.totals)
             dist.all_reduce(speeds, op=dist.ReduceOp.MAX)  # processes run side by side: the slowest sets the pace
+        if self.features is not None:
+            self.features.all_reduce()
         K = self.model.codebook_size
-        squared_error, values, count, psnr_sum, ssim_sum = self.totals[:5].tolist()
-        counts = self.totals[5:].cpu().numpy()
-        report = Report(images=int(count), errors=errors, codebook_size=K)
+        squared_error, values, count, psnr_sum, ssim_sum, lpips_sum = self.totals[:6].tolist()
+        counts = self.totals[6:].cpu().numpy()
+        report = Report(images=int(count), errors=errors, codebook_size=K, notes=dict(self.networks.notes))
         if count == 0:
             return report
         report.mse = squared_error / values
@@ -304,17 +397,46 @@ class _Sums:
         encode_seconds, decode_seconds = speeds.tolist()
         report.encode_images_per_second = count / encode_seconds if encode_seconds else 0.0
         report.decode_images_per_second = count / decode_seconds if decode_seconds else 0.0
+        if self.networks.lpips is not None:
+            report.lpips = lpips_sum / count
+        if self.features is not None and originals is not None:
+            report.rfid, note = _rfid(originals, self.features)
+            if note:
+                report.notes["rfid"] = note
         return report
 
 
+def _rfid(originals: FeatureStats, reconstructions: FeatureStats) -> tuple[float | None, str]:
+    """The Fréchet distance of the two sets of features, and what to bear in mind about it ("" if nothing)."""
+    n = originals.n
+    if n < 2:
+        return None, "not computed: a covariance needs at least 2 images"
+    distance = frechet_distance(*originals.mean_cov(), *reconstructions.mean_cov())
+    if n >= INCEPTION_FEATURES:
+        return distance, ""
+    return distance, (
+        f"fewer images than its {INCEPTION_FEATURES:,} features: the covariances cannot be full rank and the "
+        "figure depends on the count; compare it only with rFIDs on the same images"
+    )
+
+
 @torch.no_grad()
-def evaluate(model, loader, *, limit: int | None = None, examples: bool = True, seed: int = 0) -> Report:
+def evaluate(
+    model,
+    loader,
+    *,
+    limit: int | None = None,
+    examples: bool = True,
+    seed: int = 0,
+    networks: FeatureNetworks | None = None,
+) -> Report:
     """Run the model over the Batches of `loader` (`vqtok.data.make_loader`, evaluation mode) and report.
 
-    `limit` caps the images this process evaluates. Under torch.distributed every process must call this,
-    each with its own part of the data; all of them get the combined report.
+    `limit` caps the images this process evaluates. With `networks` (`feature_networks`), LPIPS and rFID are
+    measured too. Under torch.distributed every process must call this, each with its own part of the data;
+    all of them get the combined report.
     """
-    return evaluate_models([model], loader, limit=limit, examples=examples, seed=seed)[0]
+    return evaluate_models([model], loader, limit=limit, examples=examples, seed=seed, networks=networks)[0]
 
 
 @torch.no_grad()
@@ -326,6 +448,7 @@ def evaluate_models(
     examples: bool = True,
     seed: int = 0,
     tally: ErrorTally | None = None,
+    networks: FeatureNetworks | None = None,
 ) -> list[Report]:
     """`evaluate` for several models on the same images, each batch read once and given to every model in
     turn; one report per model, in order. The images shown (worst and typical) are chosen by their mean PSNR
@@ -339,7 +462,10 @@ def evaluate_models(
     for model in models:
         model.eval()
     device = models[0].device
-    sums = [_Sums(model) for model in models]
+    networks = networks or FeatureNetworks()
+    sums = [_Sums(model, networks) for model in models]
+    # the originals' Inception features, the same for every model: computed once
+    originals = FeatureStats(INCEPTION_FEATURES, device) if networks.inception is not None else None
     errors = 0
     scores: list[float] = []
     picked = _Examples(seed)
@@ -357,6 +483,8 @@ def evaluate_models(
         if len(images):
             images = images.to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W) in [0, 1]
             images = images.contiguous(memory_format=torch.channels_last)
+            if originals is not None:
+                originals.add(_features(networks.inception, images))
             recons, psnrs = zip(*(s.add(images) for s in sums), strict=True)
             per_model = [values.tolist() for values in psnrs]
             values = torch.stack(psnrs).mean(dim=0).tolist()  # (B,) the mean over models
@@ -382,7 +510,9 @@ def evaluate_models(
         if tally is not None:
             for other in gathered[: dist.get_rank()] + gathered[dist.get_rank() + 1 :]:
                 tally.merge(other[3])
-    reports = [s.report(errors) for s in sums]
+    if originals is not None:
+        originals.all_reduce()
+    reports = [s.report(errors, originals) for s in sums]
     if not scores:
         return reports
     worst = sorted(worst, key=lambda e: e.score)[:EXAMPLES]
@@ -430,12 +560,20 @@ def evaluate_inputs(
     image_root: str | os.PathLike | None = None,
     max_error_rate: float = MAX_ERROR_RATE,
     storage_options: dict | None = None,
+    lpips: bool | None = None,
+    rfid: bool | None = None,
+    vgg16_weights: str | os.PathLike | None = None,
+    lpips_weights: str | os.PathLike | None = None,
+    inception_weights: str | os.PathLike | None = None,
 ) -> list[Report]:
     """`vqtok eval`: the report card of each model in `model_dirs` on the same images of `shards` (shards,
     image folders or Parquet files, paths or URLs; see `vqtok.sources`), read and decoded once for all of
     them. Images are centre-cropped to image_size (by default the first model's training size), which every
     model's stride must divide. With `out`, writes report.json and reconstructions.png there: the worst
     images (by the mean PSNR over the models) over each model's reconstructions, then typical ones.
+
+    LPIPS and rFID are measured when their weights files are found (`feature_networks`, which takes `lpips`,
+    `rfid` and the three files' paths), before any image is read.
 
     TooManyErrors when every sample, or more than `max_error_rate` of them, could not be read or decoded
     (judged once 1,000 were seen when there is one process, and over all processes at the end).
@@ -465,11 +603,19 @@ def evaluate_inputs(
                 raise
             raise ConfigError(f"{model_dir}: {exc}") from None
         models.append(model)
+    networks = feature_networks(
+        torch_device,
+        lpips=lpips,
+        rfid=rfid,
+        vgg16_weights=vgg16_weights,
+        lpips_weights=lpips_weights,
+        inception_weights=inception_weights,
+    )
     loader = make_loader(
         urls, image_size, batch_size, num_workers=min(num_workers, len(urls)), rank=rank, world_size=world_size
     )
     share = None if limit is None else -(-limit // world_size)
-    reports = evaluate_models(models, loader, limit=share, tally=tally)
+    reports = evaluate_models(models, loader, limit=share, tally=tally, networks=networks)
     check_images(reports[0], " ".join(shards), tally)  # every model saw the same images
     tally.check("evaluated", final=True)
     for model_dir, model, report in zip(model_dirs, models, reports, strict=True):
