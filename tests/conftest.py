@@ -1,6 +1,7 @@
 """Builders shared by the tests: WebDataset shards, image folders, Parquet datasets and encoded images, made on
 the spot in tmp_path; and a local S3 server (moto) on 127.0.0.1 for the tests of object storage."""
 
+import contextlib
 import io
 import json
 import os
@@ -163,11 +164,15 @@ def checkpoint_files(processes: int) -> list[str]:
     return sorted([*random_states, "state.json", "state.safetensors"])
 
 
-def launch_two_processes(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 -m vqtok ARGS`: two processes on the CPU."""
+def two_processes(*args) -> list[str]:
+    """The command `accelerate launch --multi_gpu --num_processes 2 -m vqtok ARGS`: two processes on the CPU."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--main_process_port", str(free_port()), "-m", "vqtok", *map(str, args)]
-    return subprocess.run(launch, capture_output=True, text=True, timeout=timeout)
+    return [*launch, "--main_process_port", str(free_port()), "-m", "vqtok", *map(str, args)]
+
+
+def launch_two_processes(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `two_processes(*args)`."""
+    return subprocess.run(two_processes(*args), capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -175,18 +180,33 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def kill_after_checkpoint(command: list[str], out: Path, step: int, timeout: float = 120) -> int:
+    """Run a training command, kill it with SIGKILL once its checkpoint of `step` is in OUT, and return the step of
+    the latest checkpoint it left. Every process of the run is killed, found as the command's descendants
+    (psutil, which accelerate depends on): torchrun starts each worker in a session of its own, out of reach of
+    a signal to the launcher's process group."""
+    import psutil
+
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (out / "checkpoints" / f"step-{step:06d}").is_dir():
+        assert run.poll() is None and time.monotonic() < deadline, f"the run ended before its checkpoint of {step}"
+        time.sleep(0.02)
+    launcher = psutil.Process(run.pid)
+    processes = [launcher, *launcher.children(recursive=True)]
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=60)
+    run.wait()
+    return max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-??????"))
+
+
 def kill_and_resume(command: list[str], out: Path, steps: int, change: list[str], changed: str) -> None:
     """Run a training command of `steps` steps that saves a checkpoint every 5, kill it (SIGKILL, its whole
     process group) after its second checkpoint, and check that it resumes from the last one: the same command
     without --resume and with --resume plus the `change` option are refused, with --resume it finishes."""
-    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "step-000010").is_dir():
-        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
-        time.sleep(0.02)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    killed_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-??????"))
+    killed_at = kill_after_checkpoint(command, out, 10)
     assert 10 <= killed_at < steps
 
     refused = subprocess.run(command, capture_output=True, text=True)
@@ -199,6 +219,19 @@ def kill_and_resume(command: list[str], out: Path, steps: int, change: list[str]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics if "resumed_from" in m] == [0, killed_at]  # not from step 0 again
     assert [m["step"] for m in metrics if "loss" in m][-1] == steps
+
+
+def write_recipe(path, tables: dict[str, dict]) -> Path:
+    """A TOML recipe of tables {"model": {...}, ...} whose values are numbers, strings, booleans or lists of them."""
+
+    def value(v) -> str:
+        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+
+    lines = []
+    for name, table in tables.items():
+        lines += [f"[{name}]", *(f"{key} = {value(v)}" for key, v in table.items()), ""]
+    Path(path).write_text("\n".join(lines))
+    return Path(path)
 
 
 @pytest.fixture

@@ -19,7 +19,15 @@ import sys
 import click
 
 from vqtok import __version__
-from vqtok.config import TRAIN_PARTS, ModelConfig, PriorConfig, PriorTrainConfig, QuantizerConfig, TrainConfig
+from vqtok.config import (
+    TRAIN_PARTS,
+    ModelConfig,
+    ObjectiveConfig,
+    PriorConfig,
+    PriorTrainConfig,
+    QuantizerConfig,
+    TrainConfig,
+)
 from vqtok.errors import VQTokError, plural
 
 # How to go on after Ctrl-C, by command: what a rerun keeps of the interrupted run. The others start over.
@@ -110,6 +118,27 @@ def max_error_rate_option(command):
         type=click.FloatRange(0, 1),
         help=f"Fail when more than this share of samples cannot be read or decoded, judged after {ERROR_RATE_AFTER:,} "
         "samples and at the end (a run in which all fail always fails).",
+    )(command)
+
+
+def lpips_weights_options(command):
+    """--vgg16-weights and --lpips-weights: the two files LPIPS reads (`vqtok.tokenizers.perceptual`), for every
+    command that measures or trains with it."""
+    command = click.option(
+        "--lpips-weights",
+        type=click.Path(exists=True, dir_okay=False),
+        envvar="VQTOK_LPIPS_WEIGHTS",
+        show_envvar=True,
+        help="LPIPS's linear layers, the vgg.pth the lpips package ships (lpips/weights/v0.1/vgg.pth).  [default: "
+        "the installed lpips package's]",
+    )(command)
+    return click.option(
+        "--vgg16-weights",
+        type=click.Path(exists=True, dir_okay=False),
+        envvar="VQTOK_VGG16_WEIGHTS",
+        show_envvar=True,
+        help="torchvision's VGG16 weights for LPIPS (vgg16-397923af.pth, or its features.* alone).  [default: "
+        "torch hub's cache, $TORCH_HOME/hub/checkpoints]",
     )(command)
 
 
@@ -389,6 +418,63 @@ def split_overrides(overrides: dict, model_class) -> tuple[dict, dict]:
 
 # fit's options that set the VQ-VAE's network, which no other family has: field -> flag
 VQVAE_ONLY = {"hidden_channels": "--hidden", "res_channels": "--res-channels", "num_res_blocks": "--res-blocks"}
+OBJECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig))
+
+
+def objective_options(command):
+    """fit's options over the main settings of a recipe's [objective] table (`vqtok.config.ObjectiveConfig`)."""
+    options = [
+        override(
+            "pixel_loss",
+            ObjectiveConfig,
+            "--pixel-loss",
+            type=click.Choice(ObjectiveConfig.LOSS_KINDS["pixel_loss"]),
+            help="The pixel loss: l1 (taming) or l2 (LlamaGen), on images in [-1, 1].",
+        ),
+        override(
+            "perceptual_weight",
+            ObjectiveConfig,
+            "--perceptual-weight",
+            type=click.FloatRange(min=0),
+            help="Weight of the LPIPS distance (taming and LlamaGen: 1); above 0, LPIPS's two weights files are "
+            "needed.",
+        ),
+        override(
+            "disc_weight",
+            ObjectiveConfig,
+            "--disc-weight",
+            type=click.FloatRange(min=0),
+            help="Weight of the PatchGAN's adversarial loss (taming: 0.8, LlamaGen: 0.5); 0: no discriminator.",
+        ),
+        override(
+            "disc_start",
+            ObjectiveConfig,
+            "--disc-start",
+            type=click.IntRange(min=0),
+            help="The step from which the discriminator plays (taming's disc_start).",
+        ),
+        override(
+            "entropy_weight",
+            ObjectiveConfig,
+            "--entropy-weight",
+            type=click.FloatRange(min=0),
+            help="Weight of the codebook-usage entropy loss (LlamaGen's entropy_loss_ratio).",
+        ),
+        override(
+            "adaptive_weight",
+            ObjectiveConfig,
+            "--adaptive-weight/--no-adaptive-weight",
+            help="Scale the adversarial loss by taming's adaptive weight (LlamaGen trains without).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def pop_objective(overrides: dict) -> dict:
+    """The objective's settings among a command's overrides, taken out of them."""
+    return {name: overrides.pop(name) for name in OBJECTIVE_FIELDS if name in overrides}
 
 
 @cli.command()
@@ -450,7 +536,15 @@ VQVAE_ONLY = {"hidden_channels": "--hidden", "res_channels": "--res-channels", "
     "MODEL gives it and MODEL's token datasets decode with the result.",
 )
 @click.option("--val", multiple=True, help="Validation inputs (repeatable), evaluated every --eval-every steps.")
+@objective_options
+@lpips_weights_options
 @training_options(TrainConfig, "Images", "Image decoding workers per process.")
+@click.option(
+    "--exact-resume",
+    is_flag=True,
+    help="With --resume, end with the very weights of an uninterrupted run: the data stream is drawn again from its "
+    "start and the batches already trained on are discarded, which costs decoding them once more.",
+)
 @click.option("--image-column", help="The image column of Parquet inputs; found when there is only one.")
 @image_root_option
 @storage_options_option
@@ -465,7 +559,10 @@ def fit(
     init,
     train_part,
     val,
+    vgg16_weights,
+    lpips_weights,
     resume,
+    exact_resume,
     image_column,
     image_root,
     storage_options,
@@ -476,15 +573,20 @@ def fit(
     The paper's VQ-VAE by default; the VQGAN network with --family vqgan or
     `family = "vqgan"` in the config file's [model] table, where its shape is
     set (base_channels, channel_mult, ...; the VQ-VAE's --hidden, --res-channels
-    and --res-blocks do not apply). Both train with the pixel and quantizer
-    losses. Runs on one CPU or GPU, or on many under `accelerate launch`.
+    and --res-blocks do not apply). By default both train with the pixel MSE
+    and the quantizer's loss; a recipe's [objective] table and the --pixel-loss,
+    --perceptual-weight, --disc-weight, --disc-start, --entropy-weight and
+    --adaptive-weight options add LPIPS, taming's PatchGAN discriminator and the
+    codebook-usage entropy loss, as taming and LlamaGen train
+    (pipelines/llamagen-vq16.toml, pipelines/taming-*.toml; docs/training.md).
+    Runs on one CPU or GPU, or on many under `accelerate launch`.
 
     With --init MODEL it fine-tunes MODEL on INPUTS: a tokenizer vqtok fitted
     or imported, of either family, its weights and codebook as they are. Its
     shape stays: of the model's settings, options and a --config [model]
     table may change only the crop size, --beta, the EMA --decay and the
-    dead-code settings, and any other change is refused ([train] is as for
-    any run). --train decoder freezes the encoder, the codebook and their
+    dead-code settings, and any other change is refused ([train] and
+    [objective] are as for any run). --train decoder freezes the encoder, the codebook and their
     buffers, and trains the decoder alone: codes stay the same, and token
     datasets MODEL made decode with the new model without --force. run.json
     and the model's config.json record MODEL as its parent.
@@ -498,15 +600,17 @@ def fit(
         vqtok fit shards/ --out runs/cifar --config pipelines/cifar10.toml --steps 250000
         vqtok fit shards/ --out runs/vqgan --config pipelines/vqgan-cpu-small.toml
         vqtok fit my-photos/ --out runs/ft --init runs/llamagen/model --train decoder --steps 2000
+        vqtok fit shards/ --out runs/gan --config pipelines/vqgan-cpu-small-gan.toml
         accelerate launch --multi_gpu --num_processes 8 -m vqtok fit shards/ --out runs/x
     """
-    from vqtok.config import TOKENIZER_CONFIGS, family_name, tokenizer_family
+    from vqtok.config import TOKENIZER_CONFIGS, family_name, load_objective_config, tokenizer_family
     from vqtok.storage import parse_options
     from vqtok.train import fit as fit_model
 
     options = parse_options(storage_options)
     if overrides["decay"] is not None and no_ema:
         raise click.UsageError("--decay and --no-ema exclude each other")
+    objective = load_objective_config(config_path, pop_objective(overrides))
     parent_config = fine_tuned(init, family, options)
     family = family_name(parent_config) if init else tokenizer_family(config_path, family)
     not_for_family = [flag for name, flag in VQVAE_ONLY.items() if overrides[name] is not None]
@@ -534,6 +638,10 @@ def fit(
         storage_options=options,
         init=init,
         train=train_part,
+        objective=objective,
+        vgg16_weights=vgg16_weights,
+        lpips_weights=lpips_weights,
+        exact_resume=exact_resume,
     )
     if result.main_process and "psnr" in result.metrics:
         m = result.metrics
@@ -608,22 +716,7 @@ def fine_tune_recipe(parent_config, config_path, no_ema, overrides):
     help="Measure rFID, refusing to go on without its file; or leave it out.  [default: measured when the file "
     "is found or named, else noted as not computed]",
 )
-@click.option(
-    "--vgg16-weights",
-    type=click.Path(exists=True, dir_okay=False),
-    envvar="VQTOK_VGG16_WEIGHTS",
-    show_envvar=True,
-    help="torchvision's VGG16 weights for LPIPS (vgg16-397923af.pth, or its features.* alone).  [default: "
-    "torch hub's cache, $TORCH_HOME/hub/checkpoints]",
-)
-@click.option(
-    "--lpips-weights",
-    type=click.Path(exists=True, dir_okay=False),
-    envvar="VQTOK_LPIPS_WEIGHTS",
-    show_envvar=True,
-    help="LPIPS's linear layers, the vgg.pth the lpips package ships (lpips/weights/v0.1/vgg.pth).  [default: "
-    "the installed lpips package's]",
-)
+@lpips_weights_options
 @click.option(
     "--inception-weights",
     type=click.Path(exists=True, dir_okay=False),

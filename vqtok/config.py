@@ -5,11 +5,13 @@ or a `PriorConfig` (a prior over codes) is everything needed to rebuild a
 model's modules; it is the `config` object of a model directory's
 `config.json`. Both tokenizers' configs hold their vector quantizer's settings
 as one `QuantizerConfig`, `config.quantizer`. A `TrainConfig` holds the
-training recipe, a `PriorTrainConfig` the prior's. A TOML file has a `[model]`
-and a `[train]` table with these fields (and `family = "vqgan"` in [model] for
-a VQGAN); a tokenizer's quantizer settings may stand in [model] beside the
-network's (`codebook_size = 512`) or in a `[model.quantizer]` table of their
-own, and command-line options override either (`load_config`). TOML has no
+training recipe, a `PriorTrainConfig` the prior's, an `ObjectiveConfig` what a
+tokenizer is trained to minimise. A TOML file has a `[model]` and a `[train]`
+table with these fields (and `family = "vqgan"` in [model] for a VQGAN), and a
+tokenizer's recipe an `[objective]` table (`load_objective_config`); a
+tokenizer's quantizer settings may stand in [model] beside the network's
+(`codebook_size = 512`) or in a `[model.quantizer]` table of their own, and
+command-line options override either (`load_config`). TOML has no
 null, so `false` stands for None where a setting may be None: `decay = false`
 is the paper's codebook loss instead of moving averages.
 """
@@ -167,7 +169,7 @@ TRAIN_PARTS = ("all", "decoder")
 FINE_TUNABLE = ("image_size", "dropout", "beta", "decay", "kmeans_init", "dead_code_window", "rare_code_share")
 
 # The settings that may be None, which a TOML file writes as false.
-NULLABLE = ("res_channels", "decay", "lookup_dim", "warmup_steps")
+NULLABLE = ("res_channels", "decay", "lookup_dim", "warmup_steps", "ema_decay")
 
 # The quantizer's settings, which a tokenizer's table may give flat, beside the network's (`_split_quantizer`).
 QUANTIZER_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizerConfig))
@@ -230,7 +232,8 @@ def _tokenizer_from_dict(cls, values: dict):
 class TrainConfig:
     """The training recipe: Adam with a warm-up and a cosine decay. The peak learning rate is 5x the paper's
     2e-4: on held-out photographs it was worth about 0.6 dB at equal steps, one seed on one fold
-    (docs/performance.md)."""
+    (docs/performance.md). Adam's betas and the gradient clipping are every trainer's (a discriminator's too,
+    as in taming and LlamaGen); the defaults are PyTorch's betas and no clipping, what vqtok fit always used."""
 
     steps: int = 10_000
     batch_size: int = 64  # per process
@@ -249,6 +252,12 @@ class TrainConfig:
     num_workers: int = 2
     mixed_precision: str = "auto"  # auto: bf16 autocast on a GPU that has it, else full precision
     report_to: str | None = None  # an accelerate tracker name (tensorboard, wandb, ...) or "all"
+    beta1: float = 0.9  # Adam's (taming: 0.5)
+    beta2: float = 0.999  # (taming: 0.9, LlamaGen: 0.95)
+    grad_clip: float = 0.0  # the gradients' largest norm, each optimizer's own; 0: no clipping (LlamaGen: 1.0)
+    # An exponential moving average of the weights, which evaluations and the exported model use; None: none.
+    # Open-MAGVIT2 exports one of decay 0.999.
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum_steps", "eval_every", "save_every", "log_every"):
@@ -267,6 +276,18 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+        if not 0 <= self.beta1 < 1:
+            raise ConfigError(f"beta1 must be in [0, 1), got {self.beta1!r}")
+        if not 0 < self.beta2 < 1:
+            raise ConfigError(f"beta2 must be in (0, 1), got {self.beta2!r}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return self.beta1, self.beta2
 
     @property
     def warmup(self) -> int:
@@ -330,7 +351,7 @@ class PriorConfig:
 @dataclass(frozen=True)
 class PriorTrainConfig(TrainConfig):
     """The prior's training recipe: TrainConfig's fields with the defaults measured best on 2 CPU cores
-    (benchmarks/prior.py), and AdamW's settings."""
+    (benchmarks/prior.py), and AdamW's weight decay."""
 
     steps: int = 5000
     batch_size: int = 16
@@ -343,16 +364,14 @@ class PriorTrainConfig(TrainConfig):
     num_workers: int = 1
     weight_decay: float = 0.1  # AdamW's, on matrices only (not on embeddings, norms or biases)
     beta2: float = 0.95
-    grad_clip: float = 1.0  # the gradients' largest norm; 0: no clipping
+    grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 < self.beta2 < 1:
-            raise ConfigError(f"beta2 must be in (0, 1), got {self.beta2!r}")
-        if not self.grad_clip >= 0:
-            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        if self.ema_decay is not None:
+            raise ConfigError("ema_decay: vqtok prior fit keeps no moving average of the weights")
 
 
 @dataclass(frozen=True)
@@ -428,6 +447,9 @@ class ObjectiveConfig:
         """Whether there is a discriminator to train."""
         return self.disc_weight > 0
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 def _from_table(cls, table: dict, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
@@ -453,9 +475,9 @@ def _read_tables(path: str | Path) -> dict:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    unknown = sorted(set(tables) - {"model", "train"})
+    unknown = sorted(set(tables) - {"model", "train", "objective"})
     if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [model] and [train]")
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [model], [train] and [objective]")
     return tables
 
 
@@ -486,6 +508,8 @@ def load_config(
     table says family = "vqgan"), a prior's with PriorConfig and PriorTrainConfig."""
     tables = _read_tables(path) if path is not None else {}
     where = str(path) if path else "settings"
+    if "objective" in tables and model_class not in TOKENIZER_CONFIGS.values():
+        raise ConfigError(f"{where}: [objective] is what a tokenizer is trained to minimise; a prior has none")
     model_file = _none_for_false(tables.get("model", {}))
     family = model_file.pop("family", None)
     if family is not None and TOKENIZER_CONFIGS[_known_family(family, where)] is not model_class:
@@ -507,6 +531,14 @@ def load_train_config(path: str | Path | None = None, train: dict | None = None,
     fine-tune, whose model is the one it starts from (`fine_tune_config`)."""
     tables = _read_tables(path) if path is not None else {}
     return _train_config(tables, train, train_class, str(path) if path else "settings")
+
+
+def load_objective_config(path: str | Path | None = None, overrides: dict | None = None) -> ObjectiveConfig:
+    """The training objective from a TOML file's [objective] table (or the defaults: vqtok's pixel MSE and
+    quantizer loss), then overrides; a None override leaves the value alone."""
+    table = _read_tables(path).get("objective", {}) if path is not None else {}
+    table = {**table, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    return _from_table(ObjectiveConfig, table, f"{path}: [objective]" if path else "objective")
 
 
 def _train_config(tables: dict, train: dict | None, train_class: type, where: str):

@@ -97,14 +97,18 @@ def changed_settings(ours: dict, theirs: dict) -> list[str]:
     return changed
 
 
-def check_run_settings(path: Path | Location, settings: dict, resumed_step: int | None) -> None:
+def check_run_settings(
+    path: Path | Location, settings: dict, resumed_step: int | None, added: dict | None = None
+) -> None:
     """A resumed run (from the checkpoint of `resumed_step`; None for a new run) must be the run it resumes:
     `settings` ({"model": {...}, "steps": N, "parent": {...} or None, ...}) decide that, except for its length.
-    "steps" may change, to any number not below the step resumed from; run.json then records the new one."""
+    "steps" may change, to any number not below the step resumed from; run.json then records the new one.
+    `added` holds the settings that run.json files written before they were recorded lack, each with the value
+    such a run was trained with."""
     path = Location.of(path)
     saved_text = path.read_text(missing_ok=True) if resumed_step is not None else None
     if saved_text is not None:
-        saved = json.loads(saved_text)
+        saved = {**(added or {}), **json.loads(saved_text)}
         changed = []
         for name, value in settings.items():
             if name == "steps":
@@ -136,7 +140,9 @@ class Run:
         train: TrainConfig,
         resume: bool = False,
         storage_options: dict | None = None,
+        added: dict | None = None,
     ) -> None:
+        """`added`: the settings that older run.json files lack, with the value they meant (`check_run_settings`)."""
         from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
         from accelerate.utils import ProjectConfiguration
 
@@ -155,7 +161,8 @@ class Run:
                 f"{self.location} already holds checkpoints: pass --resume to continue, or choose another --out"
             )
         self.start_step = self.checkpoint[1] if self.checkpoint else 0
-        check_run_settings(self.location.join("run.json"), settings, self.start_step if self.checkpoint else None)
+        resumed_step = self.start_step if self.checkpoint else None
+        check_run_settings(self.location.join("run.json"), settings, resumed_step, added)
         self.tracked: dict = {}  # what a checkpoint holds, by name (`track`)
         # Where checkpoints are written: OUT itself on a local disk, a local stage for a run in a store. The stage is
         # made only once the run is accepted, and is removed by `end`, or at exit when the run fails before it.

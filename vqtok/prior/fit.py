@@ -130,7 +130,7 @@ def configure_optimizer(model: Prior, train: PriorTrainConfig) -> torch.optim.Ad
     decayed = [p for name, p in model.named_parameters() if p.dim() >= 2 and "emb" not in name]
     others = [p for name, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in name)]
     groups = [{"params": decayed, "weight_decay": train.weight_decay}, {"params": others, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, train.beta2))
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas)
 
 
 def fit_prior(

@@ -7,6 +7,7 @@ latents and back (`encode_latent`, `decode_latent`), and this class does the res
     codes = tok.encode(images)   # float (B, 3, H, W) in [0, 1] -> int64 (B, h, w)
     images = tok.decode(codes)   # int (B, h, w) in [0, K) -> float (B, 3, H, W) in [0, 1]
     tok(images)                  # the training forward: reconstruction, codes and losses
+    tok.last_layer()             # the decoder's last weight, for the adaptive weight of a GAN objective
     tok.codebook_size, tok.stride, tok.grid_size(256), tok.model_id, tok.codes_id, tok.config
     tok.save_pretrained(dir), Family.from_pretrained(dir), vqtok.load_tokenizer(dir)
 
@@ -30,7 +31,7 @@ from torch import nn
 from vqtok.errors import ConfigError, ModelFormatError
 from vqtok.pretrained import CONFIG_NAME, Pretrained, weights_hash
 
-from .quantizers import VectorQuantizer
+from .quantizers import VectorQuantizer, squared_distances
 
 
 class TokenizerOutput(NamedTuple):
@@ -38,7 +39,9 @@ class TokenizerOutput(NamedTuple):
     codes: torch.Tensor  # (B, h, w) int64
     recon_loss: torch.Tensor  # MSE in the model's [-1, 1] input space
     vq_loss: torch.Tensor  # codebook (without EMA) + beta * commitment
-    loss: torch.Tensor  # recon_loss + vq_loss, what training minimises
+    loss: torch.Tensor  # recon_loss + vq_loss, vqtok's loss before `vqtok.tokenizers.losses.Objective`
+    decoded: torch.Tensor  # (B, C, H, W), the decoder's output in its [-1, 1] space, which the objective compares
+    distances: torch.Tensor | None = None  # (B*h*w, K) squared distances to the codes, when asked for
 
 
 class Tokenizer(Pretrained, nn.Module):
@@ -62,6 +65,11 @@ class Tokenizer(Pretrained, nn.Module):
 
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized latents (B, D, h, w) -> images (B, C, H, W) in about [-1, 1]."""
+        raise NotImplementedError
+
+    def last_layer(self) -> torch.Tensor:
+        """The weight of the decoder's last layer, where taming's adaptive weight compares the gradients of the
+        reconstruction and adversarial losses (`vqtok.tokenizers.losses.adaptive_weight`)."""
         raise NotImplementedError
 
     # -- what the commands use -------------------------------------------------
@@ -95,19 +103,37 @@ class Tokenizer(Pretrained, nn.Module):
             raise ValueError(f"images must be floats in [0, 1], got {images.dtype}")
         self.grid_size(tuple(images.shape[2:]))
 
-    def forward(self, images: torch.Tensor) -> TokenizerOutput:
-        """A training step's forward: images (B, C, H, W) in [0, 1]."""
+    def forward(self, images: torch.Tensor, distances: bool = False) -> TokenizerOutput:
+        """A training step's forward: images (B, C, H, W) in [0, 1]. With `distances`, also each latent vector's
+        squared distances to every code, with their gradients, for the codebook-usage entropy loss; that loss
+        trains the encode side, so a frozen one has none to give. Whatever a loss needs comes out of here, so
+        that a model wrapped in DistributedDataParallel computes it inside its forward and syncs its gradients."""
         x = images * 2 - 1  # (B, C, H, W) in [-1, 1]
+        to_codes = None
         if self.encode_side_frozen:
+            if distances:
+                raise ValueError("the encode side is frozen: distances to its codes would train nothing")
             with torch.no_grad():  # the quantizer is in eval mode: codes and loss, and nothing updated
                 _, codes, vq_loss = self.quantizer(self.encode_latent(x))
             z_q = self.quantizer.lookup(codes)  # as decode feeds the decoder; the output projection learns
         else:
             z_e = self.encode_latent(x)  # (B, D, h, w)
             z_q, codes, vq_loss = self.quantizer(z_e)
+            if distances:
+                to_codes = self.code_distances(z_e)
         out = self.decode_latent(z_q)  # (B, C, H, W)
         recon_loss = F.mse_loss(out.float(), x.float())
-        return TokenizerOutput((out + 1) / 2, codes, recon_loss, vq_loss, recon_loss + vq_loss)
+        return TokenizerOutput((out + 1) / 2, codes, recon_loss, vq_loss, recon_loss + vq_loss, out, to_codes)
+
+    def code_distances(self, z_e: torch.Tensor) -> torch.Tensor:
+        """Squared distances (B*h*w, K), in full precision, from latents (B, D, h, w) to the codes, in the space
+        the lookup compares them (after the quantizer's projection and normalisation). Taken after the
+        quantizer's forward, whose moving-average update changes the codebook in place: distances taken before
+        it would hold the codebook autograd needs, changed before the backward."""
+        D = z_e.shape[1]
+        with torch.autocast(z_e.device.type, enabled=False):  # entropy_loss divides them by 0.01
+            flat = self.quantizer._to_lookup(z_e.float().permute(0, 2, 3, 1).reshape(-1, D))  # (B*h*w, d)
+            return squared_distances(flat, self.quantizer.table())  # (B*h*w, K)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

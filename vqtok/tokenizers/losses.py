@@ -38,10 +38,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from vqtok.config import ObjectiveConfig
+from vqtok.distributed import in_process_group
 
 # -- the terms -----------------------------------------------------------------
 
@@ -154,7 +156,9 @@ class NLayerDiscriminator(nn.Module):
 class Objective(nn.Module):
     """The whole training objective as its `ObjectiveConfig` says: the discriminator (None without an adversarial
     term) and LeCAM's moving averages (buffers `ema_real` and `ema_fake`, so checkpoints hold them) are its
-    state. Each process keeps its own averages, as Open-MAGVIT2's; they move in training mode only."""
+    state. The averages move in training mode only, towards the mean logits of every process: each of
+    Open-MAGVIT2's processes keeps its own, but a checkpoint holds one copy of the state, from which a resumed
+    run could not give each process back its own."""
 
     def __init__(self, config: ObjectiveConfig, in_channels: int = 3) -> None:
         super().__init__()
@@ -231,8 +235,12 @@ class Objective(nn.Module):
         logs = {"logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
         if c.lecam_weight > 0:
             if self.training:  # the averages first, then the penalty against them (Open-MAGVIT2's order)
-                self.ema_real.lerp_(logs["logits_real"], 1 - c.lecam_decay)
-                self.ema_fake.lerp_(logs["logits_fake"], 1 - c.lecam_decay)
+                means = torch.stack([logs["logits_real"], logs["logits_fake"]])
+                if in_process_group():
+                    dist.all_reduce(means)
+                    means /= dist.get_world_size()
+                self.ema_real.lerp_(means[0], 1 - c.lecam_decay)
+                self.ema_fake.lerp_(means[1], 1 - c.lecam_decay)
             lecam = lecam_regularizer(logits_real, logits_fake, self.ema_real, self.ema_fake)
             d_loss = d_loss + c.lecam_weight * lecam
             logs["lecam"] = lecam.detach()

@@ -178,7 +178,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("fresh_since", torch.zeros(K, dtype=torch.long))
         self.register_buffer("usage_count", torch.zeros(K))
         self._initialized_seen = False  # host flag: the first training step's set-up (k-means, sync) is done
-        self._updates_seen = 0  # host count of updates, to pace dead-code checks without syncing
+        self._updates_seen = 0  # host copy of `step`, to pace dead-code checks without syncing
 
     # -- inference -------------------------------------------------------------
 
@@ -238,6 +238,9 @@ class VectorQuantizer(nn.Module):
     def _initialize(self, flat: torch.Tensor) -> None:
         """On the first training step: k-means init if asked, then every process takes rank 0's codebook."""
         self._initialized_seen = True
+        # Dead-code checks are paced by the step, which a resumed run (or a fine-tune) continues from: a count
+        # that started again at 0 would check at other steps than the uninterrupted run does.
+        self._updates_seen = int(self.step)
         distributed = in_process_group()
         if not bool(self.initialized):  # one host sync, on the first training step only
             if not distributed or dist.get_rank() == 0:  # rank 0's batch decides; the broadcast below shares it

@@ -7,8 +7,8 @@ and 1x1 convolutions into and out of vqtok's vector quantizer. LlamaGen's VQ tok
 
 Module and parameter names are taming-transformers' own (`taming.modules.diffusionmodules.model`), so a
 checkpoint of any of the three maps onto this file by renaming prefixes only (`importers.py`). The
-adversarial and perceptual losses the paper trains it with are not here: `vqtok fit` trains it with the
-same pixel and quantizer losses as the VQ-VAE.
+adversarial and perceptual losses the paper trains it with are in `losses.py`, which `vqtok fit` adds to the
+pixel and quantizer losses as a recipe's [objective] asks.
 """
 
 from __future__ import annotations
@@ -216,3 +216,6 @@ class VQGAN(Tokenizer):
 
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))  # (B, C, H, W)
+
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight  # taming's and LlamaGen's `last_layer`

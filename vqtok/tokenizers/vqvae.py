@@ -105,3 +105,6 @@ class VQVAE(Tokenizer):
 
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(z_q)  # (B, C, H, W)
+
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.up[-1].weight  # the last transposed convolution's
