@@ -28,7 +28,7 @@ import torch
 
 from vqtok.config import QuantizerConfig, VQGANConfig
 from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.pretrained import CONFIG_NAME, read_safetensors
+from vqtok.pretrained import CONFIG_NAME, read_safetensors, state_mismatch
 from vqtok.storage import Location
 
 from . import build_tokenizer
@@ -108,23 +108,9 @@ def complete_state(model: Tokenizer, state: dict[str, torch.Tensor], where: Loca
     another shape."""
     expected = model.state_dict()
     statistics = {f"quantizer.{name}" for name, _ in model.quantizer.named_buffers() if name != "codebook"}
-    problems = (
-        [
-            f"key {name} holds a {type(value).__name__}, not a tensor"
-            for name, value in state.items()
-            if not isinstance(value, torch.Tensor)
-        ]
-        + [f"missing key {name}" for name in expected if name not in state and name not in statistics]
-        + [f"unexpected key {name}" for name in state if name not in expected]
-        + [
-            f"key {name} has shape {tuple(state[name].shape)}, the config gives {tuple(expected[name].shape)}"
-            for name in expected
-            if isinstance(state.get(name), torch.Tensor) and state[name].shape != expected[name].shape
-        ]
-    )
-    if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise ModelFormatError(f"{where} does not match its config: {problems[0]}{more}")
+    problem = state_mismatch(state, expected, optional=statistics)
+    if problem:
+        raise ModelFormatError(f"{where} does not match its config: {problem}")
     return {**{name: expected[name] for name in statistics if name not in state}, **state}
 
 
