@@ -3,6 +3,8 @@
     DIR/config.json          {"format_version", "vqtok_version", "kind", "model_id", "config": {...}}
     DIR/model.safetensors    the weights; safetensors holds tensors only, so loading runs no code (no pickle)
 
+(A tokenizer's directory may also hold the discriminator it was trained against: `tokenizers.discriminator_file`.)
+
 The model id is a hash of the weights: token files carry their tokenizer's id, so codes are never decoded
 by another model, and a directory whose weights do not match its config.json is refused. DIR may be a local
 path or a URL that fsspec opens (`vqtok.storage`).
