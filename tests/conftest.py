@@ -473,6 +473,25 @@ def llamagen_vq(ch_mult, images, seed=0):
     return model
 
 
+def taming_discriminator(seed: int = 0, filters: int = 16, layers: int = 3, use_actnorm: bool = False) -> nn.Module:
+    """taming-transformers' own PatchGAN (taming.modules.discriminator.model), as VQLPIPSWithDiscriminator builds
+    it, with random weights and BatchNorm statistics a trained one's would have (not the defaults). LlamaGen's
+    discriminator_patchgan.py is this class with the same initialisation, and VQLoss builds it with BatchNorm."""
+    from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
+
+    torch.manual_seed(seed)
+    model = NLayerDiscriminator(input_nc=3, ndf=filters, n_layers=layers, use_actnorm=use_actnorm)
+    model.apply(weights_init)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.bias.normal_(0, 0.1)
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2)
+                module.num_batches_tracked.fill_(1000)
+    return model.eval()
+
+
 def reset_accelerate_state() -> None:
     """Accelerator state is a process-wide singleton: clear it after an in-process fit, for the next one."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

@@ -9,11 +9,20 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import TAMING_DDCONFIG, TAMING_EMBED_DIM, TAMING_N_EMBED, taming_reference, taming_vqgan
+from conftest import (
+    TAMING_DDCONFIG,
+    TAMING_EMBED_DIM,
+    TAMING_N_EMBED,
+    taming_discriminator,
+    taming_reference,
+    taming_vqgan,
+)
 
 from vqtok import VQGAN, load_tokenizer
 from vqtok.cli import cli
 from vqtok.pretrained import weights_hash
+from vqtok.tokenizers.discriminator_file import read_discriminator
+from vqtok.tokenizers.losses import NLayerDiscriminator
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +35,15 @@ def taming(images):
     return taming_vqgan(images)
 
 
-def write_taming_run(folder, taming, extra: dict | None = None, state_changes: dict | None = None, **params):
+def write_taming_run(
+    folder, taming, extra: dict | None = None, state_changes: dict | None = None, discriminator=None, **params
+):
     """A taming-transformers training run's files: checkpoints/last.ckpt as Lightning saves it (the weights under
-    "state_dict" beside the losses' own, and other entries) and configs/model.yaml."""
-    state = {
-        **taming.state_dict(),
-        "loss.discriminator.main.0.weight": torch.randn(64, 3, 4, 4),
-        "loss.perceptual_loss.net.slice1.0.weight": torch.randn(64, 3, 3, 3),
-    }
+    "state_dict" beside the losses' own: LPIPS', and the discriminator's where one is given; and other entries)
+    and configs/model.yaml."""
+    state = {**taming.state_dict(), "loss.perceptual_loss.net.slice1.0.weight": torch.randn(64, 3, 3, 3)}
+    if discriminator is not None:
+        state |= {f"loss.discriminator.{name}": tensor for name, tensor in discriminator.state_dict().items()}
     for name, tensor in (state_changes or {}).items():
         if tensor is None:
             del state[name]
@@ -197,5 +207,67 @@ def test_image_size_must_suit_the_stride(tmp_path, taming):
     assert_refused(
         run("import", "taming", ckpt, tmp_path / "model", "--config", config, "--image-size", str(stride * 3 + 1)),
         "not a multiple",
+    )
+    assert not (tmp_path / "model").exists()
+
+
+def test_taming_discriminator_is_kept_beside_the_model(tmp_path, taming, images):
+    discriminator = taming_discriminator()
+    ckpt, config = write_taming_run(tmp_path / "run", taming, discriminator=discriminator)
+    bare_ckpt, _ = write_taming_run(tmp_path / "bare", taming)
+    for source, out in ((ckpt, tmp_path / "model"), (bare_ckpt, tmp_path / "bare-model")):
+        result = run("import", "taming", source, out, "--config", config)
+        assert result.exit_code == 0, result.output
+
+    shape, state = read_discriminator(tmp_path / "model")
+    assert shape == {"in_channels": 3, "filters": 16, "layers": 3}
+    theirs = discriminator.state_dict()
+    assert state.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+    ours = NLayerDiscriminator(**shape).eval()
+    ours.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(ours(images * 2 - 1), discriminator(images * 2 - 1))
+
+    # the tokenizer is the one a discriminator-less checkpoint of the same weights gives, and LPIPS stays out
+    model, bare = load_tokenizer(tmp_path / "model"), load_tokenizer(tmp_path / "bare-model")
+    assert (model.model_id, model.codes_id) == (bare.model_id, bare.codes_id)
+    assert read_discriminator(tmp_path / "bare-model") is None
+    assert not any(name.startswith("loss.") for name in model.state_dict())
+
+    summary = json.loads(run("info", tmp_path / "model", "--json").output)
+    assert summary["discriminator"]["layers"] == 3 and summary["discriminator"]["filters"] == 16
+    assert json.loads(run("info", tmp_path / "bare-model", "--json").output)["discriminator"] is None
+    table = CliRunner(env={"COLUMNS": None}).invoke(cli, ["info", str(tmp_path / "model")])
+    assert "PatchGAN, 3 layers, 16 filters, 3 input channels" in table.output, table.output
+
+
+@pytest.mark.parametrize(
+    "actnorm, changes, phrase",
+    [
+        (  # taming's use_actnorm: ActNorm's loc and scale where vqtok's PatchGAN has BatchNorm, and biases
+            True,
+            {},
+            "is not a PatchGAN of 3 layers, 16 filters and 3 input channels (BatchNorm between its convolutions), "
+            "the discriminator vqtok trains: missing key loss.discriminator.main.3.weight (and 26 more problems)",
+        ),
+        (False, {"loss.discriminator.main.6.running_var": None}, "missing key loss.discriminator.main.6.running_var"),
+        (
+            False,
+            {"loss.discriminator.main.5.weight": torch.zeros(32, 16, 3, 3)},
+            "key loss.discriminator.main.5.weight has shape (32, 16, 3, 3), not (64, 32, 4, 4)",
+        ),
+        (False, {"loss.discriminator.main.0.weight": None}, "it has no 4-d loss.discriminator.main.0.weight"),
+    ],
+    ids=["actnorm", "missing", "shape", "no first layer"],
+)
+def test_a_taming_discriminator_that_does_not_fit_is_refused(tmp_path, taming, actnorm, changes, phrase):
+    discriminator = taming_discriminator(use_actnorm=actnorm)
+    ckpt, config = write_taming_run(tmp_path / "run", taming, discriminator=discriminator, state_changes=changes)
+    assert_refused(
+        run("import", "taming", ckpt, tmp_path / "model", "--config", config),
+        f"{ckpt}: its discriminator (loss.discriminator.*)",
+        phrase,
     )
     assert not (tmp_path / "model").exists()

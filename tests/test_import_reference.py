@@ -8,6 +8,7 @@ taming-transformers' blocks, which LlamaGen's file is modified from and whose re
 blocks compute as its do.
 """
 
+import argparse
 import hashlib
 import inspect
 import json
@@ -21,6 +22,7 @@ from conftest import (
     class_images,
     image_samples,
     llamagen_vq,
+    taming_discriminator,
     vq_model,
     write_hf_parquet,
     write_image_folder,
@@ -32,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from vqtok import load_tokenizer
 from vqtok.cli import cli
 from vqtok.data import iter_samples, sample_image
+from vqtok.tokenizers.discriminator_file import read_discriminator
 from vqtok.tokenizers.importers import VQMODEL_DEFAULTS
 from vqtok.tokens import read_codes
 
@@ -267,6 +270,77 @@ def test_a_llamagen_state_dict_that_does_not_match_is_refused_in_one_line(llamag
     edit(state)
     torch.save({"model": state}, tmp_path / "vq.pt")
     assert message in one_line_error(invoke("import", "llamagen", tmp_path / "vq.pt", tmp_path / "model"))
+    assert not (tmp_path / "model").exists()
+
+
+def write_llamagen_training_checkpoint(path, model, discriminator: dict, **entries):
+    """A checkpoint as LlamaGen's vq_train.py saves one every --ckpt-every steps: the model's and the
+    discriminator's state dicts, their Adam states, the step, and its argparse arguments (which need pickle)."""
+    optimizers = {}
+    for name, parameters in (("optimizer", model.parameters()), ("optimizer_disc", discriminator.parameters())):
+        optimizer = torch.optim.Adam(parameters, lr=1e-4, betas=(0.9, 0.95))
+        optimizers[name] = optimizer.state_dict()
+    checkpoint = {
+        "model": model.state_dict(),
+        "discriminator": discriminator.state_dict(),
+        **optimizers,
+        "steps": 10000,
+        "args": argparse.Namespace(vq_model="VQ-16", disc_type="patchgan", disc_dim=64),
+    }
+    torch.save({**checkpoint, **entries}, path)
+
+
+def test_llamagen_training_checkpoint_keeps_its_discriminator(llamagen_images, tmp_path):
+    model = llamagen_vq((1, 2), llamagen_images)
+    discriminator = taming_discriminator(seed=4, filters=8, layers=2)
+    write_llamagen_training_checkpoint(tmp_path / "0010000.pt", model, discriminator)
+    torch.save({"model": model.state_dict()}, tmp_path / "released.pt")  # what vq_ds16_c2i.pt holds
+    line = one_line_error(invoke("import", "llamagen", tmp_path / "0010000.pt", tmp_path / "model"))
+    assert "argparse.Namespace" in line and "--trust-pickle" in line
+    result = invoke("import", "llamagen", tmp_path / "0010000.pt", tmp_path / "model", "--trust-pickle")
+    assert result.exit_code == 0, result.output
+    assert invoke("import", "llamagen", tmp_path / "released.pt", tmp_path / "released").exit_code == 0
+
+    shape, state = read_discriminator(tmp_path / "model")
+    assert shape == {"in_channels": 3, "filters": 8, "layers": 2}
+    theirs = discriminator.state_dict()
+    assert state.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+    assert read_discriminator(tmp_path / "released") is None
+    tokenizer, released = load_tokenizer(tmp_path / "model"), load_tokenizer(tmp_path / "released")
+    assert (tokenizer.model_id, tokenizer.codes_id) == (released.model_id, released.codes_id)
+
+    summary = json.loads(invoke("info", tmp_path / "model", "--json").output)
+    assert {name: summary["discriminator"][name] for name in shape} == shape
+    table = CliRunner().invoke(cli, ["info", str(tmp_path / "model")], env={"COLUMNS": "200"})
+    assert "PatchGAN, 2 layers, 8 filters, 3 input channels" in table.output, table.output
+
+
+@pytest.mark.parametrize(
+    "discriminator, message",
+    [
+        (  # vq_train.py --disc-type stylegan: discriminator_stylegan.py's network, another one altogether
+            {
+                "blocks.0.weight": torch.zeros(64, 3, 3, 3),
+                "blocks.2.conv_res.weight": torch.zeros(64, 64, 1, 1),
+                "final_linear.2.weight": torch.zeros(1, 512),
+            },
+            "its 'discriminator' is not a PatchGAN discriminator: it has no 4-d main.0.weight",
+        ),
+        ({"main.0.weight": torch.zeros(8, 3, 4, 4)}, "missing key main.0.bias (and 8 more problems)"),
+        ([torch.zeros(1)], "its 'discriminator' holds a list, not a state dict"),
+    ],
+    ids=["stylegan", "partial", "no state dict"],
+)
+def test_a_llamagen_discriminator_that_does_not_fit_is_refused_in_one_line(
+    llamagen_images, tmp_path, discriminator, message
+):
+    torch.save(
+        {"model": llamagen_vq((1, 2), llamagen_images).state_dict(), "discriminator": discriminator}, tmp_path / "vq.pt"
+    )
+    line = one_line_error(invoke("import", "llamagen", tmp_path / "vq.pt", tmp_path / "model"))
+    assert f"{tmp_path / 'vq.pt'}: " in line and message in line
     assert not (tmp_path / "model").exists()
 
 

@@ -217,9 +217,10 @@ def info(path, as_json, storage_options):
     size, model id and codes id (shared by the models that give the same
     codes), for one made by `vqtok import` where it came from (format, file
     name, SHA-256), and for one made by `vqtok fit --init` its parent (path,
-    model id, codes id, what was trained, the parent's own provenance). A
-    prior: its size, the tokens it models (K, grid, classes, the tokenizer's
-    model id and codes id) and its model id. Tokens (a folder written by
+    model id, codes id, what was trained, the parent's own provenance), and
+    the discriminator kept beside it, if any (its shape). A prior: its size,
+    the tokens it models (K, grid, classes, the tokenizer's model id and
+    codes id) and its model id. Tokens (a folder written by
     `vqtok encode` or `vqtok prior sample`, or one Parquet file): rows,
     shards, errors, grid, K, model id, codes id, codebook usage and perplexity, bits per
     code and bytes on disk per image, whether the run finished, and the class
@@ -260,10 +261,21 @@ def tokenizer_rows(s: dict) -> list[tuple[str, str]]:
         rows += source_rows(s["source"])
     if s["parent"]:
         rows += parent_rows(s["parent"])
+    rows.append(("discriminator", discriminator_row(s["discriminator"])))
     rows += [(f"grid at {size}x{size}", f"{h}x{w} codes") for size, (h, w) in s["grids"].items()]
     network = {name: value for name, value in s["config"].items() if name != "quantizer"}
     rows += [(name, str(value)) for name, value in network.items()]
     return rows + [(f"quantizer.{name}", str(value)) for name, value in s["config"]["quantizer"].items()]
+
+
+def discriminator_row(d: dict | None) -> str:
+    """The PatchGAN kept beside a tokenizer, which a fine-tune of it can start from; none for most models."""
+    if d is None:
+        return "none"
+    return (
+        f"PatchGAN, {count(d['layers'], 'layer')}, {count(d['filters'], 'filter')}, "
+        f"{count(d['in_channels'], 'input channel')}, {d['parameters']:,} parameters (weights id {d['weights_id']})"
+    )
 
 
 def source_rows(source: dict, prefix: str = "") -> list[tuple[str, str]]:

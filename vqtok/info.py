@@ -25,7 +25,7 @@ def describe(path: str | os.PathLike, storage_options: dict | None = None) -> di
 
 def describe_tokenizer(where: Location) -> dict:
     """Family, provenance (an import's source, a fine-tune's parent), model id and codes id, size, K and D, the
-    grid at several image sizes, and the whole config."""
+    grid at several image sizes, the whole config, and the discriminator the directory holds beside the model."""
     from vqtok.tokenizers import load_tokenizer
 
     model = load_tokenizer(where)
@@ -45,7 +45,26 @@ def describe_tokenizer(where: Location) -> dict:
         "grid": list(model.grid_size(config.image_size)),
         "grids": {size: list(model.grid_size(size)) for size in sorted({config.image_size, *GRID_SIZES})},
         "config": config.to_dict(),
+        "discriminator": describe_discriminator(where),
     }
+
+
+def describe_discriminator(where: Location) -> dict | None:
+    """The shape, parameter count and weights id of the discriminator in a tokenizer's directory, read and
+    checked whole (`read_discriminator`); None where it holds none."""
+    import torch
+
+    from vqtok.pretrained import weights_hash
+    from vqtok.tokenizers.discriminator_file import read_discriminator
+    from vqtok.tokenizers.losses import NLayerDiscriminator
+
+    found = read_discriminator(where)
+    if found is None:
+        return None
+    shape, state = found
+    with torch.device("meta"):  # its parameters' shapes, without allocating them
+        parameters = sum(p.numel() for p in NLayerDiscriminator(**shape).parameters())
+    return {**shape, "parameters": parameters, "weights_id": weights_hash(state)}
 
 
 def describe_prior(where: Location) -> dict:

@@ -3,6 +3,8 @@
     DIR/config.json          {"format_version", "vqtok_version", "kind", "model_id", "config": {...}}
     DIR/model.safetensors    the weights; safetensors holds tensors only, so loading runs no code (no pickle)
 
+(A tokenizer's directory may also hold the discriminator it was trained against: `tokenizers.discriminator_file`.)
+
 The model id is a hash of the weights: token files carry their tokenizer's id, so codes are never decoded
 by another model, and a directory whose weights do not match its config.json is refused. DIR may be a local
 path or a URL that fsspec opens (`vqtok.storage`).
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -50,8 +53,6 @@ def save_directory(
 ) -> Path | str:
     """Write module's weights and config.json into directory (created if needed), a local path or a URL;
     returns the directory (a Path, or the URL). `extra` adds entries to config.json beside the config."""
-    from safetensors.torch import save_file
-
     where = Location.of(directory, storage_options)
     where.makedirs()
     state = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
@@ -65,9 +66,21 @@ def save_directory(
     }
     # Each file whole or not at all (renamed into place, or uploaded in one piece), the weights before the
     # config.json that names them, so a crash never leaves half a model.
-    where.join(WEIGHTS_NAME).write_with(lambda path: save_file(state, path, metadata={"format": "pt"}))
-    where.join(CONFIG_NAME).write_bytes((json.dumps(header, indent=2) + "\n").encode())
+    write_tensors(where.join(WEIGHTS_NAME), state)
+    write_header(where, header)
     return Path(where.path) if where.local else where.url
+
+
+def write_tensors(file: Location, state: dict[str, torch.Tensor]) -> None:
+    """A safetensors file of `state`, written whole (`Location.write_with`)."""
+    from safetensors.torch import save_file
+
+    file.write_with(lambda path: save_file(state, path, metadata={"format": "pt"}))
+
+
+def write_header(directory: Location, header: dict) -> None:
+    """DIR/config.json, written whole: last, after every file it names."""
+    directory.join(CONFIG_NAME).write_bytes((json.dumps(header, indent=2) + "\n").encode())
 
 
 def read_header(directory: str | os.PathLike | Location, kind: str | None = None) -> dict:
@@ -130,6 +143,35 @@ def read_safetensors(weights: Location) -> dict[str, torch.Tensor]:
         return load_file(weights.path) if weights.local else load(weights.read_bytes())
     except (SafetensorError, OSError) as e:
         raise ModelFormatError(f"{weights} cannot be read: {e}") from None
+
+
+def state_mismatch(
+    state: dict,
+    expected: dict[str, torch.Tensor],
+    optional: Collection[str] = (),
+    prefix: str = "",
+    expected_by: str = "the config gives",
+) -> str | None:
+    """The first way `state` does not fit `expected` (a module's state dict), in words, with how many more there
+    are; None where it fits. Keys in `optional` may be missing; `prefix` goes before every key named (the name
+    the user's file gives it); `expected_by` comes between a key's shape and the expected one."""
+    problems = (
+        [
+            f"key {prefix}{name} holds a {type(value).__name__}, not a tensor"
+            for name, value in state.items()
+            if not isinstance(value, torch.Tensor)
+        ]
+        + [f"missing key {prefix}{name}" for name in expected if name not in state and name not in optional]
+        + [f"unexpected key {prefix}{name}" for name in state if name not in expected]
+        + [
+            f"key {prefix}{name} has shape {tuple(state[name].shape)}, {expected_by} {tuple(expected[name].shape)}"
+            for name in expected
+            if isinstance(state.get(name), torch.Tensor) and state[name].shape != expected[name].shape
+        ]
+    )
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
 
 
 def load_weights(directory: str | os.PathLike | Location, module: torch.nn.Module, header: dict) -> None:

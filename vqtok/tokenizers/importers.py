@@ -8,6 +8,7 @@ converter is mostly a table of key renames). `import_model` does the rest the sa
     model = build_tokenizer(converted.config)     # refuses a state dict that does not fit it, key by key
     model.source = {"format", "file", "sha256"}   # provenance, saved in config.json
     model.save_pretrained(out)
+    save_discriminator(out, converted.discriminator)   # where the checkpoint holds one (`discriminator_file`)
 
 A format adds itself with `@register("name")`. Checkpoints are read by `read_checkpoint`, with torch.load's
 weights_only=True: a file that holds anything besides tensors and plain containers (a Lightning checkpoint's
@@ -28,11 +29,13 @@ import torch
 
 from vqtok.config import QuantizerConfig, VQGANConfig
 from vqtok.errors import ConfigError, ModelFormatError
-from vqtok.pretrained import CONFIG_NAME, read_safetensors
+from vqtok.pretrained import CONFIG_NAME, read_safetensors, state_mismatch
 from vqtok.storage import Location
 
 from . import build_tokenizer
 from .base import Tokenizer
+from .discriminator_file import discriminator_shape, save_discriminator
+from .losses import NLayerDiscriminator
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,14 @@ class ImportOptions:
 
 @dataclass(frozen=True)
 class Converted:
-    """What a format's converter returns: the model's config, its weights under vqtok's names, and the file those
-    weights were read from (its name and SHA-256 are the model's provenance)."""
+    """What a format's converter returns: the model's config, its weights under vqtok's names, the file those
+    weights were read from (its name and SHA-256 are the model's provenance), and the discriminator trained with
+    them where the checkpoint holds one (`imported_discriminator`)."""
 
     config: VQGANConfig
     state: dict[str, torch.Tensor]
     file: Location
+    discriminator: NLayerDiscriminator | None = None
 
 
 Converter = Callable[[Location, ImportOptions], Converted]
@@ -99,6 +104,8 @@ def import_model(
     model.load_state_dict(complete_state(model, converted.state, where))
     model.source = {"format": format, "file": converted.file.name, "sha256": sha256(converted.file)}
     model.save_pretrained(out, storage_options)
+    if converted.discriminator is not None:
+        save_discriminator(out, converted.discriminator, storage_options)
     return model.eval()
 
 
@@ -108,23 +115,9 @@ def complete_state(model: Tokenizer, state: dict[str, torch.Tensor], where: Loca
     another shape."""
     expected = model.state_dict()
     statistics = {f"quantizer.{name}" for name, _ in model.quantizer.named_buffers() if name != "codebook"}
-    problems = (
-        [
-            f"key {name} holds a {type(value).__name__}, not a tensor"
-            for name, value in state.items()
-            if not isinstance(value, torch.Tensor)
-        ]
-        + [f"missing key {name}" for name in expected if name not in state and name not in statistics]
-        + [f"unexpected key {name}" for name in state if name not in expected]
-        + [
-            f"key {name} has shape {tuple(state[name].shape)}, the config gives {tuple(expected[name].shape)}"
-            for name in expected
-            if isinstance(state.get(name), torch.Tensor) and state[name].shape != expected[name].shape
-        ]
-    )
-    if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise ModelFormatError(f"{where} does not match its config: {problems[0]}{more}")
+    problem = state_mismatch(state, expected, optional=statistics)
+    if problem:
+        raise ModelFormatError(f"{where} does not match its config: {problem}")
     return {**{name: expected[name] for name in statistics if name not in state}, **state}
 
 
@@ -191,6 +184,15 @@ def rename(state: dict[str, torch.Tensor], renames: dict[str, str], drop: tuple[
     return out
 
 
+def imported_discriminator(state: dict, what: str, prefix: str = "") -> NLayerDiscriminator:
+    """The PatchGAN a checkpoint's discriminator state dict (under NLayerDiscriminator's names, `main.N.*`) is,
+    its shape read from the weights; ModelFormatError naming the first key that does not fit, before anything
+    is written. `what` and `prefix` name it as the checkpoint does, for the messages."""
+    discriminator = NLayerDiscriminator(**discriminator_shape(state, what, prefix))
+    discriminator.load_state_dict(state)
+    return discriminator
+
+
 def imported_config(codebook_size: int, code_dim: int, normalize_codes: bool = False, **network) -> VQGANConfig:
     """A VQGANConfig for a trained model: its codebook is learned (no moving averages), and never re-initialised
     or restarted, so that `vqtok fit` could fine-tune it as it was trained."""
@@ -210,12 +212,15 @@ def imported_config(codebook_size: int, code_dim: int, normalize_codes: bool = F
 
 # -- taming-transformers -----------------------------------------------------------------------------------------
 
+TAMING_DISCRIMINATOR = "loss.discriminator."  # VQLPIPSWithDiscriminator's NLayerDiscriminator, in VQModel's state
+
 
 @register("taming")
 def taming(source: Location, options: ImportOptions) -> Converted:
     """taming-transformers' VQModel: SOURCE is its checkpoint (last.ckpt: the weights under "state_dict"), and
-    --config its YAML (model.params: ddconfig, n_embed, embed_dim). The training losses (loss.*: the
-    discriminator, LPIPS) are left out."""
+    --config its YAML (model.params: ddconfig, n_embed, embed_dim). The discriminator its loss trained
+    (loss.discriminator.*) is kept where the checkpoint holds it; the rest of loss.* (LPIPS, which vqtok reads
+    from lpips' own file) is left out."""
     if options.config is None:
         raise ConfigError("taming: a checkpoint does not record its network's shape: pass its YAML with --config")
     params = read_yaml(options.config).get("model", {}).get("params")
@@ -249,8 +254,15 @@ def taming(source: Location, options: ImportOptions) -> Converted:
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ModelFormatError(f"{source} is not a taming checkpoint: it has no 'state_dict'")
+    found = {
+        name[len(TAMING_DISCRIMINATOR) :]: tensor
+        for name, tensor in state.items()
+        if name.startswith(TAMING_DISCRIMINATOR)
+    }
+    what = f"{source}: its discriminator ({TAMING_DISCRIMINATOR}*)"
+    discriminator = imported_discriminator(found, what, TAMING_DISCRIMINATOR) if found else None
     state = rename(state, {"quantize.embedding.weight": "quantizer.codebook"}, drop=("loss.",))
-    return Converted(config, state, source)
+    return Converted(config, state, source, discriminator)
 
 
 # -- diffusers ---------------------------------------------------------------------------------------------------
@@ -431,14 +443,22 @@ def as_convolutions(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def llamagen(source: Location, options: ImportOptions) -> Converted:
     """LlamaGen's VQ tokenizers (tokenizer/tokenizer_image/vq_model.py): vq_ds8_c2i.pt (VQ-8) or vq_ds16_c2i.pt
     (VQ-16), a dict whose "model" entry is the state dict. Everything but the l2-normalized lookup is read from
-    the weights; that is on, as in LlamaGen, unless --no-normalize-codes."""
+    the weights; that is on, as in LlamaGen, unless --no-normalize-codes. The checkpoints vq_train.py saves also
+    hold the discriminator its loss trained ("discriminator": discriminator_patchgan.py's NLayerDiscriminator,
+    taming's, with BatchNorm), which is kept; the released files hold "model" alone."""
     checkpoint = read_checkpoint(source, options.trust_pickle)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or "encoder.conv_in.weight" not in state:
         raise ModelFormatError(f"{source} is not a LlamaGen VQ checkpoint: no 'model' holds an encoder's weights")
     config = llamagen_config(state, source)
     state = rename(state, llamagen_renames(len(config.channel_mult)), drop=("quantize.codebook_used",))
-    return Converted(config, state, source)
+    discriminator = checkpoint.get("discriminator")
+    if discriminator is not None:
+        what = f"{source}: its 'discriminator'"
+        if not isinstance(discriminator, dict):
+            raise ModelFormatError(f"{what} holds a {type(discriminator).__name__}, not a state dict")
+        discriminator = imported_discriminator(discriminator, what)
+    return Converted(config, state, source, discriminator)
 
 
 def llamagen_config(state: dict[str, torch.Tensor], where: Location) -> VQGANConfig:
