@@ -12,6 +12,14 @@ Each setting gets the same wall time, a share (`--budget-share`, a tenth) of the
 - decoder: `vqtok fit --init PARENT --train decoder` (the codes stay the parent's: checked on the held-out crops);
 - scratch: the same network and recipe from a new initialisation.
 
+The cost part (`--cost`, also run after the comparison) trains the same network on the same crops for
+`--cost-steps` steps with pipelines/vqgan-cpu-small.toml (the pixel MSE and the quantizer's loss) and with
+pipelines/vqgan-cpu-small-gan.toml (plus LPIPS, the PatchGAN with the adaptive weight, the EMA) with its
+discriminator playing from the first step: steps/s between the first and the last log, and the peak resident
+memory of the fit's process (its decoding worker's included, as wait4 reports the largest). LPIPS runs on random
+weights in its files' layout unless --vgg16-weights and --lpips-weights name real ones: a cost does not depend
+on their values.
+
 A budget is spent as steps (the learning-rate schedule needs its length in advance): a probe fit of each setting
 measures its seconds per step and the rest of the command's cost, and each run takes the steps that fill the
 budget. PSNR is the fit's own held-out evaluation (over all pixels, as benchmarks/fit_quality.py reports it).
@@ -20,6 +28,7 @@ Runs are appended to `--results`; the table reads them, so parts can be run apar
     pip install -e '.[bench]'
     python benchmarks/finetune.py                      # the parent, then 2 folds x 2 seeds of each setting
     python benchmarks/finetune.py --table-only
+    python benchmarks/finetune.py --cost               # the cost part alone
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -37,9 +47,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fit_quality import GROUPS, crops, write_shard  # noqa: E402  (the same photographs and crops)
+from gpu import random_lpips_files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "pipelines" / "vqgan-cpu-small.toml"
+GAN_RECIPE = ROOT / "pipelines" / "vqgan-cpu-small-gan.toml"  # the same network, with the full objective
 SETTINGS = {"init": ["--init", "{parent}"], "decoder": ["--init", "{parent}", "--train", "decoder"], "scratch": []}
 TARGET_DB = 1.0  # init must beat scratch by more than this at the budget
 
@@ -68,6 +80,47 @@ def probe(train: Path, val: Path, out: Path, steps: int, extra: list[str], batch
     return {"seconds_per_step": per_step, "fixed_seconds": run["seconds"] - steps * per_step}
 
 
+def objective_cost(train: Path, out: Path, steps: int, lpips: list[str]) -> list[dict]:
+    """Steps/s and peak memory of the pixel loss alone and of the full objective, on the same network and crops."""
+    runs = []
+    for name, recipe, extra in (
+        ("pixel", RECIPE, []),
+        ("full objective", GAN_RECIPE, ["--disc-start", "0", *lpips]),
+    ):
+        run_out = out / f"cost-{name.replace(' ', '-')}"
+        if run_out.exists():
+            shutil.rmtree(run_out)
+        # the recipe, logging ten times in the run (fit has no option for it): [train] is its last table
+        text = recipe.read_text()
+        assert text.rindex("[train]") == text.rindex("\n[") + 1 and "log_every" not in text
+        logged = out / f"cost-{recipe.name}"
+        logged.write_text(f"{text.rstrip()}\nlog_every = {max(1, steps // 10)}\n")
+        command = [sys.executable, "-m", "vqtok", "fit", str(train), "--out", str(run_out), "--config", str(logged)]
+        command += ["--steps", str(steps), "--eval-every", str(10**9), "--save-every", str(10**9), *extra]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            raise SystemExit(f"{' '.join(command)} exited {process.returncode}")
+        entries = [json.loads(line) for line in (run_out / "metrics.jsonl").read_text().splitlines()]
+        logs = [m for m in entries if "images_per_second" in m]
+        first, last = logs[0], logs[-1]
+        # each log's rate counts from the start: step / rate is its time in seconds per image of a step
+        seconds = last["step"] / last["images_per_second"] - first["step"] / first["images_per_second"]
+        per_image = seconds / (last["step"] - first["step"])
+        runs.append({"what": name, "per_image_seconds": per_image, "peak_rss_mib": usage.ru_maxrss / 1024})
+    return runs
+
+
+def cost_table(runs: list[dict], batch: int) -> None:
+    pixel = runs[0]["per_image_seconds"]
+    print(f"cost, batch {batch}: what | steps/s | x the pixel loss's time | peak RSS")
+    for run in runs:
+        steps_per_second = 1 / (run["per_image_seconds"] * batch)
+        ratio = run["per_image_seconds"] / pixel
+        print(f"{run['what']:>15} | {steps_per_second:7.2f} | {ratio:5.2f}x | {run['peak_rss_mib']:6.0f} MiB")
+
+
 def codes_kept(parent: Path, child: Path, pixels) -> bool:
     """Whether the child gives every held-out crop the parent's codes."""
     import torch
@@ -89,7 +142,10 @@ def held_out_psnr(model: Path, val: Path) -> float:
 
 
 def table(records: list[dict]) -> None:
-    """Each setting's PSNR per fold and seed, the mean with its spread, and init's gain over scratch."""
+    """Each setting's PSNR per fold and seed, the mean with its spread, and init's gain over scratch; then the
+    latest cost figures."""
+    costs = [r for r in records if r["setting"] == "cost"]
+    records = [r for r in records if r["setting"] != "cost"]
     by = {(r["setting"], r["fold"], r["seed"]): r for r in records}  # the latest of each
     folds = sorted({r["fold"] for r in records})
     seeds = sorted({r["seed"] for r in records if r["setting"] != "parent"})
@@ -119,6 +175,8 @@ def table(records: list[dict]) -> None:
             f"init over scratch: {mean:+.2f} +- {error:.2f} dB over {len(gains)} fold-seed pairs; "
             f"more than {TARGET_DB} dB: {verdict}"
         )
+    if costs:
+        cost_table(costs[-1]["runs"], costs[-1]["batch"])
 
 
 def main() -> None:
@@ -132,6 +190,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/finetune"))
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "finetune.jsonl")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--cost", action="store_true", help="Measure the cost part alone.")
+    parser.add_argument("--cost-steps", type=int, default=200)
+    parser.add_argument("--vgg16-weights", type=Path, help="LPIPS's VGG16 file; default: random weights")
+    parser.add_argument("--lpips-weights", type=Path, help="LPIPS's vgg.pth; default: random weights")
     args = parser.parse_args()
     if args.table_only:
         table([json.loads(line) for line in args.results.read_text().splitlines()])
@@ -140,20 +202,35 @@ def main() -> None:
     import tomllib
 
     batch = tomllib.loads(RECIPE.read_text())["train"]["batch_size"]
+    assert tomllib.loads(GAN_RECIPE.read_text())["model"] == tomllib.loads(RECIPE.read_text())["model"]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    shards = {}
-    for name, photos, seed in (("parent", (*GROUPS[0], *GROUPS[1]), 0), ("g2", GROUPS[2], 1), ("g3", GROUPS[3], 2)):
-        pixels = crops(photos, args.crops, seed=seed)
-        write_shard(out / f"{name}.tar", pixels, name)
-        shards[name] = (out / f"{name}.tar", pixels)
-    folds = {0: ("g2", "g3"), 1: ("g3", "g2")}  # (fine-tuned on, held out)
 
     def record(entry: dict) -> None:
         facts = {"machine": platform.processor() or platform.machine(), "when": time.strftime("%Y-%m-%d %H:%M")}
         args.results.parent.mkdir(parents=True, exist_ok=True)
         with args.results.open("a") as f:
             f.write(json.dumps({**entry, **facts}) + "\n")
+
+    def measure_cost(train: Path) -> None:
+        if args.vgg16_weights and args.lpips_weights:
+            vgg16, linear = args.vgg16_weights, args.lpips_weights
+        else:
+            vgg16, linear = random_lpips_files(out / "lpips-random")
+        lpips = ["--vgg16-weights", str(vgg16), "--lpips-weights", str(linear)]
+        runs = objective_cost(train, out, args.cost_steps, lpips)
+        record({"setting": "cost", "batch": batch, "steps": args.cost_steps, "runs": runs})
+        cost_table(runs, batch)
+
+    shards = {}
+    for name, photos, seed in (("parent", (*GROUPS[0], *GROUPS[1]), 0), ("g2", GROUPS[2], 1), ("g3", GROUPS[3], 2)):
+        pixels = crops(photos, args.crops, seed=seed)
+        write_shard(out / f"{name}.tar", pixels, name)
+        shards[name] = (out / f"{name}.tar", pixels)
+    folds = {0: ("g2", "g3"), 1: ("g3", "g2")}  # (fine-tuned on, held out)
+    if args.cost:
+        measure_cost(shards["g2"][0])
+        return
 
     parent_run = fit(shards["parent"][0], shards["g3"][0], out / "parent", args.parent_steps, 0, [])
     parent = out / "parent" / "model"
@@ -183,6 +260,7 @@ def main() -> None:
                     entry["codes_kept"] = codes_kept(parent, run_out / "model", shards[held][1])
                 record(entry)
                 print(f"fold {fold} seed {seed} {name}: {run['psnr']:.2f} dB in {run['seconds']:.0f} s")
+    measure_cost(shards["g2"][0])
     table([json.loads(line) for line in args.results.read_text().splitlines()])
 
 

@@ -14,6 +14,9 @@ made on the spot. Stages:
   `vqtok.train.fit` (what `vqtok fit` runs), bf16 autocast on a GPU that has it: images/s between the first
   and the last log (the first steps' set-up left out), peak GPU memory, and the share of the loop spent
   waiting for the decoding workers; with vqtok's 2 workers and with one per core.
+- objective: the same VQGAN trained with the full objective (LPIPS on random weights in its files' layout,
+  which cost what the real ones do; taming's PatchGAN from step 0 with the adaptive weight; the EMA of the
+  weights): images/s against the pixel loss alone, and peak GPU memory.
 - encode: the model alone on uint8 tensors already in device memory (the ideal; fp32 and bf16), then
   `vqtok.encode.encode` with 2 workers and with one per core (the share of the run the main process waited
   for decoded images says whether JPEG decoding on the CPU limits it), and the whole `vqtok encode` command,
@@ -74,7 +77,7 @@ from vqtok.config import (  # noqa: E402
 )
 
 COLUMNS = ("stage", "what", "figure", "unit", "notes")
-STAGES = ("shards", "fit", "encode", "decode", "eval", "prior", "search", "agreement", "multi")
+STAGES = ("shards", "fit", "objective", "encode", "decode", "eval", "prior", "search", "agreement", "multi")
 REPORT_NAME = "gpu-check.json"
 DEFAULT_WORKERS = TrainConfig.num_workers  # what `vqtok fit` and `vqtok encode` use unless told otherwise
 
@@ -193,6 +196,7 @@ class Check:
     jpegs: list[bytes] = field(default_factory=list)
     model_dir: Path | None = None  # the VQ-VAE the later stages use: fitted, or untrained if fit failed
     fit_rate: float | None = None  # one process, vqtok's workers: the multi stage's baseline
+    vqgan_rate: float | None = None  # the VQGAN with the pixel loss alone: the objective stage's baseline
     command_seconds: float | None = None  # the whole `vqtok encode` command, one process
 
     @property
@@ -318,10 +322,15 @@ def stage_shards(check: Check) -> None:
     check.add("shards", f"{s.images} JPEGs written", s.images / seconds, "images/s", notes)
 
 
-def fit_once(check: Check, name: str, config, steps: int, batch: int, workers: int) -> tuple[float, Path]:
+def fit_once(
+    check: Check, name: str, config, steps: int, batch: int, workers: int, stage: str = "fit", **objective
+) -> tuple[float, Path]:
+    """`vqtok.train.fit` timed; `objective`: what it takes beside the settings (objective, ema_decay, the LPIPS
+    files)."""
     from vqtok.train import fit
 
     s = check.sizes
+    ema_decay = objective.pop("ema_decay", None)
     train = TrainConfig(
         steps=steps,
         batch_size=batch,
@@ -329,10 +338,11 @@ def fit_once(check: Check, name: str, config, steps: int, batch: int, workers: i
         eval_every=steps,
         save_every=steps,
         num_workers=workers,
+        ema_decay=ema_decay,
     )
-    out = check.out / f"fit-{name}-{workers}w"
+    out = check.out / f"{stage}-{name}-{workers}w"
     reset_peak(check)
-    result = fit(check.shards, out, config, train, show_progress=False)
+    result = fit(check.shards, out, config, train, show_progress=False, **objective)
     memory = peak_memory(check)
     rate, wait = steady_rate(out / "metrics.jsonl", "images_per_second")
     precision = "bf16 autocast" if check.cuda and torch.cuda.is_bf16_supported() else "fp32"
@@ -342,9 +352,11 @@ def fit_once(check: Check, name: str, config, steps: int, batch: int, workers: i
         f"{precision}, {config.image_size} px -> {grid}x{grid}, K = {config.quantizer.codebook_size}; waiting for data "
     )
     notes += f"{wait:.0%} of the loop"
-    check.add("fit", what, rate, "images/s", notes)
+    if check.vqgan_rate and stage == "objective":
+        notes += f"; {rate / check.vqgan_rate:.2f}x the pixel loss alone"
+    check.add(stage, what, rate, "images/s", notes)
     if memory is not None and workers == DEFAULT_WORKERS:  # the workers do not change what the GPU holds
-        check.add("fit", f"{name}, batch {batch}: peak GPU memory", memory, "GiB", "torch.cuda.max_memory_allocated")
+        check.add(stage, f"{name}, batch {batch}: peak GPU memory", memory, "GiB", "torch.cuda.max_memory_allocated")
     return rate, Path(result.model_dir)
 
 
@@ -358,7 +370,42 @@ def stage_fit(check: Check) -> None:
 
 def stage_fit_vqgan(check: Check) -> None:
     s = check.sizes
-    fit_once(check, "VQGAN", s.vqgan, s.vqgan_steps, s.vqgan_batch, DEFAULT_WORKERS)
+    check.vqgan_rate, _ = fit_once(check, "VQGAN", s.vqgan, s.vqgan_steps, s.vqgan_batch, DEFAULT_WORKERS)
+
+
+def random_lpips_files(folder: Path) -> tuple[Path, Path]:
+    """LPIPS's two files in their published layout, with random weights: its cost, not its judgement."""
+    from vqtok.tokenizers.perceptual import lpips_layout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "vgg16-397923af.pth", folder / "vgg.pth"
+    generator = torch.Generator().manual_seed(0)
+    for path, layout in zip(paths, lpips_layout(), strict=True):
+        torch.save({key: torch.randn(shape, generator=generator) * 0.01 for key, shape in layout.items()}, path)
+    return paths
+
+
+def stage_objective(check: Check) -> None:
+    from vqtok.config import ObjectiveConfig
+
+    s = check.sizes
+    vgg16, linear = random_lpips_files(check.out / "lpips-random")
+    # LlamaGen's terms (L2, LPIPS 1, a hinge PatchGAN of 3 layers) playing from the first step, with taming's
+    # adaptive weight, which costs a second backward through the decoder's last layer, and Open-MAGVIT2's EMA.
+    objective = ObjectiveConfig(perceptual_weight=1.0, disc_weight=0.5, disc_start=0, adaptive_weight=True)
+    fit_once(
+        check,
+        "VQGAN, full objective",
+        s.vqgan,
+        s.vqgan_steps,
+        s.vqgan_batch,
+        DEFAULT_WORKERS,
+        stage="objective",
+        objective=objective,
+        vgg16_weights=vgg16,
+        lpips_weights=linear,
+        ema_decay=0.999,
+    )
 
 
 def alone_rate(check: Check, model, images: torch.Tensor, dtype: torch.dtype | None) -> float:
@@ -610,6 +657,7 @@ def run_check(out: Path, smoke: bool = False, multi: bool | None = None, compile
         ("shards", stage_shards),
         ("fit", stage_fit),
         ("fit", stage_fit_vqgan),
+        ("objective", stage_objective),
         ("encode", stage_encode),
         ("decode", stage_decode),
         ("eval", stage_eval),

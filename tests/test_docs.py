@@ -84,7 +84,7 @@ def test_downloads_use_the_command_huggingface_hub_installs():
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, model_dir):
     """What the documented commands expect in their folder: shards/ (train and val), runs/x/model, tokens.parquet,
-    samples.parquet, a prior in runs/p/model with its samples in sampled.parquet, an ImageNet-style imagenet/
+    my-photos/ and my-photos-val/ (image folders), samples.parquet, a prior in runs/p/model with its samples in sampled.parquet, an ImageNet-style imagenet/
     (train/<class>/<file>.JPEG, val/<file>.JPEG) and Hugging Face's CIFAR-10 layout
     (cifar10/plain_text/train-*.parquet with `img` and `label`)."""
     import torch
@@ -129,6 +129,13 @@ def workspace(tmp_path_factory, model_dir):
     import_model("llamagen", root / "checkpoints" / "vq_ds16_c2i.pt", root / "runs" / "llamagen" / "model")
     three = [str(root / "shards" / f"train-{i:06d}.tar") for i in range(3)]  # as docs/pretrained.md encodes
     encode(three, root / "llamagen.parquet", root / "runs" / "llamagen" / "model", keep=["cls"], num_workers=0)
+    # docs/training.md's own photographs, and its fine-tune of the LlamaGen model (whose `vqtok fit` is long: the
+    # imported model stands in for what it exports)
+    for folder, count in (("my-photos", 4), ("my-photos-val", 2)):
+        (root / folder).mkdir()
+        for i in range(count):
+            (root / folder / f"{i}.jpg").write_bytes(image_bytes(random_image(100 + i), "JPEG"))
+    shutil.copytree(root / "runs" / "llamagen" / "model", root / "runs" / "vq16-mine" / "model")
     return root
 
 

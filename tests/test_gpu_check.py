@@ -9,7 +9,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
 COLUMNS = ["stage", "what", "figure", "unit", "notes"]
-STAGES = ["shards", "fit", "encode", "decode", "eval", "prior", "search", "agreement", "multi"]
+STAGES = ["shards", "fit", "objective", "encode", "decode", "eval", "prior", "search", "agreement", "multi"]
 
 
 def test_smoke_runs_every_stage_and_writes_the_table(tmp_path):
@@ -30,6 +30,8 @@ def test_smoke_runs_every_stage_and_writes_the_table(tmp_path):
 
     fits = [row["what"] for row in measured if row["stage"] == "fit" and row["unit"] == "images/s"]
     assert any(w.startswith("VQ-VAE") for w in fits) and any(w.startswith("VQGAN") for w in fits)
+    objective = [row["notes"] for row in measured if row["stage"] == "objective" and row["unit"] == "images/s"]
+    assert len(objective) == 1 and "x the pixel loss alone" in objective[0]
     agreement = [row for row in measured if row["stage"] == "agreement"]
     assert all(0 <= row["figure"] <= 100 for row in agreement)
     multi = [row["notes"] for row in measured if row["stage"] == "multi"]

@@ -18,6 +18,7 @@ from conftest import (
     kill_after_checkpoint,
     llamagen_vq,
     read_metrics,
+    taming_discriminator,
     two_processes,
     write_recipe,
 )
@@ -28,8 +29,10 @@ from vqtok.cli import cli
 from vqtok.config import ObjectiveConfig, TrainConfig, VQGANConfig, load_config, load_objective_config
 from vqtok.data import make_loader
 from vqtok.evaluate import evaluate
+from vqtok.pretrained import weights_hash
 from vqtok.runs import lr_lambda
 from vqtok.tokenizers import build_tokenizer
+from vqtok.tokenizers.discriminator_file import read_discriminator, save_discriminator
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -456,12 +459,15 @@ def test_the_taming_recipes_restate_tamings_configs():
 def test_an_imported_llamagen_fine_tunes_its_decoder_with_llamagens_objective(
     shards, lpips_files, tmp_path, monkeypatch
 ):
-    """vqtok import llamagen, then fit --init with the recipe's [objective] and [train] (on a network as small as
-    the test's LlamaGen checkpoint): the discriminator plays without the adaptive weight, the codes stay the
-    parent's, and the model directory holds the tokenizer alone."""
+    """vqtok import llamagen of a training checkpoint, then fit --init with the recipe's [objective] and [train]
+    (on a network as small as the test's LlamaGen checkpoint): the discriminator starts from the checkpoint's and
+    plays without the adaptive weight, the codes stay the parent's, and the model directory holds the tokenizer
+    and the discriminator it trained."""
     train, _ = shards
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    torch.save({"model": llamagen_vq((1, 2), images).state_dict()}, tmp_path / "vq.pt")
+    trained_with = taming_discriminator(seed=1, filters=64, layers=2)
+    checkpoint = {"model": llamagen_vq((1, 2), images).state_dict(), "discriminator": trained_with.state_dict()}
+    torch.save(checkpoint, tmp_path / "vq.pt")
     parent = tmp_path / "llamagen"
     assert CliRunner().invoke(cli, ["import", "llamagen", str(tmp_path / "vq.pt"), str(parent)]).exit_code == 0
 
@@ -479,5 +485,35 @@ def test_an_imported_llamagen_fine_tunes_its_decoder_with_llamagens_objective(
     assert all(math.isfinite(m["g_loss"]) and math.isfinite(m["perceptual"]) for m in logged[1:])
     model, imported = load_tokenizer(out / "model"), load_tokenizer(parent)
     assert model.codes_id == imported.codes_id and model.model_id != imported.model_id
-    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (out / "model").iterdir()) == [
+        "config.json",
+        "discriminator.safetensors",
+        "model.safetensors",
+    ]
     assert set(load_file(str(out / "model" / "model.safetensors"))) == set(imported.state_dict())
+    # the discriminator went on from the checkpoint's: it moved from those weights, not from a new initialisation
+    parents = {name: t for name, t in trained_with.state_dict().items() if name.endswith("weight")}
+    _, child = read_discriminator(out / "model")
+    assert json.loads((out / "run.json").read_text())["parent"]["discriminator_id"] == weights_hash(
+        read_discriminator(parent)[1]
+    )
+    moved = [(child[name] - weight).abs().max().item() for name, weight in parents.items()]
+    assert 0 < max(moved) < 0.01  # 2 steps of Adam at 1e-4 from it; a fresh one differs by about its scale, 0.02
+
+
+def test_fit_init_refuses_a_discriminator_unlike_the_parents_in_one_line(shards, tmp_path):
+    """The parent keeps a PatchGAN of 2 layers: a recipe of another shape could not start from it."""
+    train, _ = shards
+    parent = tmp_path / "parent"
+    shape = {name: value for name, value in TINY_VQGAN.items() if name != "family"}
+    build_tokenizer(load_config(model=shape, model_class=VQGANConfig)[0]).save_pretrained(parent)
+    save_discriminator(parent, taming_discriminator(filters=8, layers=1))
+    out = tmp_path / "run"
+    args = ["fit", *train, "--out", str(out), "--init", str(parent), "--disc-weight", "0.5", "--steps", "2"]
+    result = CliRunner().invoke(cli, [*args, "--image-size", "32"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: --init {parent} keeps a discriminator of 1 layer and 8 filters, the objective's has 3 and 64: "
+        "set disc_layers = 1 and disc_filters = 8 in [objective] to start from it"
+    )
+    assert not out.exists()

@@ -322,12 +322,15 @@ class Run:
             raise RuntimeError(f"processes ended with different {name}: {digests}")
         return metrics
 
-    def export(self, model, what: str = "model") -> Path | str:
-        """The main process saves model (save_pretrained) into OUT/model; then the run ends. Returns the model
-        directory: a Path, or the URL for a run in a store."""
+    def export(self, model, what: str = "model", then: Callable[[Location], object] | None = None) -> Path | str:
+        """The main process saves model (save_pretrained) into OUT/model, and calls `then` with that directory to
+        add what goes with the model; then the run ends. Returns the model directory: a Path, or the URL for a run
+        in a store."""
         directory = self.location.join(RUN_MODEL_NAME)
         if self.accelerator.is_main_process:
             model.save_pretrained(directory)
+            if then is not None:
+                then(directory)
             self.accelerator.print(f"exported {what} to {directory}")
         self.end()
         return Path(directory.path) if directory.local else directory.url

@@ -52,11 +52,13 @@ import torch
 from vqtok.checkpoints import random_state, set_random_state
 from vqtok.config import TRAIN_PARTS, ModelConfig, ObjectiveConfig, TrainConfig, VQGANConfig, fine_tune_config
 from vqtok.data import expand_inputs, make_loader
-from vqtok.errors import ConfigError
+from vqtok.errors import ConfigError, plural
 from vqtok.evaluate import evaluate
+from vqtok.pretrained import weights_hash
 from vqtok.progress import ProgressBar
 from vqtok.runs import Run
 from vqtok.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from vqtok.tokenizers.discriminator_file import read_discriminator, save_discriminator
 from vqtok.tokenizers.losses import Objective
 from vqtok.tokenizers.perceptual import load_lpips
 
@@ -103,6 +105,25 @@ def parent_record(parent: Tokenizer, init: str, train: str) -> dict:
     if parent.parent:
         record["parent"] = parent.parent
     return record
+
+
+def parent_discriminator(
+    init: str, objective: ObjectiveConfig, in_channels: int, storage_options: dict | None
+) -> dict[str, torch.Tensor] | None:
+    """The state dict of the discriminator that --init's directory keeps (`read_discriminator`), to warm-start the
+    run's with; None where it keeps none. ConfigError where it is not the PatchGAN the objective asks for."""
+    found = read_discriminator(init, storage_options)
+    if found is None:
+        return None
+    shape, state = found
+    wanted = {"in_channels": in_channels, "filters": objective.disc_filters, "layers": objective.disc_layers}
+    if shape != wanted:
+        raise ConfigError(
+            f"--init {init} keeps a discriminator of {shape['layers']} {plural(shape['layers'], 'layer')} and "
+            f"{shape['filters']} filters, the objective's has {wanted['layers']} and {wanted['filters']}: set "
+            f"disc_layers = {shape['layers']} and disc_filters = {shape['filters']} in [objective] to start from it"
+        )
+    return state
 
 
 class WeightsEMA:
@@ -251,6 +272,11 @@ def fit(
             f"{model_config.image_size}: lower disc_layers or raise --image-size"
         )
     record_of_parent = parent_record(parent, str(init), train) if parent is not None else None
+    warm_discriminator = None
+    if parent is not None and objective_config.adversarial:
+        warm_discriminator = parent_discriminator(init, objective_config, model_config.in_channels, storage_options)
+        if warm_discriminator is not None:
+            record_of_parent["discriminator_id"] = weights_hash(warm_discriminator)
     # Read before the run folder is touched: a missing weights file is refused before anything is trained.
     perceptual = load_lpips(vgg16_weights, lpips_weights) if objective_config.perceptual_weight > 0 else None
     # "parent" is None for a new model, so resuming a fine-tune without its --init (or the other way round) is refused
@@ -290,10 +316,10 @@ def fit(
             model.freeze_encode_side()  # before prepare: DDP then leaves the frozen parameters out
     model = model.to(accelerator.device, memory_format=torch.channels_last)
     objective_module = Objective(objective_config, model_config.in_channels).to(accelerator.device)
-    # A fine-tune's discriminator starts from its random initialisation. Warm-starting it from the parent's (a model
-    # directory that keeps its checkpoint's discriminator, `vqtok.pretrained.read_discriminator`) goes here, before
-    # its optimizer is made.
     discriminator = objective_module.discriminator
+    if warm_discriminator is not None:  # before its optimizer is made; a resumed run's checkpoint then replaces it
+        discriminator.load_state_dict(warm_discriminator)
+        del warm_discriminator
     if perceptual is not None:
         perceptual = perceptual.to(accelerator.device)
     ema = WeightsEMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
@@ -443,6 +469,13 @@ def fit(
     elapsed = time.perf_counter() - started
     # Every process must hold the same codebook: the run records the evidence.
     last_metrics = run.finish(step, evaluate_and_record, "codebook_digests", codebook_digest(exported))
-    model_dir = run.export(exported)
+
+    # The discriminator goes with the model, so that a fine-tune of it starts the adversarial game where this one
+    # left it.
+    def keep_discriminator(directory) -> None:
+        if discriminator is not None:
+            save_discriminator(directory, discriminator)
+
+    model_dir = run.export(exported, then=keep_discriminator)
     rate = images_seen / max(elapsed, 1e-9)
     return FitResult(model_dir, step, start_step, rate, last_metrics, accelerator.is_main_process)
