@@ -195,6 +195,14 @@ def average_gradients(module: torch.nn.Module, accelerator) -> None:
         grad.copy_(averaged.view_as(grad))
 
 
+def clip_gradients(accelerator, optimizer, parameters, max_norm: float) -> None:
+    """Clip the gradients of `optimizer`'s parameters. Not accelerator.clip_grad_norm_, which under fp16 unscales
+    the gradients of every prepared optimizer: the generator's clipping would unscale the discriminator's before
+    its backward, and the discriminator's clipping would then be refused by the gradient scaler."""
+    accelerator.unscale_gradients(optimizer)  # a no-op without fp16's gradient scaler
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
 @contextlib.contextmanager
 def random_states_kept():
     """Every random state (Python's, NumPy's, torch's) as it was before the block: an evaluation draws from them
@@ -410,7 +418,7 @@ def fit(
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    clip_gradients(accelerator, optimizer, model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if discriminator is not None:
@@ -420,7 +428,7 @@ def fit(
                     if accelerator.sync_gradients:
                         average_gradients(discriminator, accelerator)
                         if cfg.grad_clip:
-                            accelerator.clip_grad_norm_(discriminator.parameters(), cfg.grad_clip)
+                            clip_gradients(accelerator, disc_optimizer, discriminator.parameters(), cfg.grad_clip)
                     disc_optimizer.step()
                     disc_optimizer.zero_grad(set_to_none=True)
                     logs.update(d_logs)
